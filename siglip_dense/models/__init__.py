@@ -1,0 +1,5 @@
+"""Backbones, necks and heads."""
+
+from siglip_dense.models.backbone import VARIANTS, ArchConfig, SigLIP2Backbone, build_backbone
+
+__all__ = ["VARIANTS", "ArchConfig", "SigLIP2Backbone", "build_backbone"]
