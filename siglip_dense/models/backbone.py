@@ -403,6 +403,7 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     strict: bool = True,
     verbose: bool = True,
+    arch_config: ArchConfig | dict[str, Any] | None = None,
     **timm_kwargs: Any,
 ) -> SigLIP2Backbone:
     """Build a SigLIP (2) backbone, optionally from a checkpoint of any supported format.
@@ -417,15 +418,22 @@ def build_backbone(
         keep_head: keep SigLIP's MAP head (only needed for ``forward_pooled``).
         freeze_blocks / freeze: freeze the first N blocks, or everything (linear probing).
         strict: shape mismatches and missing backbone keys raise (they always name the file).
+        arch_config: an exact, already resolved architecture (as stored in our checkpoints); when
+            given, ``arch`` only names it and no weights are read.
     """
-    if arch is None and checkpoint is None:
+    if arch_config is not None:
+        cfg = arch_config if isinstance(arch_config, ArchConfig) else ArchConfig.from_dict(arch_config)
+        arch, checkpoint = None, None
+    elif arch is None and checkpoint is None:
         raise ValueError("build_backbone needs an arch, a checkpoint, or both")
     loaded = None
     if checkpoint is not None:
         from siglip_dense.models import weights  # local: weights imports this module
 
         loaded = weights.read_checkpoint(checkpoint, img_size=img_size)
-    if arch is not None:
+    if arch_config is not None:
+        pass
+    elif arch is not None:
         cfg = arch_config_of(arch)
         if loaded is None:
             cfg.act_layer = DEFAULT_ACT
@@ -447,6 +455,8 @@ def build_backbone(
         report = weights.load_into_vit(vit, loaded, strict=strict)
         if verbose:
             print(report)
+    # what was built is the truth (timm_kwargs such as patch_size may override the arch)
+    cfg = replace(arch_config_of_vit(vit), arch=cfg.arch, mean=cfg.mean, std=cfg.std)
     backbone = SigLIP2Backbone(vit, cfg, out_indices=out_indices, norm_intermediates=norm_intermediates)
     if img_size is not None:
         backbone.set_input_size(img_size)

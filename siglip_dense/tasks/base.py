@@ -1,0 +1,302 @@
+"""Pieces every task's LightningModule shares: optimiser groups, schedules, init_from, freezing.
+
+A task is built from plain-dict configs (what Hydra composes), not from live objects, so that its
+checkpoint is self-describing: ``Task.load_from_checkpoint(path)`` rebuilds the exact model from
+the saved hyper-parameters, without Hydra and without the original pretrained weight file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from siglip_dense.models.backbone import SigLIP2Backbone
+
+INIT_FILTERS = ("backbone", "backbone+neck", "all")
+
+
+# ---------------------------------------------------------------------------------------------
+# optimiser parameter groups
+# ---------------------------------------------------------------------------------------------
+def param_groups_layer_decay(
+    model: nn.Module,
+    backbone: SigLIP2Backbone | None,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    backbone_prefix: str = "backbone.",
+    no_decay_names: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """AdamW groups with BEiT-style layer-wise lr decay on the backbone.
+
+    A backbone parameter at depth ``i`` (0 = embeddings, L+1 = final norm) gets
+    ``lr_scale = layer_decay ** (L + 1 - i)``; necks and heads get 1. Norms, biases, position
+    embeddings (any parameter with ndim <= 1, plus ``no_decay_names``) get no weight decay.
+    """
+    skip = set(no_decay_names)
+    if backbone is not None:
+        skip |= {backbone_prefix + n for n in backbone.no_weight_decay()}
+    num_layers = backbone.num_layers if backbone is not None else 0
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if backbone is not None and name.startswith(backbone_prefix):
+            lid = backbone.layer_id(name[len(backbone_prefix) :])
+            scale = layer_decay ** (num_layers + 1 - lid)
+        else:
+            scale = 1.0
+        no_decay = p.ndim <= 1 or name in skip
+        key = (scale, no_decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "lr_scale": scale,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------------
+def lr_lambda(
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    warmup_start_factor: float = 1e-6,
+    min_lr_ratio: float = 0.0,
+    power: float = 1.0,
+    milestones: tuple[float, ...] = (0.89, 0.96),
+    gamma: float = 0.1,
+) -> Callable[[int], float]:
+    """Per-step multiplier: linear warmup, then ``cosine``, ``poly`` (mmseg), ``step`` or ``constant``.
+
+    ``milestones`` for ``step`` are fractions of ``total_steps`` (the ViTDet 100-epoch recipe decays
+    at 88.9% and 96.3%).
+    """
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(int(warmup_steps), total_steps - 1) if total_steps > 1 else 0
+    if schedule not in ("cosine", "poly", "step", "constant"):
+        raise ValueError(f"unknown lr schedule {schedule!r}: use cosine, poly, step or constant")
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            alpha = step / max(warmup_steps, 1)
+            return warmup_start_factor + (1.0 - warmup_start_factor) * alpha
+        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        t = min(max(t, 0.0), 1.0)
+        if schedule == "cosine":
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if schedule == "poly":
+            return min_lr_ratio + (1 - min_lr_ratio) * (1 - t) ** power
+        if schedule == "step":
+            frac = step / total_steps
+            return gamma ** sum(frac >= m for m in milestones)
+        return 1.0
+
+    return fn
+
+
+class ScaledLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR that also honours each group's ``lr_scale`` (layer-wise decay)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fn: Callable[[int], float]) -> None:
+        scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+        super().__init__(optimizer, [(lambda s, k=k: fn(s) * k) for k in scales])
+
+
+# ---------------------------------------------------------------------------------------------
+# init_from: start a run from another checkpoint's weights
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class InitReport:
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # in the checkpoint, filtered out or unknown here
+    mismatched: list[str] = field(default_factory=list)  # same name, other shape: re-initialised
+    missing: list[str] = field(default_factory=list)  # here, absent from the checkpoint
+
+    def __str__(self) -> str:
+        def head(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+
+        lines = [f"init_from {self.source}: loaded {len(self.loaded)} tensors"]
+        if self.mismatched:
+            lines.append(f"  re-initialised (shape differs) {len(self.mismatched)}: {head(self.mismatched)}")
+        if self.missing:
+            lines.append(f"  not in checkpoint (kept fresh) {len(self.missing)}: {head(self.missing)}")
+        if self.skipped:
+            lines.append(f"  skipped from checkpoint {len(self.skipped)}: {head(self.skipped)}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a Lightning checkpoint (``model.*`` keys) or an exported safetensors file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from checkpoint not found: {path}")
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state_dict")
+    return state
+
+
+def filter_prefixes(filter_name: str) -> tuple[str, ...]:
+    if filter_name not in INIT_FILTERS:
+        raise ValueError(f"init_from_filter must be one of {INIT_FILTERS}, got {filter_name!r}")
+    if filter_name == "backbone":
+        return ("model.backbone.",)
+    if filter_name == "backbone+neck":
+        return ("model.backbone.", "model.neck.")
+    return ("",)
+
+
+def init_from_checkpoint(module: nn.Module, path: str | Path, filter_name: str = "all") -> InitReport:
+    """Copy matching tensors from ``path`` into ``module``: filtered, non-strict, and reported."""
+    src = read_state_dict(path)
+    prefixes = filter_prefixes(filter_name)
+    own = module.state_dict()
+    report = InitReport(source=str(path))
+    to_load = {}
+    for k, v in src.items():
+        if not k.startswith(prefixes) or k not in own:
+            report.skipped.append(k)
+        elif own[k].shape != v.shape:
+            report.mismatched.append(f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}")
+        else:
+            to_load[k] = v
+    report.loaded = sorted(to_load)
+    report.missing = sorted(k for k in own if k not in to_load and k.startswith(prefixes))
+    module.load_state_dict(to_load, strict=False)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared LightningModule
+# ---------------------------------------------------------------------------------------------
+class DenseTask(L.LightningModule):
+    """Base LightningModule: builds the model from configs, owns optimisation and init_from.
+
+    Subclasses implement ``build_model`` plus the steps. Hyper-parameters are plain dicts, so the
+    checkpoint rebuilds the model with ``load_from_checkpoint`` and loads with ``weights_only=True``.
+    """
+
+    task_name: str = "base"
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+        init_from: str | None = None,
+        init_from_filter: str = "all",
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        self.optimizer_cfg = dict(optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-4})
+        self.scheduler_cfg = dict(scheduler or {})
+        self.layer_decay = float(layer_decay)
+        self.backbone_cfg = dict(backbone)
+
+    # -- model pieces ---------------------------------------------------------------------------
+    @staticmethod
+    def build_backbone(cfg: dict[str, Any]) -> SigLIP2Backbone:
+        cfg = {k: v for k, v in cfg.items() if k not in ("mean", "std")}
+        return instantiate(cfg, _convert_="all")
+
+    def finish_init(self, freeze_backbone: bool, init_from: str | None, init_from_filter: str) -> None:
+        """Call at the end of a subclass __init__, once ``self.model`` exists."""
+        if freeze_backbone:
+            self.model.backbone.freeze(None)
+        if init_from:
+            report = init_from_checkpoint(self, init_from, init_from_filter)
+            print(report)
+            self.init_report = report
+
+    @property
+    def backbone(self) -> SigLIP2Backbone:
+        return self.model.backbone
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.backbone.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.backbone.std
+
+    # -- checkpoints are self-describing ----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the backbone's resolved architecture and drop its pretrained-weights path.
+
+        The saved weights already contain the backbone, so reloading must not need (or re-read) the
+        original pretrained file, and must rebuild exactly the numerics it was trained with.
+        """
+        hp = copy.deepcopy(dict(checkpoint.get("hyper_parameters", {})))
+        bb = dict(hp.get("backbone", {}))
+        bb["checkpoint"] = None
+        bb["arch_config"] = self.backbone.arch_config.to_dict()
+        hp["backbone"] = bb
+        hp["init_from"] = None
+        checkpoint["hyper_parameters"] = hp
+        checkpoint["siglip_dense"] = {
+            "task": self.task_name,
+            "arch": self.backbone.arch,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg = dict(self.optimizer_cfg)
+        weight_decay = float(opt_cfg.pop("weight_decay", 0.05))
+        groups = param_groups_layer_decay(self.model, self.backbone, weight_decay, self.layer_decay)
+        if not groups:
+            raise ValueError("no trainable parameters: everything is frozen")
+        for g in groups:
+            g.pop("names")
+        target = opt_cfg.pop("_target_", "torch.optim.AdamW")
+        opt_cfg.pop("_partial_", None)
+        optimizer = instantiate({"_target_": target, "_partial_": True, **opt_cfg})(groups)
+        sch = dict(self.scheduler_cfg)
+        total = sch.pop("total_steps", None) or self.trainer.estimated_stepping_batches
+        warmup = sch.pop("warmup_steps", None)
+        if warmup is None:
+            warmup = int(float(sch.pop("warmup_ratio", 0.0)) * total)
+        else:
+            sch.pop("warmup_ratio", None)
+        fn = lr_lambda(int(total), int(warmup), **sch)
+        scheduler = ScaledLambdaLR(optimizer, fn)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def warn_once(self, message: str) -> None:
+        if not getattr(self, "_warned", None):
+            self._warned = set()
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=2)

@@ -1,0 +1,190 @@
+"""Semantic segmentation: linear probe or UPerNet on a SigLIP 2 backbone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from siglip_dense.evaluation.seg_metrics import SegmentationMetric
+from siglip_dense.evaluation.sliding_window import inference_with_tta, round_crop_to_patch
+from siglip_dense.models.segmentor import Segmentor
+from siglip_dense.tasks.base import DenseTask
+
+DEFAULT_EVAL = {
+    "mode": "slide",
+    "short_side": 512,
+    "max_long_side": 2048,
+    "crop_size": [512, 512],
+    "stride": [341, 341],
+    "scales": [1.0],
+    "flip": False,
+}
+
+
+def _fill_head_inputs(head_cfg: dict[str, Any], in_channels: int, keys: list[str]) -> dict[str, Any]:
+    cfg = dict(head_cfg)
+    cfg.setdefault("in_channels", in_channels)
+    if "in_keys" in cfg and cfg["in_keys"] is None:
+        cfg["in_keys"] = keys
+    return cfg
+
+
+class SegmentationTask(DenseTask):
+    """Cross-entropy (ignore 255) training; dataset-level mIoU with the ADE20K test protocol."""
+
+    task_name = "segmentation"
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        head: dict[str, Any],
+        num_classes: int,
+        class_names: list[str] | None = None,
+        neck: dict[str, Any] | None = None,
+        aux_head: dict[str, Any] | None = None,
+        aux_weight: float = 0.4,
+        ignore_index: int = 255,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+        eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
+        init_from: str | None = None,
+        init_from_filter: str = "all",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
+        self.save_hyperparameters()
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for num_classes={self.num_classes}")
+        self.ignore_index = int(ignore_index)
+        self.aux_weight = float(aux_weight)
+        self.model = self.build_model(backbone, neck, head, aux_head)
+        self.eval_cfg = {**DEFAULT_EVAL, **(eval or {})}
+        self.eval_cfg["crop_size"] = list(
+            round_crop_to_patch(tuple(self.eval_cfg["crop_size"]), self.backbone.patch_size)
+        )
+        self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
+        self.last_metrics: dict[str, Any] = {}
+        self.finish_init(freeze_backbone, init_from, init_from_filter)
+
+    def build_model(
+        self,
+        backbone_cfg: dict[str, Any],
+        neck_cfg: dict[str, Any] | None,
+        head_cfg: dict[str, Any],
+        aux_cfg: dict[str, Any] | None,
+    ) -> Segmentor:
+        backbone = self.build_backbone(backbone_cfg)
+        neck = None
+        if neck_cfg:
+            neck_cfg = dict(neck_cfg)
+            if "in_keys" in neck_cfg and neck_cfg["in_keys"] is None:
+                neck_cfg["in_keys"] = backbone.out_keys
+            neck = instantiate(
+                neck_cfg, in_channels=backbone.embed_dim, in_stride=backbone.patch_size, _convert_="all"
+            )
+        if neck is not None:
+            feat_channels, feat_keys = neck.out_channels, list(neck.strides)
+        else:
+            feat_channels, feat_keys = backbone.embed_dim, backbone.out_keys
+        head = instantiate(
+            _fill_head_inputs(head_cfg, feat_channels, feat_keys),
+            num_classes=self.num_classes,
+            _convert_="all",
+        )
+        aux = None
+        if aux_cfg:
+            aux = instantiate(
+                _fill_head_inputs(aux_cfg, feat_channels, feat_keys),
+                num_classes=self.num_classes,
+                _convert_="all",
+            )
+        return Segmentor(backbone, neck, head, aux)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)["logits"]
+
+    # -- training -----------------------------------------------------------------------------------
+    def compute_loss(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = {"loss_ce": F.cross_entropy(out["logits"].float(), target, ignore_index=self.ignore_index)}
+        if "aux_logits" in out and self.aux_weight > 0:
+            aux = F.cross_entropy(out["aux_logits"].float(), target, ignore_index=self.ignore_index)
+            losses["loss_aux"] = self.aux_weight * aux
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, target = batch["image"], batch["mask"].long()
+        self.check_labels(target, batch)
+        losses = self.compute_loss(self.model(images), target)
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"non-finite segmentation loss at step {self.global_step}: {losses['loss'].item()}"
+            )
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
+        return losses["loss"]
+
+    def check_labels(self, target: torch.Tensor, batch: dict[str, Any]) -> None:
+        bad = (target != self.ignore_index) & ((target < 0) | (target >= self.num_classes))
+        if bad.any():
+            values = sorted(set(target[bad].unique().tolist()))[:10]
+            names = [m.get("path", "?") for m in batch.get("meta", [])][:4]
+            raise ValueError(
+                f"label values {values} are outside 0..{self.num_classes - 1} (and not ignore "
+                f"{self.ignore_index}) in batch from {names}: wrong num_classes or reduce_zero_label?"
+            )
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits at the original size for one normalised image batch, by the configured protocol."""
+        cfg = self.eval_cfg
+        return inference_with_tta(
+            self.forward,
+            image,
+            self.num_classes,
+            short_side=cfg["short_side"],
+            max_long_side=cfg["max_long_side"],
+            crop_size=tuple(cfg["crop_size"]),
+            stride=tuple(cfg["stride"]),
+            scales=tuple(cfg["scales"]),
+            flip=cfg["flip"],
+            mode=cfg["mode"],
+        )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images, masks = batch["image"], batch["mask"]
+        if isinstance(images, torch.Tensor):
+            images, masks = list(images), list(masks)
+        for image, mask in zip(images, masks):
+            logits = self.infer(image[None].to(self.device))
+            self.val_metric.update(logits.argmax(1), mask[None].to(self.device).long())
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metric.compute()
+        self.val_metric.reset()
+        per_class = metrics.pop("per_class_IoU")
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
+        self.last_metrics = {k: float(v) for k, v in metrics.items()}
+        self.last_metrics["per_class_IoU"] = dict(zip(self.class_names, per_class.values()))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    @torch.no_grad()
+    def predict_labels(self, image: torch.Tensor) -> torch.Tensor:
+        return self.infer(image).argmax(1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["siglip_dense"]["class_names"] = list(self.class_names)
+        checkpoint["siglip_dense"]["num_classes"] = self.num_classes

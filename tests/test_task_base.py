@@ -1,0 +1,90 @@
+"""Optimiser groups (layer-wise lr decay, no decay on norms/biases/pos_embed) and lr schedules."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from siglip_dense.models import build_backbone
+from siglip_dense.tasks.base import ScaledLambdaLR, lr_lambda, param_groups_layer_decay
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = build_backbone("tiny", verbose=False)
+        self.head = nn.Conv2d(192, 5, 1)
+
+
+def test_layer_decay_scales_follow_depth() -> None:
+    model = Tiny()
+    groups = param_groups_layer_decay(model, model.backbone, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    depth = model.backbone.num_layers  # 6
+    assert scale_of["backbone.vit.pos_embed"] == pytest.approx(0.5 ** (depth + 1))
+    assert scale_of["backbone.vit.patch_embed.proj.weight"] == pytest.approx(0.5 ** (depth + 1))
+    assert scale_of["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(0.5**depth)
+    assert scale_of["backbone.vit.blocks.5.mlp.fc1.weight"] == pytest.approx(0.5**1)
+    assert scale_of["backbone.vit.norm.weight"] == pytest.approx(1.0)
+    assert scale_of["head.weight"] == 1.0
+    # every trainable parameter lands in exactly one group
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_no_weight_decay_on_norms_biases_pos_embed() -> None:
+    model = Tiny()
+    groups = param_groups_layer_decay(model, model.backbone, weight_decay=0.05, layer_decay=0.9)
+    wd_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert wd_of["backbone.vit.pos_embed"] == 0.0
+    assert wd_of["backbone.vit.blocks.2.norm1.weight"] == 0.0
+    assert wd_of["backbone.vit.blocks.2.attn.qkv.bias"] == 0.0
+    assert wd_of["head.bias"] == 0.0
+    assert wd_of["backbone.vit.blocks.2.attn.qkv.weight"] == 0.05
+    assert wd_of["head.weight"] == 0.05
+
+
+def test_frozen_parameters_are_left_out() -> None:
+    model = Tiny()
+    model.backbone.freeze(None)
+    groups = param_groups_layer_decay(model, model.backbone, weight_decay=0.05, layer_decay=0.9)
+    names = [n for g in groups for n in g["names"]]
+    assert names and all(n.startswith("head.") for n in names)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "poly", "step", "constant"])
+def test_schedules_closed_form(schedule: str) -> None:
+    total, warmup = 1000, 100
+    fn = lr_lambda(total, warmup, schedule=schedule, warmup_start_factor=0.0, min_lr_ratio=0.0, power=0.9)
+    assert fn(0) == 0.0
+    assert fn(50) == pytest.approx(0.5)
+    assert fn(warmup) == pytest.approx(1.0)
+    t = (550 - warmup) / (total - warmup)
+    expected = {
+        "cosine": 0.5 * (1 + math.cos(math.pi * t)),
+        "poly": (1 - t) ** 0.9,
+        "step": 1.0,
+        "constant": 1.0,
+    }[schedule]
+    assert fn(550) == pytest.approx(expected)
+    if schedule in ("cosine", "poly"):
+        assert fn(total) == pytest.approx(0.0, abs=1e-12)
+    if schedule == "step":
+        assert fn(int(0.9 * total)) == pytest.approx(0.1)
+        assert fn(int(0.97 * total)) == pytest.approx(0.01)
+
+
+def test_unknown_schedule_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
+        lr_lambda(10, 0, schedule="linear")
+
+
+def test_scaled_scheduler_applies_group_scales() -> None:
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a], "lr_scale": 1.0}, {"params": [b], "lr_scale": 0.25}], lr=0.1)
+    sched = ScaledLambdaLR(opt, lr_lambda(10, 0, schedule="constant"))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.025])
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.025])

@@ -1,0 +1,234 @@
+"""Benchmarks against the peers, all measured in one run (machines are noisy: read the ratios).
+
+    python tools/benchmark.py backbone --arch so400m16 --img-size 512 --batch-size 8 --dtype bf16
+    python tools/benchmark.py backbone --arch tiny --img-size 224 --batch-size 4      # CPU smoke
+
+Each measurement prints one JSON line; a summary table with ratios against ours follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from siglip_dense.models import build_backbone  # noqa: E402
+from siglip_dense.models.backbone import arch_config_of, create_vit  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Measurement:
+    bench: str
+    impl: str
+    mode: str  # forward | forward_backward
+    arch: str
+    img_size: int
+    batch_size: int
+    dtype: str
+    device: str
+    images_per_s: float
+    ms_per_iter: float
+    peak_mem_mib: float | None
+    tflops: float | None = None
+    mfu: float | None = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], None], device: torch.device, warmup: int, iters: int
+) -> tuple[float, float | None]:
+    """Median seconds per call, and peak memory (CUDA only) in MiB."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    times.sort()
+    return times[len(times) // 2], peak
+
+
+def hf_config_for(arch: str, img_size: int):
+    """A transformers SiglipVisionConfig with the same shapes and numerics as ``arch``."""
+    from transformers import SiglipVisionConfig
+
+    cfg = arch_config_of(arch)
+    return SiglipVisionConfig(
+        hidden_size=cfg.embed_dim,
+        intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        patch_size=cfg.patch_size,
+        image_size=img_size - img_size % cfg.patch_size,
+        layer_norm_eps=cfg.norm_eps,
+        hidden_act="gelu_pytorch_tanh",
+        attn_implementation="sdpa",
+    )
+
+
+def build_peers(arch: str, img_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """Ours, plain timm and transformers, all holding the same (random) weights."""
+    from transformers import SiglipVisionModel
+
+    size = img_size - img_size % arch_config_of(arch).patch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = SiglipVisionModel(hf_config_for(arch, size)).eval()
+        hf.save_pretrained(tmp)
+        ours = build_backbone(checkpoint=tmp, img_size=size, verbose=False).eval()
+    plain = create_vit(ours.arch_config, dynamic_img_size=False, dynamic_img_pad=False).eval()
+    plain.load_state_dict(ours.vit.state_dict())
+    return {
+        "siglip_dense": _Ours(ours).to(device, dtype),
+        "timm": _Ours(plain).to(device, dtype),
+        "transformers": _HF(hf).to(device, dtype),
+    }
+
+
+class _Ours(nn.Module):
+    """Both ours and plain timm expose ``forward_features`` (final normed tokens)."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m.forward_features(x)
+
+
+class _HF(_Ours):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(pixel_values=x).last_hidden_state
+
+
+def vit_flops(arch: str, img_size: int, batch: int) -> float:
+    """Forward FLOPs of the encoder (matmuls only: 2·MACs), counted from the shapes."""
+    cfg = arch_config_of(arch)
+    n = (img_size // cfg.patch_size) ** 2
+    d, m, depth = cfg.embed_dim, cfg.mlp_dim, cfg.depth
+    per_block = 2 * n * (4 * d * d + 2 * d * m) + 2 * 2 * n * n * d
+    patch = 2 * n * d * 3 * cfg.patch_size**2
+    return float(batch * (depth * per_block + patch))
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the device, for model FLOP utilisation (None when unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0)):
+        if key in name:
+            return value
+    return None
+
+
+def bench_backbone(args: argparse.Namespace) -> list[Measurement]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    peers = build_peers(args.arch, args.img_size, device, dtype)
+    size = args.img_size - args.img_size % arch_config_of(args.arch).patch_size
+    x = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
+    flops = vit_flops(args.arch, size, args.batch_size)
+    peak = peak_tflops(device)
+    results = []
+    for mode in ("forward", "forward_backward"):
+        for impl, model in peers.items():
+            if args.grad_checkpointing and impl == "siglip_dense":
+                model.m.set_grad_checkpointing(True)
+
+            def step(model: nn.Module = model, mode: str = mode) -> None:
+                if mode == "forward":
+                    with torch.no_grad():
+                        model(x)
+                else:
+                    model(x).float().mean().backward()
+
+            if mode == "forward_backward":
+                model.train()
+            sec, mem = time_fn(step, device, args.warmup, args.iters)
+            work = flops * (3 if mode == "forward_backward" else 1)
+            tflops = work / sec / 1e12
+            m = Measurement(
+                bench="backbone",
+                impl=impl,
+                mode=mode,
+                arch=args.arch,
+                img_size=size,
+                batch_size=args.batch_size,
+                dtype=args.dtype,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                images_per_s=args.batch_size / sec,
+                ms_per_iter=sec * 1e3,
+                peak_mem_mib=mem,
+                tflops=tflops,
+                mfu=tflops / peak if peak else None,
+            )
+            print(json.dumps(asdict(m)), flush=True)
+            results.append(m)
+    return results
+
+
+def summary(results: list[Measurement]) -> str:
+    """Table of images/s and memory, with ratios against ours for each mode."""
+    lines = [f"{'mode':<18}{'impl':<14}{'img/s':>10}{'ratio':>8}{'peak MiB':>10}{'MFU':>7}"]
+    for mode in dict.fromkeys(m.mode for m in results):
+        rows = [m for m in results if m.mode == mode]
+        ours = next(m for m in rows if m.impl == "siglip_dense")
+        for m in rows:
+            ratio = ours.images_per_s / m.images_per_s
+            mem = f"{m.peak_mem_mib:.0f}" if m.peak_mem_mib is not None else "n/a"
+            mfu = f"{100 * m.mfu:.1f}%" if m.mfu is not None else "n/a"
+            lines.append(f"{mode:<18}{m.impl:<14}{m.images_per_s:>10.1f}{ratio:>8.3f}{mem:>10}{mfu:>7}")
+    lines.append("ratio = our images/s ÷ that implementation's (≥ 1 means we are as fast or faster)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("backbone", help="ours vs plain timm vs transformers SiglipVisionModel")
+    p.add_argument("--arch", default="tiny")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    results = bench_backbone(args)
+    print(summary(results))
+    if args.out:
+        args.out.write_text("".join(json.dumps(asdict(m)) + "\n" for m in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

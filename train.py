@@ -1,0 +1,23 @@
+"""Train a dense predictor on a SigLIP 2 backbone.
+
+python train.py                                  # toy segmentation on CPU (== experiment=toy_seg)
+python train.py experiment=ade20k_upernet_so400m16 trainer=gpu data.root=/data/ADEChallengeData2016
+"""
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from siglip_dense.train import run_train  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run_train(cfg)
+
+
+if __name__ == "__main__":
+    main()
