@@ -376,6 +376,7 @@ class SigLIP2Backbone(nn.Module):
         yield self.vit.norm_pre
         yield from self.vit.blocks[: self._frozen_blocks]
         if self._frozen_all:
+            yield self.vit  # also its weight-less dropout layers
             yield self.vit.norm
             if self.vit.attn_pool is not None:
                 yield self.vit.attn_pool

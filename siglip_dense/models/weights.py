@@ -1,0 +1,743 @@
+"""Checkpoint formats -> timm ``VisionTransformer`` state dicts.
+
+SigLIP (2) vision towers ship in five layouts: timm, open_clip (timm keys under ``visual.trunk.``),
+transformers (``SiglipVisionModel`` / ``SiglipModel`` / ``Siglip2VisionModel``), big_vision ``.npz``,
+and our own export (safetensors + JSON config). Everything is mapped onto timm's keys, and the
+architecture is read from the checkpoint itself (its config, else tensor shapes), because the same
+model name has shipped with different activations and layer-norm eps.
+
+Offline first: hub ids resolve from the local Hugging Face cache only; nothing is downloaded.
+Torch pickles load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from siglip_dense.models.backbone import (
+    _FAMILIES,
+    DEFAULT_ACT,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    ArchConfig,
+    arch_config_of,
+    create_vit,
+)
+
+FORMAT_NAME = "siglip_dense"
+HF_MODEL_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".npz")
+# preferred weight files inside a directory, best first
+_DIR_WEIGHT_NAMES = (
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+)
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TIMM_ANCHOR = "patch_embed.proj.weight"
+_HF_ANCHOR = "embeddings.patch_embedding.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit; the message names the file and keys."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint translated to timm ``VisionTransformer`` keys, with the architecture it implies."""
+
+    state_dict: dict[str, Tensor]
+    arch: ArchConfig
+    source_format: str
+    path: Path
+    dropped_keys: list[str] = field(default_factory=list)
+    # ArchConfig fields that were guessed (no config, not derivable from tensor shapes)
+    guessed: set[str] = field(default_factory=set)
+
+
+@dataclass
+class LoadReport:
+    """What ``load_into_vit`` did, for logs (``print(report)``) and tests."""
+
+    path: Path
+    source_format: str
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    reshaped: list[str]
+    skipped_head: list[str]
+    mismatched: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.source_format})"]
+        for name in ("missing", "unexpected", "mismatched", "reshaped", "skipped_head"):
+            keys = getattr(self, name)
+            if keys:
+                parts.append(f"{name.replace('_', ' ')} {len(keys)}: {_first(keys)}")
+        return "; ".join(parts)
+
+
+def _first(keys: Any, n: int = 5) -> str:
+    keys = list(keys)
+    more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
+    return ", ".join(str(k) for k in keys[:n]) + more
+
+
+# ------------------------------------------------------------------------------------------------
+# locating the files
+# ------------------------------------------------------------------------------------------------
+def hf_cache_dir() -> Path:
+    """The hub cache, read from the environment at call time (huggingface_hub reads it at import)."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A local file/directory as given, or a hub id (``org/name``) resolved from the local cache only."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    text = str(src)
+    repo_id = text.removeprefix("hf-hub:").removeprefix("hf_hub:")
+    if not _HUB_ID_RE.match(repo_id) or text.endswith(_WEIGHT_SUFFIXES):
+        raise CheckpointError(f"checkpoint {text!r} does not exist (neither a file nor a directory)")
+    cache = hf_cache_dir()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError and friends, across hub versions
+        raise CheckpointError(
+            f"checkpoint {repo_id!r} is not a local path and is not in the local Hugging Face cache "
+            f"({cache}); nothing is downloaded at run time. Fix: run `huggingface-cli download {repo_id}` "
+            f"on a machine with network access (and copy the cache, or set HF_HUB_CACHE), or pass a local "
+            f"file / directory, or convert one with `python tools/convert_weights.py SRC OUT.safetensors`. "
+            f"({type(e).__name__})"
+        ) from None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON config ({e})") from None
+
+
+def _is_hf_config(cfg: dict[str, Any]) -> bool:
+    return cfg.get("model_type") in HF_MODEL_TYPES or (
+        isinstance(cfg.get("vision_config"), dict) and "architecture" not in cfg
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# raw readers
+# ------------------------------------------------------------------------------------------------
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # SafetensorError, OSError: truncated or not a safetensors file
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    """Find the tensor dict inside common training containers (``state_dict``, ``model``, ``ema``)."""
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return obj
+        for key in ("state_dict", "model", "module", "model_ema", "state_dict_ema", "params"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        else:
+            tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+            if tensors:
+                return tensors
+            break
+    keys = list(obj.keys()) if isinstance(obj, dict) else [type(obj).__name__]
+    raise CheckpointError(f"{path}: no tensor state dict found; top-level keys: {_first(keys)}")
+
+
+def _read_torch(path: Path) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        globals_ = re.findall(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if globals_:
+            raise CheckpointError(
+                f"{path}: refused to unpickle {', '.join(sorted(set(globals_)))}: checkpoints are loaded with "
+                f"torch.load(weights_only=True), which allows only tensors and plain containers. Re-save the "
+                f"state dict alone (or as safetensors) from code you trust."
+            ) from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}"
+        ) from None
+    return _unwrap(obj, path)
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path), {}
+
+
+def _read_hf_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
+    """transformers weights in a save_pretrained dir: single file, or shards listed in an index."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return _read_tensors(directory / name)[0], directory / name
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(_json(index).get("weight_map", {}).values()))
+            sd: dict[str, Tensor] = {}
+            for shard in shards:
+                if not (directory / shard).is_file():
+                    raise CheckpointError(f"{index}: shard {shard} is missing")
+                sd.update(_read_tensors(directory / shard)[0])
+            return sd, index
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        sd = {}
+        for shard in shards:
+            sd.update(_read_safetensors(shard)[0])
+        return sd, directory
+    raise CheckpointError(
+        f"{directory}: has a transformers config.json but no weights "
+        f"(model.safetensors, sharded *.safetensors with index, or pytorch_model.bin)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# architecture inference
+# ------------------------------------------------------------------------------------------------
+def _guess_heads(embed_dim: int, depth: int, mlp_dim: int) -> int:
+    """Heads are invisible in tensor shapes: use the SigLIP family table, else 64-wide heads."""
+    for dims in _FAMILIES.values():
+        if dims[0] == embed_dim and dims[1] == depth and dims[3] == mlp_dim:
+            return dims[2]
+    for dims in _FAMILIES.values():
+        if dims[0] == embed_dim:
+            return dims[2]
+    for head_dim in (64, 72, 96, 32):
+        if embed_dim % head_dim == 0:
+            return embed_dim // head_dim
+    return 1
+
+
+def _act(name: str | None) -> str:
+    if not name:
+        return DEFAULT_ACT
+    name = name.lower()
+    if "tanh" in name or name in ("gelu_new", "gelu_fast", "gelu_approximate"):
+        return "gelu_tanh"
+    if name in ("gelu", "gelu_exact", "gelu_python"):
+        return "gelu"
+    return name
+
+
+def _grid_of(num_tokens: int, path: Path) -> int:
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens:
+        raise CheckpointError(f"{path}: position table of {num_tokens} tokens is not a square grid")
+    return grid
+
+
+def _count_blocks(keys: Any, pattern: str) -> int:
+    rx = re.compile(pattern)
+    ids = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(ids) + 1 if ids else 0
+
+
+def _timm_arch(sd: dict[str, Tensor], path: Path, hints: dict[str, Any]) -> tuple[ArchConfig, set[str]]:
+    """Shapes from a timm-keyed state dict; heads / eps / act from ``hints`` (a config) when known."""
+    w = sd[_TIMM_ANCHOR]
+    embed_dim, patch = int(w.shape[0]), int(w.shape[-1])
+    depth = _count_blocks(sd, r"^blocks\.(\d+)\.")
+    if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
+        raise CheckpointError(f"{path}: timm-style keys without transformer blocks: {_first(sd)}")
+    mlp_dim = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
+    if "pos_embed" in sd:
+        grid = _grid_of(int(sd["pos_embed"].shape[1]), path)
+        img_size = (grid * patch, grid * patch)
+    else:
+        img_size = tuple(hints.get("img_size") or (224, 224))
+    guessed: set[str] = set()
+    heads = hints.get("num_heads")
+    if heads is None:
+        heads = _guess_heads(embed_dim, depth, mlp_dim)
+        guessed.add("num_heads")
+    cfg = ArchConfig(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=int(heads),
+        mlp_dim=mlp_dim,
+        patch_size=patch,
+        img_size=img_size,
+        norm_eps=float(hints.get("norm_eps", 1e-6)),
+        act_layer=_act(hints.get("act_layer")),
+        has_head=any(k.startswith("attn_pool.") for k in sd),
+        arch=hints.get("arch"),
+        mean=tuple(hints.get("mean") or SIGLIP_MEAN),
+        std=tuple(hints.get("std") or SIGLIP_STD),
+    )
+    return cfg, guessed
+
+
+def _timm_hints(config: dict[str, Any] | None) -> dict[str, Any]:
+    """What a timm hub ``config.json`` (architecture + pretrained_cfg + model_args) tells beyond shapes."""
+    if not config:
+        return {}
+    hints: dict[str, Any] = {}
+    name = config.get("architecture") or config.get("timm_model_name")
+    if name:
+        try:
+            ref = arch_config_of(name)
+            hints.update(num_heads=ref.num_heads, norm_eps=ref.norm_eps, arch=ref.arch)
+        except ValueError:
+            pass
+    args = config.get("model_args") or {}
+    if "num_heads" in args:
+        hints["num_heads"] = args["num_heads"]
+    if isinstance(args.get("act_layer"), str):
+        hints["act_layer"] = args["act_layer"]
+    pcfg = config.get("pretrained_cfg") or {}
+    for k in ("mean", "std"):
+        if pcfg.get(k):
+            hints[k] = tuple(pcfg[k])
+    return hints
+
+
+# ------------------------------------------------------------------------------------------------
+# format converters
+# ------------------------------------------------------------------------------------------------
+def _strip_prefix(sd: dict[str, Tensor], anchor: str, exclude: str | None = None) -> tuple[str, dict, list]:
+    """Keys under the shortest prefix that holds ``anchor``: (prefix, stripped dict, dropped keys)."""
+    hits = [k for k in sd if k.endswith(anchor) and (exclude is None or exclude not in k)]
+    prefix = min((k[: -len(anchor)] for k in hits), key=len)
+    kept = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    dropped = [k for k in sd if not k.startswith(prefix)]
+    return prefix, kept, dropped
+
+
+def _from_timm_keys(sd: dict[str, Tensor], path: Path, hints: dict[str, Any], fmt: str) -> LoadedCheckpoint:
+    prefix, kept, dropped = _strip_prefix(sd, _TIMM_ANCHOR)
+    if fmt == "timm" and prefix.endswith("visual.trunk."):
+        fmt = "open_clip"
+    # classifier heads (head.weight, a projection) are not part of a dense backbone
+    for k in [k for k in kept if k.startswith("head.")]:
+        dropped.append(prefix + k)
+        del kept[k]
+    cfg, guessed = _timm_arch(kept, path, hints)
+    return LoadedCheckpoint(kept, cfg, fmt, path, dropped, guessed)
+
+
+def _patch_linear_to_conv(w: Tensor, channels: int = 3) -> Tensor:
+    """NaFlex ``nn.Linear`` over patches flattened (p, p, C) -> conv weight [C_out, C, p, p]."""
+    out, numel = w.shape
+    patch = math.isqrt(numel // channels)
+    return w.reshape(out, patch, patch, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def resize_naflex_pos_embed(table: Tensor, grid: tuple[int, int]) -> Tensor:
+    """[N, C] NaFlex position table -> [1, h*w, C], as transformers' ``Siglip2VisionEmbeddings`` does.
+
+    Bilinear, antialias, align_corners=False, computed in float32 (cast back to the table's dtype).
+    """
+    size = math.isqrt(table.shape[0])
+    x = table.reshape(size, size, -1).permute(2, 0, 1)[None].float()
+    if tuple(grid) != (size, size):
+        x = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].permute(1, 2, 0).reshape(1, grid[0] * grid[1], -1).to(table.dtype)
+
+
+def _grid_for(img_size: int | tuple[int, ...] | list[int] | None, patch: int) -> tuple[int, int] | None:
+    if img_size is None:
+        return None
+    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return hw[0] // patch, hw[1] // patch
+
+
+def _from_transformers(
+    sd: dict[str, Tensor],
+    path: Path,
+    config: dict[str, Any] | None,
+    img_size: int | tuple[int, ...] | None,
+) -> LoadedCheckpoint:
+    """transformers Siglip / Siglip2 vision tower (any of its key prefixes) -> timm keys."""
+    prefix, hf, dropped = _strip_prefix(sd, _HF_ANCHOR, exclude="text_model")
+    vcfg: dict[str, Any] = {}
+    if config:
+        vcfg = config["vision_config"] if isinstance(config.get("vision_config"), dict) else config
+    model_type = (config or {}).get("model_type")
+    if (model_type and model_type not in HF_MODEL_TYPES) or "embeddings.class_embedding" in hf:
+        # CLIP-like towers share key names but not the architecture (class token, pre-norm)
+        raise CheckpointError(
+            f"{path}: transformers model_type {model_type or 'with a class token'} is not SigLIP; "
+            f"supported: {', '.join(HF_MODEL_TYPES)}"
+        )
+    consumed: set[str] = set()
+
+    def take(key: str) -> Tensor:
+        if key not in hf:
+            raise CheckpointError(f"{path}: transformers checkpoint lacks {prefix + key!r}")
+        consumed.add(key)
+        return hf[key]
+
+    pw = take("embeddings.patch_embedding.weight")
+    naflex = pw.ndim == 2
+    channels = int(vcfg.get("num_channels", 3))
+    conv_w = _patch_linear_to_conv(pw, channels) if naflex else pw
+    embed_dim, patch = int(conv_w.shape[0]), int(conv_w.shape[-1])
+    if vcfg.get("patch_size") and int(vcfg["patch_size"]) != patch:
+        raise CheckpointError(f"{path}: config patch_size {vcfg['patch_size']} != weights' patch {patch}")
+    depth = _count_blocks(hf, r"^encoder\.layers\.(\d+)\.")
+    out: dict[str, Tensor] = {
+        "patch_embed.proj.weight": conv_w,
+        "patch_embed.proj.bias": take("embeddings.patch_embedding.bias"),
+    }
+    table = take("embeddings.position_embedding.weight")
+    own_grid = _grid_of(int(table.shape[0]), path)
+    if naflex:
+        grid = _grid_for(img_size, patch) or (own_grid, own_grid)
+        out["pos_embed"] = resize_naflex_pos_embed(table, grid)
+    else:
+        grid = (own_grid, own_grid)
+        out["pos_embed"] = table[None]
+    for i in range(depth):
+        s, t = f"encoder.layers.{i}.", f"blocks.{i}."
+        for n in ("weight", "bias"):
+            out[f"{t}norm1.{n}"] = take(f"{s}layer_norm1.{n}")
+            out[f"{t}norm2.{n}"] = take(f"{s}layer_norm2.{n}")
+            out[f"{t}attn.qkv.{n}"] = torch.cat([take(f"{s}self_attn.{p}_proj.{n}") for p in "qkv"])
+            out[f"{t}attn.proj.{n}"] = take(f"{s}self_attn.out_proj.{n}")
+            out[f"{t}mlp.fc1.{n}"] = take(f"{s}mlp.fc1.{n}")
+            out[f"{t}mlp.fc2.{n}"] = take(f"{s}mlp.fc2.{n}")
+    for n in ("weight", "bias"):
+        out[f"norm.{n}"] = take(f"post_layernorm.{n}")
+    has_head = "head.probe" in hf
+    if has_head:
+        out["attn_pool.latent"] = take("head.probe")
+        in_w, in_b = take("head.attention.in_proj_weight"), take("head.attention.in_proj_bias")
+        out["attn_pool.q.weight"], out["attn_pool.kv.weight"] = in_w[:embed_dim], in_w[embed_dim:]
+        out["attn_pool.q.bias"], out["attn_pool.kv.bias"] = in_b[:embed_dim], in_b[embed_dim:]
+        for n in ("weight", "bias"):
+            out[f"attn_pool.proj.{n}"] = take(f"head.attention.out_proj.{n}")
+            out[f"attn_pool.norm.{n}"] = take(f"head.layernorm.{n}")
+            out[f"attn_pool.mlp.fc1.{n}"] = take(f"head.mlp.fc1.{n}")
+            out[f"attn_pool.mlp.fc2.{n}"] = take(f"head.mlp.fc2.{n}")
+    dropped += [prefix + k for k in hf if k not in consumed]
+    mlp_dim = int(out["blocks.0.mlp.fc1.weight"].shape[0])
+    guessed: set[str] = set()
+    if "num_attention_heads" in vcfg:
+        heads = int(vcfg["num_attention_heads"])
+    else:
+        heads = _guess_heads(embed_dim, depth, mlp_dim)
+        guessed.add("num_heads")
+    if (
+        int(vcfg.get("hidden_size", embed_dim)) != embed_dim
+        or int(vcfg.get("num_hidden_layers", depth)) != depth
+    ):
+        raise CheckpointError(
+            f"{path}: config.json (hidden_size={vcfg.get('hidden_size')}, "
+            f"num_hidden_layers={vcfg.get('num_hidden_layers')}) disagrees with the weights "
+            f"(embed_dim={embed_dim}, depth={depth})"
+        )
+    cfg = ArchConfig(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=mlp_dim,
+        patch_size=patch,
+        img_size=(grid[0] * patch, grid[1] * patch),
+        norm_eps=float(vcfg.get("layer_norm_eps", 1e-6)),
+        act_layer=_act(vcfg.get("hidden_act")),
+        has_head=has_head,
+    )
+    return LoadedCheckpoint(out, cfg, "transformers", path, dropped, guessed)
+
+
+def _read_big_vision(path: Path) -> LoadedCheckpoint:
+    """big_vision ``.npz``: infer the arch from array shapes, then let timm's own loader map it."""
+    import numpy as np
+    from timm.models.vision_transformer import _load_weights
+
+    try:
+        with np.load(str(path), allow_pickle=False) as npz:
+            shapes = {k: npz[k].shape for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable .npz archive (truncated or corrupt?): {e}") from None
+    hits = [k for k in shapes if k.endswith("embedding/kernel") and len(shapes[k]) == 4]
+    if not hits:
+        raise CheckpointError(
+            f"{path}: no big_vision image tower (…embedding/kernel) in keys: {_first(shapes)}"
+        )
+    prefix = min((k[: -len("embedding/kernel")] for k in hits), key=len)
+    patch, _, _, embed_dim = shapes[f"{prefix}embedding/kernel"]
+    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"
+    if stacked in shapes:
+        depth = shapes[stacked][0]
+        blk, lead = f"{prefix}Transformer/encoderblock/", 1
+    else:
+        depth = _count_blocks(shapes, rf"^{re.escape(prefix)}Transformer/encoderblock_(\d+)/")
+        blk, lead = f"{prefix}Transformer/encoderblock_0/", 0
+    try:
+        heads = shapes[f"{blk}MultiHeadDotProductAttention_0/query/kernel"][lead + 1]
+        mlp_dim = shapes[f"{blk}MlpBlock_0/Dense_0/kernel"][lead + 1]
+        num_pos = shapes[f"{prefix}pos_embedding"][-2]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: big_vision layout without {e.args[0]!r}") from None
+    grid = _grid_of(int(num_pos), path)
+    has_head = f"{prefix}MAPHead_0/probe" in shapes
+    cfg = ArchConfig(
+        embed_dim=int(embed_dim),
+        depth=int(depth),
+        num_heads=int(heads),
+        mlp_dim=int(mlp_dim),
+        patch_size=int(patch),
+        img_size=(grid * int(patch), grid * int(patch)),
+        has_head=has_head,
+    )
+    vit = create_vit(cfg, keep_head=has_head, dynamic_img_size=False, dynamic_img_pad=False)
+    try:
+        with torch.no_grad():
+            _load_weights(vit, str(path), prefix=prefix)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: timm's big_vision loader failed (prefix {prefix!r}): {e}") from None
+    sd = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    dropped = [k for k in shapes if not k.startswith(prefix)]
+    return LoadedCheckpoint(sd, cfg, "big_vision", path, dropped)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _from_tensors(
+    sd: dict[str, Tensor],
+    meta: dict[str, str],
+    path: Path,
+    img_size: int | tuple[int, ...] | None,
+    config: dict[str, Any] | None = None,
+) -> LoadedCheckpoint:
+    """Detect the layout of a flat tensor dict and translate it."""
+    ours = None
+    if meta.get("format") == FORMAT_NAME and meta.get("arch_config"):
+        ours = json.loads(meta["arch_config"])
+    elif path.suffix == ".safetensors" and _sidecar(path).is_file():
+        side = _json(_sidecar(path))
+        if side.get("format") == FORMAT_NAME:
+            ours = side.get("arch_config")
+    if ours is not None and any(k.endswith(_TIMM_ANCHOR) for k in sd):
+        # our export states its arch exactly (its grid may be non-square): no shape inference
+        _, kept, dropped = _strip_prefix(sd, _TIMM_ANCHOR)
+        return LoadedCheckpoint(kept, ArchConfig.from_dict(ours), FORMAT_NAME, path, dropped)
+    if any(k.endswith(_HF_ANCHOR) and "text_model" not in k for k in sd):
+        return _from_transformers(sd, path, config, img_size)
+    if any(k.endswith(_TIMM_ANCHOR) for k in sd):
+        return _from_timm_keys(sd, path, _timm_hints(config), "timm")
+    raise CheckpointError(
+        f"{path}: no SigLIP vision tower found (expected timm '{_TIMM_ANCHOR}', open_clip "
+        f"'visual.trunk.{_TIMM_ANCHOR}' or transformers '...{_HF_ANCHOR}'); first keys: {_first(sd)}"
+    )
+
+
+def _read_file(path: Path, img_size: Any, config: dict[str, Any] | None = None) -> LoadedCheckpoint:
+    if path.suffix == ".npz":
+        return _read_big_vision(path)
+    if path.suffix == ".json":
+        raise CheckpointError(f"{path}: a JSON config, not weights: pass the weights file or its directory")
+    sd, meta = _read_tensors(path)
+    cfg_path = path.parent / "config.json"
+    if config is None and cfg_path.is_file():
+        # a weight file inside a save_pretrained / timm hub directory: use the config beside it
+        sibling = _json(cfg_path)
+        if _is_hf_config(sibling) or "architecture" in sibling:
+            config = sibling
+    return _from_tensors(sd, meta, path, img_size, config)
+
+
+def _read_dir(directory: Path, img_size: Any) -> LoadedCheckpoint:
+    cfg_path = directory / "config.json"
+    config = _json(cfg_path) if cfg_path.is_file() else None
+    if config is not None and _is_hf_config(config):
+        sd, wpath = _read_hf_weights(directory)
+        loaded = _from_tensors(sd, {}, wpath, img_size, config)
+        loaded.path = directory
+        pre = directory / "preprocessor_config.json"
+        if pre.is_file():  # the processor's normalisation, when the repo ships one
+            pcfg = _json(pre)
+            if pcfg.get("image_mean") and pcfg.get("image_std"):
+                loaded.arch.mean, loaded.arch.std = tuple(pcfg["image_mean"]), tuple(pcfg["image_std"])
+        return loaded
+    if config is None and (directory / "open_clip_config.json").is_file():
+        oc = _json(directory / "open_clip_config.json")
+        vision = (oc.get("model_cfg") or {}).get("vision_cfg") or {}
+        config = {"architecture": vision.get("timm_model_name")}
+    for name in _DIR_WEIGHT_NAMES:
+        if (directory / name).is_file():
+            return _read_file(directory / name, img_size, config)
+    files = sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    if len(files) == 1:
+        return _read_file(files[0], img_size, config)
+    raise CheckpointError(
+        f"{directory}: cannot tell which weights to load; found {_first(p.name for p in directory.iterdir())}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+def read_checkpoint(src: str | Path, img_size: int | tuple[int, int] | None = None) -> LoadedCheckpoint:
+    """Read any supported checkpoint (file, directory or cached hub id) into timm keys + its ArchConfig.
+
+    ``img_size`` only matters for NaFlex (Siglip2) checkpoints, whose position table is resized to
+    ``img_size // patch`` here exactly as transformers does it; other formats are resampled on load.
+    """
+    path = resolve_source(src)
+    loaded = _read_dir(path, img_size) if path.is_dir() else _read_file(path, img_size)
+    if not loaded.state_dict:
+        raise CheckpointError(f"{path}: no vision weights found")
+    return loaded
+
+
+def check_arch_matches(cfg: ArchConfig, loaded: LoadedCheckpoint) -> None:
+    """Raise when an explicitly requested arch does not have the checkpoint's shapes.
+
+    Fields the checkpoint could not tell (``loaded.guessed``, e.g. heads of a config-less state dict)
+    are taken from ``cfg`` instead of compared.
+    """
+    if "num_heads" in loaded.guessed:
+        loaded.arch.num_heads = cfg.num_heads
+        loaded.guessed.discard("num_heads")
+    if cfg.same_shapes(loaded.arch):
+        return
+    keys = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")
+
+    def shapes(c: ArchConfig) -> str:
+        return ", ".join(f"{k}={getattr(c, k)}" for k in keys)
+
+    raise CheckpointError(
+        f"requested arch {cfg.arch or 'custom'} ({shapes(cfg)}) does not match checkpoint {loaded.path} "
+        f"({loaded.source_format}: {shapes(loaded.arch)}); pass arch=None to build what the checkpoint holds"
+    )
+
+
+def _pos_grid(pos: Tensor, arch: ArchConfig) -> list[int] | None:
+    """The (h, w) grid of a [1, N, C] position table: the arch's own grid, else a square one."""
+    if pos.ndim != 3:
+        return None
+    n = int(pos.shape[1])
+    gh, gw = (int(s) // arch.patch_size for s in arch.img_size)
+    if gh * gw == n:
+        return [gh, gw]
+    side = math.isqrt(n)
+    return [side, side] if side * side == n else None
+
+
+def load_into_vit(vit: torch.nn.Module, loaded: LoadedCheckpoint, strict: bool = True) -> LoadReport:
+    """Copy a translated checkpoint into a timm ViT, resampling the position table to its grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    target = vit.state_dict()
+    has_pool = getattr(vit, "attn_pool", None) is not None
+    new_sd: dict[str, Tensor] = {}
+    report = LoadReport(loaded.path, loaded.source_format, [], [], [], [], [])
+    for k, v in loaded.state_dict.items():
+        if k.startswith("attn_pool.") and not has_pool:
+            report.skipped_head.append(k)
+            continue
+        if k not in target:
+            report.unexpected.append(k)
+            continue
+        if v.shape != target[k].shape:
+            old_grid = _pos_grid(v, loaded.arch) if k == "pos_embed" else None
+            if old_grid is not None and v.shape[-1] == target[k].shape[-1]:
+                v = resample_abs_pos_embed(
+                    v, new_size=list(vit.patch_embed.grid_size), old_size=old_grid, num_prefix_tokens=0
+                )
+                report.reshaped.append(f"{k} {tuple(loaded.state_dict[k].shape)}->{tuple(v.shape)}")
+            else:
+                report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}")
+                continue
+        new_sd[k] = v
+        report.loaded.append(k)
+    report.missing = [k for k in target if k not in new_sd]
+    if strict and (report.missing or report.mismatched):
+        raise CheckpointError(
+            f"{loaded.path} ({loaded.source_format}) does not fit the model: "
+            f"missing {len(report.missing)} [{_first(report.missing)}], "
+            f"shape mismatches {len(report.mismatched)} [{_first(report.mismatched)}]"
+        )
+    vit.load_state_dict(new_sd, strict=False)
+    return report
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], arch: ArchConfig) -> None:
+    """Our format: safetensors (timm keys, arch in metadata) plus a ``<stem>.json`` sidecar config."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: our checkpoints are .safetensors files")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = dict(state_dict)
+    if sd and all(k.startswith("vit.") for k in sd):  # a SigLIP2Backbone's own state dict
+        sd = {k.removeprefix("vit."): v for k, v in sd.items()}
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    arch_dict = arch.to_dict()
+    save_file(sd, str(path), metadata={"format": FORMAT_NAME, "arch_config": json.dumps(arch_dict)})
+    sidecar = {
+        "format": FORMAT_NAME,
+        "arch": arch.arch,
+        "patch_size": arch.patch_size,
+        "img_size": list(arch.img_size),
+        "mean": list(arch.mean),
+        "std": list(arch.std),
+        "weights": path.name,
+        "arch_config": arch_dict,
+    }
+    _sidecar(path).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "LoadedCheckpoint",
+    "check_arch_matches",
+    "hf_cache_dir",
+    "load_into_vit",
+    "read_checkpoint",
+    "resize_naflex_pos_embed",
+    "save_checkpoint",
+]
