@@ -1,0 +1,60 @@
+"""Backbone → (neck) → head, returning logits at the input size for any input size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Segmentor(nn.Module):
+    """An encoder-decoder segmentor (mmseg's ``EncoderDecoder`` without the loss).
+
+    Inputs of any size work: they are zero-padded bottom/right (zero is the mean colour after
+    SigLIP's normalisation) to the divisibility the neck (or backbone) needs, and the logits are
+    upsampled to the padded size and cropped back, so pixels keep their positions.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module | None = None,
+        head: nn.Module | None = None,
+        aux_head: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if head is None:
+            raise ValueError("Segmentor needs a head")
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.aux_head = aux_head
+
+    @property
+    def size_divisibility(self) -> int:
+        source = self.neck if self.neck is not None else self.backbone
+        return int(getattr(source, "size_divisibility", 1) or 1)
+
+    def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.backbone(images)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, w = images.shape[-2:]
+        div = self.size_divisibility
+        pad_h, pad_w = (-h) % div, (-w) % div
+        x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+        feats = self.extract_features(x)
+        out = {"logits": self._to_input(self.head(feats), x.shape[-2:], h, w)}
+        if self.training and self.aux_head is not None:
+            out["aux_logits"] = self._to_input(self.aux_head(feats), x.shape[-2:], h, w)
+        return out
+
+    @staticmethod
+    def _to_input(logits: torch.Tensor, padded: torch.Size, h: int, w: int) -> torch.Tensor:
+        if logits.shape[-2:] != padded:
+            logits = F.interpolate(logits, size=tuple(padded), mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+
+__all__ = ["Segmentor"]
