@@ -1,0 +1,109 @@
+"""Dataset-level segmentation metrics (ADE20K / mmseg convention) from a confusion matrix.
+
+mIoU here is per class Σ intersection / Σ union over the whole set, then the mean over classes that
+occur (union > 0) — not the per-image average of torchmetrics' ``MeanIoU``. The state is one
+int64 confusion matrix summed across processes, so DDP evaluation equals single-process evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+
+class SegmentationMetric(Metric):
+    """Confusion-matrix mIoU / aAcc / mAcc; rows are ground truth, columns predictions."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        k = self.num_classes
+        self.add_state("confmat", default=torch.zeros(k, k, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add label maps of any (equal) shape; logits B×K×... are argmax-ed over dim 1."""
+        if pred.is_floating_point() and pred.ndim == target.ndim + 1:
+            pred = pred.argmax(dim=1)
+        if pred.numel() != target.numel():
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in size")
+        pred = pred.reshape(-1).long().to(self.confmat.device)
+        target = target.reshape(-1).long().to(self.confmat.device)
+        k = self.num_classes
+        valid = target != self.ignore_index
+        bad_target = valid & ((target < 0) | (target >= k))
+        if bad_target.any():
+            values = sorted(target[bad_target].unique().tolist())[:10]
+            raise ValueError(
+                f"target values {values} are outside 0..{k - 1} and not ignore_index {self.ignore_index}"
+            )
+        pred, target = pred[valid], target[valid]
+        bad_pred = (pred < 0) | (pred >= k)
+        if bad_pred.any():
+            values = sorted(pred[bad_pred].unique().tolist())[:10]
+            raise ValueError(f"predicted values {values} are outside 0..{k - 1}")
+        self.confmat += torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``mIoU``, ``aAcc``, ``mAcc`` (fractions) and ``per_class_IoU`` (NaN where union == 0)."""
+        cm = self.confmat.detach().cpu().double()
+        inter = cm.diag()
+        gt = cm.sum(dim=1)
+        union = gt + cm.sum(dim=0) - inter
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, math.nan))
+        acc = torch.where(gt > 0, inter / gt.clamp_min(1), torch.full_like(inter, math.nan))
+        total = cm.sum()
+        a_acc = inter.sum() / total if total > 0 else torch.tensor(math.nan, dtype=torch.float64)
+        return {
+            "mIoU": _nanmean(iou).float(),
+            "aAcc": a_acc.float(),
+            "mAcc": _nanmean(acc).float(),
+            "per_class_IoU": iou.float(),
+        }
+
+
+def _nanmean(x: torch.Tensor) -> torch.Tensor:
+    valid = ~torch.isnan(x)
+    if not valid.any():
+        return torch.tensor(math.nan, dtype=x.dtype)
+    return x[valid].mean()
+
+
+def _as_list(values: Any) -> list[float]:
+    if isinstance(values, Mapping):
+        return [float(v) for v in values.values()]
+    if isinstance(values, torch.Tensor):
+        return [float(v) for v in values.flatten().tolist()]
+    return [float(v) for v in values]
+
+
+def format_seg_table(metrics: Mapping[str, Any], class_names: Sequence[str]) -> str:
+    """Per-class IoU table and a summary line, in percent; classes never seen show "-".
+
+    ``per_class_IoU`` may be a tensor/list aligned with ``class_names`` or a name → value dict.
+    """
+
+    def pct(v: float) -> str:
+        return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
+
+    per_class = _as_list(metrics.get("per_class_IoU", []))
+    if per_class and len(per_class) != len(class_names):
+        raise ValueError(f"{len(per_class)} per-class values for {len(class_names)} class names")
+    width = max([len("Class"), *(len(str(n)) for n in class_names)])
+    lines = [f"{'Class':<{width}} | {'IoU (%)':>8}", f"{'-' * width}-+-{'-' * 8}"]
+    lines += [f"{str(n):<{width}} | {pct(v):>8}" for n, v in zip(class_names, per_class)]
+    summary = [f"{k}: {pct(float(metrics[k]))}" for k in ("mIoU", "mAcc", "aAcc") if k in metrics]
+    lines.append(f"{'-' * width}-+-{'-' * 8}")
+    lines.append("  ".join(summary))
+    return "\n".join(lines)
+
+
+__all__ = ["SegmentationMetric", "format_seg_table"]

@@ -1,0 +1,173 @@
+"""The ADE20K test protocol: crop rounding, resize rule, mmseg sliding window and TTA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from siglip_dense.evaluation.sliding_window import (
+    eval_resize_scale,
+    inference_with_tta,
+    resize_image,
+    round_crop_to_patch,
+    slide_inference,
+    whole_inference,
+    window_grid,
+)
+
+K = 4
+
+
+def _conv_model(seed: int = 0):
+    """A fixed 1×1 conv: per-pixel, translation-equivariant."""
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = torch.randn(K, 3, 1, 1, generator=g), torch.randn(K, generator=g)
+    return lambda x: F.conv2d(x, weight, bias)
+
+
+def _positional_model(seed: int = 0):
+    """A 1×1 conv plus a ramp in window coordinates: the window placement changes the output."""
+    conv = _conv_model(seed)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ys = torch.arange(h, dtype=x.dtype)[:, None]
+        xs = torch.arange(w, dtype=x.dtype)[None, :]
+        ramp = torch.stack([(k + 1) * 0.1 * ys - 0.05 * k * xs for k in range(K)])
+        return conv(x) + ramp
+
+    return fn
+
+
+def _loop_reference(model_fn, image: torch.Tensor, crop, stride) -> np.ndarray:
+    """mmseg's slide_inference written out: one window at a time, numpy accumulation."""
+    _, _, h, w = image.shape
+    ch, cw = crop
+    sh, sw = stride
+    preds = np.zeros((image.shape[0], K, h, w))
+    count = np.zeros((h, w))
+    rows = max(h - ch + sh - 1, 0) // sh + 1
+    cols = max(w - cw + sw - 1, 0) // sw + 1
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, h), min(c * sw + cw, w)
+            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+            preds[:, :, y1:y2, x1:x2] += model_fn(image[:, :, y1:y2, x1:x2]).numpy()
+            count[y1:y2, x1:x2] += 1
+    assert count.min() >= 1
+    return preds / count
+
+
+def test_round_crop_to_patch() -> None:
+    assert round_crop_to_patch((512, 512), 14) == (518, 518)
+    assert round_crop_to_patch((512, 512), 16) == (512, 512)
+    assert round_crop_to_patch((500, 333), 16) == (512, 336)
+    assert round_crop_to_patch([518, 14], 14) == (518, 14)
+
+
+def test_eval_resize_rule_matches_mmcv_rescale() -> None:
+    # ADE20K-like 480×640: short side to 512
+    s = eval_resize_scale(480, 640, 512, 2048)
+    assert s == pytest.approx(512 / 480)
+    assert resize_image(torch.zeros(1, 3, 480, 640), s).shape[-2:] == (512, 683)  # 682.67 + .5
+    # a panorama hits the long-side cap instead
+    s = eval_resize_scale(100, 1000, 512, 2048)
+    assert s == pytest.approx(2.048)
+    assert resize_image(torch.zeros(1, 3, 100, 1000), s).shape[-2:] == (205, 2048)
+    x = torch.randn(1, 3, 7, 9)
+    assert resize_image(x, 1.0) is x
+    expected = F.interpolate(x, size=(14, 18), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resize_image(x, 2.0), expected)
+
+
+def test_window_grid_is_flush_and_uniform() -> None:
+    windows = window_grid(37, 53, (16, 20), (11, 13))
+    assert len(windows) == 3 * 4  # (37-16+10)//11+1, (53-20+12)//13+1
+    assert {(y2 - y1, x2 - x1) for y1, y2, x1, x2 in windows} == {(16, 20)}
+    assert max(w[1] for w in windows) == 37 and max(w[3] for w in windows) == 53
+    assert window_grid(10, 12, (16, 20), (11, 13)) == [(0, 10, 0, 12)]  # smaller than the crop
+
+
+@pytest.mark.parametrize("crop", [(37, 53), (64, 64)])
+def test_slide_equals_whole_when_the_crop_covers_the_image(crop) -> None:
+    image = torch.randn(1, 3, 37, 53)
+    model_fn = _positional_model()
+    whole = whole_inference(model_fn, image)
+    torch.testing.assert_close(slide_inference(model_fn, image, K, crop, (11, 13)), whole)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 100])
+def test_slide_with_overlaps_equals_loop_reference(batch_size: int) -> None:
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, 37, 53)
+    crop, stride = (16, 20), (11, 13)
+    model_fn = _positional_model()
+    ref = _loop_reference(model_fn, image, crop, stride)
+    out = slide_inference(model_fn, image, K, crop, stride, batch_size=batch_size)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+    # the positional model is not translation-equivariant, so the overlap average differs from whole
+    assert not torch.allclose(out, whole_inference(model_fn, image), atol=1e-3)
+
+
+def test_slide_of_translation_equivariant_model_equals_whole() -> None:
+    image = torch.randn(1, 3, 45, 31)
+    model_fn = _conv_model()
+    out = slide_inference(model_fn, image, K, (16, 16), (7, 9), batch_size=4)
+    torch.testing.assert_close(out, whole_inference(model_fn, image), rtol=1e-5, atol=1e-5)
+
+
+def test_tta_single_view_returns_logits_at_original_size() -> None:
+    image = torch.randn(1, 3, 37, 53)
+    seen: list[tuple[int, int]] = []
+    conv = _positional_model()
+
+    def model_fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[-2:]))
+        return conv(x)
+
+    out = inference_with_tta(
+        model_fn, image, K, short_side=24, max_long_side=512, crop_size=(16, 16), stride=(8, 8)
+    )
+    assert out.shape == (1, K, 37, 53)
+    # resized keep-ratio to short side 24: 37×53 -> 24×34, windows are crops of that
+    resized = resize_image(image, 24 / 37)
+    assert resized.shape[-2:] == (24, 34) and set(seen) == {(16, 16)}
+    expected = F.interpolate(
+        slide_inference(conv, resized, K, (16, 16), (8, 8)),
+        size=(37, 53),
+        mode="bilinear",
+        align_corners=False,
+    )
+    torch.testing.assert_close(out, expected)
+    # no resize at all
+    none = inference_with_tta(conv, image, K, short_side=None, mode="whole")
+    torch.testing.assert_close(none, conv(image))
+
+
+def test_tta_flip_is_unflipped_and_multiscale_averages_probabilities() -> None:
+    image = torch.randn(1, 3, 32, 48)
+    conv = _conv_model()  # per-pixel: the un-flipped flipped view must equal the plain one
+    for mode in ("whole", "slide"):
+        out = inference_with_tta(
+            conv, image, K, short_side=None, crop_size=(16, 16), stride=(10, 10), flip=True, mode=mode
+        )
+        torch.testing.assert_close(out, conv(image).softmax(1), rtol=1e-5, atol=1e-5)
+    # a position-dependent model: the flipped view really is flipped in, and flipped back out
+    pos = _positional_model()
+    out = inference_with_tta(pos, image, K, short_side=None, flip=True, mode="whole")
+    expected = (pos(image).softmax(1) + pos(image.flip(-1)).flip(-1).softmax(1)) / 2
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, pos(image).softmax(1), atol=1e-3)
+    scales = (0.5, 1.0, 1.5)
+    out = inference_with_tta(conv, image, K, short_side=32, max_long_side=2048, scales=scales, mode="whole")
+    assert out.shape == (1, K, 32, 48)
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 32, 48))
+    views = []
+    for s in scales:
+        x = resize_image(image, eval_resize_scale(32, 48, 32 * s, 2048 * s))
+        views.append(F.interpolate(conv(x), size=(32, 48), mode="bilinear", align_corners=False).softmax(1))
+    torch.testing.assert_close(out, torch.stack(views).mean(0))
+    with pytest.raises(ValueError, match="mode"):
+        inference_with_tta(conv, image, K, mode="tiles")
