@@ -1,0 +1,193 @@
+"""LightningDataModule for ADE20K-layout segmentation (the real dataset, your folder, or toy data)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from siglip_dense.data.ade20k import IGNORE_INDEX, SegFolderDataset, load_class_names
+from siglip_dense.data.toy import ensure_toy_data
+from siglip_dense.data.transforms import build_seg_eval_transform, build_seg_train_transform, seed_transform
+
+
+def collate_train(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack fixed-size crops; ``meta`` stays a list of per-image dicts (error messages read paths)."""
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "mask": torch.stack([b["mask"] for b in batch]),
+        "meta": [b["meta"] for b in batch],
+    }
+
+
+def collate_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lists of per-image tensors: evaluation runs at each image's original size."""
+    return {
+        "image": [b["image"] for b in batch],
+        "mask": [b["mask"] for b in batch],
+        "meta": [b["meta"] for b in batch],
+    }
+
+
+def worker_seed(initial_seed: int, worker_id: int, rank: int) -> int:
+    """A 63-bit augmentation seed distinct per (DataLoader base seed, worker, global rank)."""
+    base = int(initial_seed) - int(worker_id)
+    ss = np.random.SeedSequence([base & 0xFFFFFFFF, base >> 32 & 0xFFFFFFFF, int(worker_id), int(rank)])
+    return int(ss.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: reseed the worker's albumentations Compose (it has its own RNG).
+
+    ``torch.initial_seed()`` differs per worker and per epoch (non-persistent workers) but not per rank
+    when every rank ran the same ``seed_everything``, hence ``rank``. Lightning's own worker init (which
+    it skips when a loader brings one) is called too, so numpy/random/torch are also seeded per worker.
+    """
+    import cv2
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    cv2.setNumThreads(0)  # OpenCV threads × workers oversubscribe the CPU
+    seed = worker_seed(torch.initial_seed(), worker_id, rank)
+    pl_worker_init_function(worker_id, rank)
+    info = get_worker_info()
+    dataset = info.dataset if info is not None else None
+    transform = getattr(dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_state"):
+        seed_transform(transform, seed)
+
+
+class SegDataModule(L.LightningDataModule):
+    """ADE20K layout; class names resolved at construction (the task is sized from them before setup).
+
+    ``mean``/``std`` are plain attributes: train.py sets them to the backbone's before ``fit``, and the
+    transforms are built in :meth:`setup`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str = "ade20k",
+        toy: bool = False,
+        train_split: str = "training",
+        val_split: str = "validation",
+        crop_size: Sequence[int] = (512, 512),
+        scale_range: Sequence[float] = (0.5, 2.0),
+        base_size: Sequence[int] = (2048, 512),
+        cat_max_ratio: float = 0.75,
+        reduce_zero_label: bool = True,
+        classes: Sequence[str] | None = None,
+        batch_size: int = 16,
+        val_batch_size: int = 1,
+        num_workers: int = 8,
+        skip_bad: bool = False,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in ("ade20k", "folder"):
+            raise ValueError(f"dataset must be 'ade20k' or 'folder', got {dataset!r}")
+        self.root = Path(root)
+        if toy:
+            ensure_toy_data(self.root)
+        self.dataset = dataset
+        self.toy = toy
+        self.train_split, self.val_split = train_split, val_split
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.base_size = (int(base_size[0]), int(base_size[1]))
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.reduce_zero_label = bool(reduce_zero_label)
+        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
+        self.num_workers = int(num_workers)
+        self.skip_bad = bool(skip_bad)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed = seed
+        self.class_names: list[str] = load_class_names(self.root, dataset, classes)
+        self.train_dataset: SegFolderDataset | None = None
+        self.val_dataset: SegFolderDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def run_seed(self) -> int:
+        """The explicit seed, else the one ``seed_everything`` exported, else 0."""
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _global_rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def _dataset(self, split: str, transform: Any) -> SegFolderDataset:
+        return SegFolderDataset(
+            self.root,
+            split,
+            transform=transform,
+            reduce_zero_label=self.reduce_zero_label,
+            num_classes=self.num_classes,
+            skip_bad=self.skip_bad,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            transform = build_seg_train_transform(
+                self.crop_size,
+                scale_range=self.scale_range,
+                base_size=self.base_size,
+                cat_max_ratio=self.cat_max_ratio,
+                mean=self.mean,
+                std=self.std,
+                ignore_index=IGNORE_INDEX,
+                seed=worker_seed(self.run_seed, 0, self._global_rank()),  # used as is when num_workers=0
+            )
+            self.train_dataset = self._dataset(self.train_split, transform)
+        self.val_dataset = self._dataset(self.val_split, build_seg_eval_transform(self.mean, self.std))
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            # a dataset smaller than one batch would otherwise train on nothing, silently
+            drop_last=len(self.train_dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
+            collate_fn=collate_train,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        assert self.val_dataset is not None
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
+            collate_fn=collate_eval,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

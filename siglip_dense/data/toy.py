@@ -1,0 +1,370 @@
+"""Synthetic textured scenes written in the real dataset layouts, so the CPU default run needs no download.
+
+One generator serves every task: a :class:`Scene` carries the image, an ADE20K-style semantic map,
+per-object instance masks (COCO later) and metric depth (NYUv2 later). Each class has its own colour
+distribution and texture, so a tiny ViT can learn it from 128-px crops within a few CPU minutes.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from siglip_dense.data.io import DataError, write_label
+
+# Label value = index in this tuple + 1 (ADE20K convention: 0 = other/ignored).
+TOY_CLASSES: tuple[str, ...] = ("wall", "floor", "sky", "ball", "box", "cone", "ring", "flag")
+WALL, FLOOR, SKY, BALL, BOX, CONE, RING, FLAG = range(1, 9)
+STUFF_CLASSES = (WALL, FLOOR, SKY)
+THING_CLASSES = (BALL, BOX, CONE, RING, FLAG)
+
+SIZE_RANGE = (160, 256)  # image heights and widths are drawn independently from this range
+MAX_DEPTH = 10.0  # metres; NYUv2's valid range ends here
+SKY_DEPTH = 0.0  # no measurement, the NYUv2 PNG convention for invalid pixels
+MARKER = ".toy_complete"
+DEFAULT_NUM_TRAIN = 160
+DEFAULT_NUM_VAL = 40
+
+
+@dataclass
+class Scene:
+    """One synthetic sample. ``instances`` holds (label value 1..K, visible bool mask) for things only."""
+
+    image: np.ndarray  # H×W×3 uint8 RGB
+    semantic: np.ndarray  # H×W uint8, 0 = other/ignored, 1..K = TOY_CLASSES[k - 1]
+    instances: list[tuple[int, np.ndarray]]
+    depth: np.ndarray  # H×W float32 metres, SKY_DEPTH where there is no surface
+
+
+@dataclass(frozen=True)
+class _Look:
+    """A class's colour distribution: base hue/sat/val ranges and the second colour of its texture."""
+
+    hue: float  # degrees
+    sat: tuple[float, float]
+    val: tuple[float, float]
+    sat2: float  # second colour's saturation factor
+    val2: float  # second colour's value factor
+
+
+LOOKS: dict[int, _Look] = {
+    WALL: _Look(35, (0.12, 0.28), (0.68, 0.85), 0.4, 1.25),
+    FLOOR: _Look(25, (0.40, 0.60), (0.33, 0.50), 1.0, 0.65),
+    SKY: _Look(212, (0.45, 0.70), (0.75, 0.95), 0.1, 1.15),
+    BALL: _Look(0, (0.70, 0.90), (0.65, 0.90), 1.0, 0.45),
+    BOX: _Look(120, (0.55, 0.80), (0.45, 0.70), 0.6, 1.5),
+    CONE: _Look(52, (0.75, 0.95), (0.80, 0.95), 1.0, 0.45),
+    RING: _Look(300, (0.55, 0.80), (0.55, 0.80), 0.2, 1.4),
+    FLAG: _Look(186, (0.70, 0.95), (0.55, 0.75), 0.0, 1.6),
+}
+
+
+def _colour_pair(rng: np.random.Generator, look: _Look) -> tuple[np.ndarray, np.ndarray]:
+    hue = ((look.hue + rng.uniform(-10, 10)) % 360) / 360.0
+    s, v = rng.uniform(*look.sat), rng.uniform(*look.val)
+    c1 = np.array(colorsys.hsv_to_rgb(hue, s, v), dtype=np.float32)
+    c2 = np.array(colorsys.hsv_to_rgb(hue, min(1.0, s * look.sat2), min(1.0, v * look.val2)), np.float32)
+    return c1 * 255.0, c2 * 255.0
+
+
+def _rotated(yy: np.ndarray, xx: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    c, s = np.cos(angle), np.sin(angle)
+    return c * xx + s * yy, -s * xx + c * yy
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    small = rng.random((cells, cells + 1)).astype(np.float32)
+    return np.clip(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+
+
+# -- textures: pattern in [0, 1] over the full image; 0 = first colour, 1 = second colour ---------------
+Texture = Callable[[np.random.Generator, np.ndarray, np.ndarray, float, float, float], np.ndarray]
+
+
+def _bricks(rng, yy, xx, cx, cy, size):  # noqa: ANN001, ANN202 - internal texture callbacks
+    bh = rng.uniform(8, 13)
+    bw = bh * rng.uniform(1.8, 2.6)
+    row = np.floor(yy / bh)
+    xs = xx + (row % 2) * bw / 2
+    return (((yy % bh) < 1.6) | ((xs % bw) < 1.6)).astype(np.float32)
+
+
+def _tiles(rng, yy, xx, cx, cy, size):  # noqa: ANN001, ANN202
+    period = rng.uniform(14, 24)
+    u, v = _rotated(yy, xx, rng.uniform(-0.3, 0.3))
+    return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+
+
+def _clouds(rng, yy, xx, cx, cy, size):  # noqa: ANN001, ANN202
+    h, w = yy.shape
+    return np.clip((_smooth_noise(rng, h, w, 4) - 0.35) * 1.6, 0.0, 1.0)
+
+
+def _shaded(rng, yy, xx, cx, cy, size):  # noqa: ANN001, ANN202
+    lx, ly = cx - 0.35 * size, cy - 0.35 * size  # highlight up-left, dark rim
+    dist = np.sqrt((xx - lx) ** 2 + (yy - ly) ** 2) / (1.6 * size)
+    return np.clip(dist, 0.0, 1.0) ** 1.5
+
+
+def _grid(rng, yy, xx, cx, cy, size):  # noqa: ANN001, ANN202
+    period = rng.uniform(6, 10)
+    u, v = _rotated(yy - cy, xx - cx, rng.uniform(0, np.pi / 2))
+    return (((u % period) < 1.6) | ((v % period) < 1.6)).astype(np.float32)
+
+
+def _hstripes(rng, yy, xx, cx, cy, size):  # noqa: ANN001, ANN202
+    period = rng.uniform(6, 10)
+    return (((yy - cy) % period) < period / 2).astype(np.float32)
+
+
+def _dots(rng, yy, xx, cx, cy, size):  # noqa: ANN001, ANN202
+    period = rng.uniform(6, 9)
+    rad = period * 0.28
+    u, v = (xx - cx) % period - period / 2, (yy - cy) % period - period / 2
+    return (u * u + v * v < rad * rad).astype(np.float32)
+
+
+def _diagonal(rng, yy, xx, cx, cy, size):  # noqa: ANN001, ANN202
+    period = rng.uniform(6, 10)
+    sign = 1 if rng.random() < 0.5 else -1
+    return (((xx + sign * yy) % period) < period / 2).astype(np.float32)
+
+
+TEXTURES: dict[int, Texture] = {
+    WALL: _bricks,
+    FLOOR: _tiles,
+    SKY: _clouds,
+    BALL: _shaded,
+    BOX: _grid,
+    CONE: _hstripes,
+    RING: _dots,
+    FLAG: _diagonal,
+}
+
+
+def _paint(
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    mask: np.ndarray,
+    cls: int,
+    grids: tuple[np.ndarray, np.ndarray],
+    centre: tuple[float, float],
+    size: float,
+) -> None:
+    yy, xx = grids
+    c1, c2 = _colour_pair(rng, LOOKS[cls])
+    pattern = TEXTURES[cls](rng, yy, xx, centre[0], centre[1], size)
+    colour = c1[None, None] + (c2 - c1)[None, None] * pattern[..., None]
+    canvas[mask] = colour[mask]
+
+
+# -- shapes ------------------------------------------------------------------------------------------
+def _shape_mask(
+    rng: np.random.Generator, cls: int, yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, size: float
+) -> np.ndarray:
+    dx, dy = xx - cx, yy - cy
+    if cls == BALL:
+        return dx * dx + dy * dy <= size * size
+    if cls == BOX:
+        u, v = _rotated(dy, dx, rng.uniform(-0.5, 0.5))
+        return (np.abs(u) <= size * 0.85) & (np.abs(v) <= size * 0.85)
+    if cls == CONE:  # apex up
+        top, height = cy - size, 2 * size
+        frac = (yy - top) / height
+        return (frac >= 0) & (frac <= 1) & (np.abs(dx) <= frac * size * rng.uniform(0.7, 1.0))
+    if cls == RING:
+        r2 = dx * dx + dy * dy
+        return (r2 <= size * size) & (r2 >= (size * rng.uniform(0.45, 0.65)) ** 2)
+    if cls == FLAG:
+        shear = rng.uniform(-0.3, 0.3)
+        return (np.abs(dx + shear * dy) <= size) & (np.abs(dy) <= size * rng.uniform(0.5, 0.75))
+    raise ValueError(f"not a thing class: {cls}")
+
+
+def _boundary(rng: np.random.Generator, w: int, y0: float, wiggle: float) -> np.ndarray:
+    """Row of a region boundary per column: sloped, with a gentle wave (skylines, room corners)."""
+    x = np.arange(w, dtype=np.float32)
+    slope = rng.uniform(-0.15, 0.15)
+    wave = wiggle * np.sin(x / rng.uniform(12, 30) + rng.uniform(0, 2 * np.pi))
+    return y0 + slope * (x - w / 2) + wave
+
+
+def make_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
+    """A textured background in 2-3 stuff regions with 2-6 occluding things in front, plus depth."""
+    h, w = int(height), int(width)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    image = np.zeros((h, w, 3), np.float32)
+    semantic = np.zeros((h, w), np.uint8)
+    depth = np.zeros((h, w), np.float32)
+    focal = 0.8 * w
+
+    # stuff: sky and/or wall above, floor below
+    layout = rng.choice(["indoor", "outdoor", "mixed"])
+    floor_top = _boundary(rng, w, h * rng.uniform(0.45, 0.7), 2.0)[None, :]
+    floor = yy >= floor_top
+    upper = ~floor
+    wall_depth = rng.uniform(3.5, 8.0) * (1 + rng.uniform(-0.25, 0.25) * (xx - w / 2) / w)
+    wall_depth = wall_depth.astype(np.float32)
+    if layout == "indoor":
+        regions = {WALL: upper}
+    elif layout == "outdoor":
+        regions = {SKY: upper}
+    else:
+        sky_bottom = _boundary(rng, w, h * rng.uniform(0.15, 0.35), rng.uniform(2, 8))[None, :]
+        sky_bottom = np.minimum(sky_bottom, floor_top - 8)
+        regions = {SKY: upper & (yy < sky_bottom), WALL: upper & (yy >= sky_bottom)}
+    regions[FLOOR] = floor
+    far = np.full((h, w), MAX_DEPTH, np.float32) if layout == "outdoor" else wall_depth
+    cam_height = rng.uniform(1.2, 1.7)
+    floor_depth = np.minimum(cam_height * focal / np.maximum(yy - floor_top + 4.0, 1.0), far)
+    for cls, region in regions.items():
+        _paint(rng, image, region, cls, (yy, xx), (w / 2, h / 2), float(min(h, w)))
+        semantic[region] = cls
+    if WALL in regions:
+        depth[regions[WALL]] = wall_depth[regions[WALL]]
+    if SKY in regions:
+        depth[regions[SKY]] = SKY_DEPTH
+    depth[floor] = floor_depth[floor]
+
+    # things: place, take the depth of the surface they stand on or hang from, draw far to near
+    objects = []
+    for _ in range(int(rng.integers(2, 7))):
+        cls = int(rng.choice(THING_CLASSES))
+        cx = rng.uniform(0.05, 0.95) * w
+        cy = rng.uniform(0.15, 0.95) * h
+        col = int(np.clip(cx, 0, w - 1))
+        on_floor = cy >= floor_top[0, col]
+        d = float(floor_depth[int(np.clip(cy, 0, h - 1)), col]) if on_floor else float(far[0, col]) - 0.3
+        d = float(np.clip(d - rng.uniform(0.05, 0.3), 0.8, MAX_DEPTH - 0.5))
+        size = float(np.clip(rng.uniform(0.5, 0.9) * focal / d, 10, 0.3 * min(h, w)))
+        if on_floor:
+            cy = min(cy, h + 0.3 * size) - size  # rests on the floor point it was placed at
+        objects.append((d, cls, cx, cy, size))
+    objects.sort(key=lambda o: -o[0])
+    visible: list[tuple[int, np.ndarray]] = []
+    zero_band = np.zeros((h, w), bool)
+    for d, cls, cx, cy, size in objects:
+        mask = _shape_mask(rng, cls, yy, xx, cx, cy, size)
+        if not mask.any():
+            continue
+        _paint(rng, image, mask, cls, (yy, xx), (cx, cy), size)
+        semantic[mask] = cls
+        zero_band &= ~mask
+        if cls == BALL:  # a sphere bulges towards the camera
+            r = np.sqrt(np.clip(1 - ((xx - cx) ** 2 + (yy - cy) ** 2) / size**2, 0, 1))
+            depth[mask] = (d - 0.5 * size * d / focal * r)[mask]
+        else:  # planar, slightly tilted
+            tilt = rng.uniform(-0.1, 0.1) * (yy - cy) / size
+            depth[mask] = (d + tilt)[mask]
+        visible = [(c, m & ~mask) for c, m in visible]
+        visible.append((cls, mask))
+        if rng.random() < 0.3:  # unlabelled outline, like ADE20K's annotators leave at fuzzy edges
+            ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
+            zero_band |= ring
+    if rng.random() < 0.15:  # a little unlabelled clutter ("other")
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0.5 * h, h), rng.uniform(5, 12)
+        blob = ((xx - cx) / r) ** 2 + ((yy - cy) / (0.6 * r)) ** 2 <= 1
+        image[blob] = rng.uniform(60, 200)
+        semantic[blob] = 0
+        for _, m in visible:
+            m &= ~blob
+    semantic[zero_band] = 0
+
+    # global illumination gradient, sensor noise, slight optical blur
+    light = 1 + rng.uniform(-0.12, 0.12) * (xx - w / 2) / w + rng.uniform(-0.12, 0.12) * (yy - h / 2) / h
+    image = image * light[..., None] + rng.normal(0, 5, image.shape).astype(np.float32)
+    image = cv2.GaussianBlur(image, (3, 3), 0.6)
+    image = np.clip(image, 0, 255).round().astype(np.uint8)
+    instances = [(c, m) for c, m in visible if m.any()]
+    return Scene(image=image, semantic=semantic, instances=instances, depth=depth.astype(np.float32))
+
+
+def _scene_sizes(rng: np.random.Generator) -> tuple[int, int]:
+    lo, hi = SIZE_RANGE
+    return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+
+
+def write_ade20k_layout(root: str | Path, num_train: int, num_val: int, seed: int = 0) -> Path:
+    """ROOT/images/{training,validation}/*.jpg (q95), ROOT/annotations/.../*.png, ROOT/classes.txt."""
+    root = Path(root)
+    train_ss, val_ss = np.random.SeedSequence(seed).spawn(2)  # independent splits
+    for split, prefix, count, ss in (
+        ("training", "ADE_train", num_train, train_ss),
+        ("validation", "ADE_val", num_val, val_ss),
+    ):
+        rng = np.random.default_rng(ss)
+        img_dir, ann_dir = root / "images" / split, root / "annotations" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        ann_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            scene = make_scene(rng, *_scene_sizes(rng))
+            stem = f"{prefix}_{i + 1:08d}"
+            Image.fromarray(scene.image).save(img_dir / f"{stem}.jpg", quality=95)
+            write_label(ann_dir / f"{stem}.png", scene.semantic)
+    (root / "classes.txt").write_text("\n".join(TOY_CLASSES) + "\n")
+    return root
+
+
+def ensure_toy_data(
+    root: str | Path, num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL, seed: int = 0
+) -> Path:
+    """Generate the toy ADE20K layout once; safe when several processes (DDP ranks) race.
+
+    Data is written into a private temp dir next to ``root`` and renamed into place atomically, so a
+    reader never sees a half-written dataset; the loser of a race discards its copy.
+    """
+    root = Path(root)
+    params = {"num_train": int(num_train), "num_val": int(num_val), "seed": int(seed)}
+    if _check_complete(root, params):
+        return root
+    if root.exists() and any(root.iterdir()) and not _check_complete(root, params):  # re-check: a racer
+        raise DataError(
+            f"{root} exists and is not a complete toy dataset (no {MARKER}); delete it or point "
+            "data.root elsewhere (toy=true generates data there)"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_ade20k_layout(tmp, num_train, num_val, seed)
+        (tmp / MARKER).write_text(json.dumps(params))
+        if root.exists():
+            with contextlib.suppress(OSError):  # someone else may have just filled it
+                root.rmdir()  # an empty placeholder
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not _check_complete(root, params):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _check_complete(root: Path, params: dict[str, int]) -> bool:
+    marker = root / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        found = json.loads(marker.read_text())
+    except ValueError:
+        found = None
+    if found != params:
+        warnings.warn(
+            f"toy data in {root} was generated with {found}, not {params}; using it as is "
+            "(delete the directory to regenerate)",
+            stacklevel=3,
+        )
+    return True

@@ -1,0 +1,223 @@
+"""mmseg's ADE20K training pipeline in albumentations 2.0.x.
+
+Every random draw goes through the Compose's own RNG (``py_random`` / ``random_generator``), so
+seeding the Compose (per DataLoader worker and rank, see :func:`seed_transform`) makes augmentation
+reproducible and different across workers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+
+IGNORE_INDEX = 255
+
+
+class RandomRescale(A.DualTransform):
+    """mmseg ``RandomResize(scale=base_size, ratio_range=scale_range, keep_ratio=True)``.
+
+    scale = ratio · min(base_long / long side, base_short / short side), ratio ~ U(scale_range);
+    bilinear for the image, nearest for the mask.
+    """
+
+    def __init__(
+        self,
+        base_size: Sequence[int] = (2048, 512),
+        scale_range: Sequence[float] = (0.5, 2.0),
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.base_size = (int(max(base_size)), int(min(base_size)))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        ratio = self.py_random.uniform(*self.scale_range)
+        long_side, short_side = self.base_size[0] * ratio, self.base_size[1] * ratio
+        scale = min(long_side / max(h, w), short_side / min(h, w))
+        return {"out_size": (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))}
+
+    def apply(self, img: np.ndarray, out_size: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(img, (out_size[1], out_size[0]), interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, out_size: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(mask, (out_size[1], out_size[0]), interpolation=cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("base_size", "scale_range")
+
+
+class RandomCropCatMax(A.DualTransform):
+    """mmseg ``RandomCrop(crop_size, cat_max_ratio)``: up to 10 tries for a crop whose most frequent
+    non-ignored class covers < ``cat_max_ratio`` of the labelled pixels (and that has ≥ 2 classes);
+    otherwise the last try is kept. Images smaller than the crop are cropped to their own size.
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        cat_max_ratio: float = 0.75,
+        ignore_index: int = IGNORE_INDEX,
+        max_tries: int = 10,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.height, self.width = int(height), int(width)
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.ignore_index = int(ignore_index)
+        self.max_tries = int(max_tries)
+
+    def _random_box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        y0 = self.py_random.randint(0, max(h - self.height, 0))
+        x0 = self.py_random.randint(0, max(w - self.width, 0))
+        return y0, x0, min(y0 + self.height, h), min(x0 + self.width, w)
+
+    def _acceptable(self, mask: np.ndarray) -> bool:
+        counts = np.bincount(mask.ravel(), minlength=256)
+        counts[self.ignore_index] = 0
+        counts = counts[counts > 0]
+        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        box = self._random_box(h, w)
+        mask = data.get("mask")
+        if mask is not None and self.cat_max_ratio < 1.0:
+            for _ in range(self.max_tries - 1):
+                y0, x0, y1, x1 = box
+                if self._acceptable(mask[y0:y1, x0:x1]):
+                    break
+                box = self._random_box(h, w)
+        return {"box": box}
+
+    def apply(self, img: np.ndarray, box: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        y0, x0, y1, x1 = box
+        return img[y0:y1, x0:x1]
+
+    def apply_to_mask(self, mask: np.ndarray, box: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        y0, x0, y1, x1 = box
+        return mask[y0:y1, x0:x1]
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "cat_max_ratio", "ignore_index", "max_tries")
+
+
+class PhotoMetricDistortion(A.ImageOnlyTransform):
+    """mmseg ``PhotoMetricDistortion`` on uint8 RGB, each step with probability 1/2: brightness ±32,
+    contrast ×[0.5, 1.5] (before or after the HSV steps), saturation ×[0.5, 1.5], hue ±18 (OpenCV
+    units of 2°)."""
+
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: Sequence[float] = (0.5, 1.5),
+        saturation_range: Sequence[float] = (0.5, 1.5),
+        hue_delta: int = 18,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.brightness_delta = int(brightness_delta)
+        self.contrast_range = (float(contrast_range[0]), float(contrast_range[1]))
+        self.saturation_range = (float(saturation_range[0]), float(saturation_range[1]))
+        self.hue_delta = int(hue_delta)
+
+    def get_params(self) -> dict[str, Any]:
+        r = self.py_random
+        delta = self.brightness_delta
+        return {
+            "brightness": r.uniform(-delta, delta) if r.random() < 0.5 else None,
+            "contrast_first": r.random() < 0.5,
+            "contrast": r.uniform(*self.contrast_range) if r.random() < 0.5 else None,
+            "saturation": r.uniform(*self.saturation_range) if r.random() < 0.5 else None,
+            "hue": r.randint(-self.hue_delta, self.hue_delta) if r.random() < 0.5 else None,
+        }
+
+    def apply(
+        self,
+        img: np.ndarray,
+        brightness: float | None,
+        contrast_first: bool,
+        contrast: float | None,
+        saturation: float | None,
+        hue: int | None,
+        **params: Any,
+    ) -> np.ndarray:
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise TypeError(f"PhotoMetricDistortion expects H×W×3 uint8 RGB, got {img.dtype} {img.shape}")
+        out = img.astype(np.float32)
+        if brightness is not None:
+            out = np.clip(out + brightness, 0, 255)
+        if contrast is not None and contrast_first:
+            out = np.clip(out * contrast, 0, 255)
+        if saturation is not None or hue is not None:
+            hsv = cv2.cvtColor(out.astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
+            if saturation is not None:
+                hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
+            if hue is not None:
+                hsv[..., 0] = (hsv[..., 0] + hue) % 180
+            out = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+        if contrast is not None and not contrast_first:
+            out = np.clip(out * contrast, 0, 255)
+        return out.astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")
+
+
+def seed_transform(transform: A.BaseCompose, seed: int) -> None:
+    """Seed a Compose with ONE shared numpy + python RNG stream.
+
+    ``Compose.set_random_seed`` gives every child its own generator with the same seed, which would
+    correlate e.g. the flip decision with the rescale ratio; a shared stream keeps draws independent.
+    """
+    seed = int(seed) % (2**63)
+    transform.set_random_seed(seed)
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def build_seg_train_transform(
+    crop_size: Sequence[int],
+    scale_range: Sequence[float] = (0.5, 2.0),
+    base_size: Sequence[int] = (2048, 512),
+    cat_max_ratio: float = 0.75,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    ignore_index: int = IGNORE_INDEX,
+    seed: int | None = None,
+) -> A.Compose:
+    """Rescale → cat-max crop → flip → photometric → pad (image 0, mask ignore) → normalise → tensor."""
+    ch, cw = int(crop_size[0]), int(crop_size[1])
+    transform = A.Compose(
+        [
+            RandomRescale(base_size=base_size, scale_range=scale_range),
+            RandomCropCatMax(ch, cw, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
+            A.HorizontalFlip(p=0.5),
+            PhotoMetricDistortion(),
+            A.PadIfNeeded(
+                min_height=ch,
+                min_width=cw,
+                position="top_left",  # pad bottom/right like mmseg
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=ignore_index,
+            ),
+            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+            ToTensorV2(),
+        ],
+        seed=seed,
+    )
+    if seed is not None:
+        seed_transform(transform, seed)
+    return transform
+
+
+def build_seg_eval_transform(mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """Normalise only, at the original size: the sliding-window evaluator does the resizing."""
+    return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
