@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig, open_dict, read_write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -28,10 +28,13 @@ def compose_train_cfg(overrides: list[str], run_dir: Path, data_dir: Path | None
         extra.append(f"paths.data_dir={data_dir}")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose("train", overrides=[*overrides, *extra], return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
+    # hydra.runtime.output_dir is filled by Hydra's job runner, which compose() does not run
+    with read_write(cfg), open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.paths.output_dir = str(run_dir)
+    HydraConfig().set_config(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]  # as @hydra.main hands it to the task function
     return cfg
 
 

@@ -23,11 +23,9 @@ SHORT = [
 ]
 
 
-@pytest.mark.parametrize("task", ["seg_upernet", "seg_linear"])
-def test_fast_dev_run(task: str, tmp_path: Path, toy_data_root: Path, hydra_cleanup: None) -> None:
-    overrides = ["experiment=toy_seg", f"task={task}", "debug=fdr", "data.num_workers=0"]
-    if task == "seg_linear":
-        overrides += ["neck=none", "backbone.out_indices=[-1]"]
+@pytest.mark.parametrize("experiment", ["toy_seg", "toy_seg_linear"])
+def test_fast_dev_run(experiment: str, tmp_path: Path, toy_data_root: Path, hydra_cleanup: None) -> None:
+    overrides = [f"experiment={experiment}", "debug=fdr", "data.num_workers=0"]
     cfg = compose_train_cfg(overrides, tmp_path / "run", data_dir=toy_data_root.parent)
     run_train(cfg)
     assert (tmp_path / "run" / "config.yaml").exists()
@@ -53,7 +51,9 @@ def test_run_writes_contract_files(trained_run: Path) -> None:
     assert info["seed"] == 42 and "torch" in info["versions"]
 
 
-def test_checkpoint_is_self_describing_and_reloads_identically(trained_run: Path, toy_data_root: Path) -> None:
+def test_checkpoint_is_self_describing_and_reloads_identically(
+    trained_run: Path, toy_data_root: Path
+) -> None:
     ckpt_path = trained_run / "checkpoints" / "last.ckpt"
     raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     meta = raw["siglip_dense"]
@@ -72,7 +72,9 @@ def test_checkpoint_is_self_describing_and_reloads_identically(trained_run: Path
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_init_from_with_other_class_count(trained_run: Path, tmp_path: Path, toy_data_root: Path, capsys) -> None:
+def test_init_from_with_other_class_count(
+    trained_run: Path, tmp_path: Path, toy_data_root: Path, capsys
+) -> None:
     ckpt_path = trained_run / "checkpoints" / "last.ckpt"
     hp = torch.load(ckpt_path, map_location="cpu", weights_only=True)["hyper_parameters"]
     k = hp["num_classes"] + 3
@@ -83,7 +85,9 @@ def test_init_from_with_other_class_count(trained_run: Path, tmp_path: Path, toy
     assert "re-initialised" in out
     mismatched = [m.split(" ")[0] for m in report.mismatched]
     # only the classifiers (decode + aux) differ in shape
-    assert mismatched and all(("conv_seg" in n or "cls" in n or "classifier" in n) for n in mismatched), mismatched
+    assert mismatched and all(("conv_seg" in n or "cls" in n or "classifier" in n) for n in mismatched), (
+        mismatched
+    )
     src = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     own = task.state_dict()
     loaded = set(report.loaded)
@@ -92,7 +96,9 @@ def test_init_from_with_other_class_count(trained_run: Path, tmp_path: Path, toy
         torch.testing.assert_close(own[name], src[name])
 
 
-def test_label_out_of_range_is_a_clear_error(tmp_path: Path, toy_data_root: Path, hydra_cleanup: None) -> None:
+def test_label_out_of_range_is_a_clear_error(
+    tmp_path: Path, toy_data_root: Path, hydra_cleanup: None
+) -> None:
     cfg = compose_train_cfg(["experiment=toy_seg"], tmp_path / "run", data_dir=toy_data_root.parent)
     dm = instantiate(cfg.data, _convert_="all")
     task = build_task(cfg, dm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -172,7 +173,10 @@ class SegmentationTask(DenseTask):
         per_class = metrics.pop("per_class_IoU")
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
-        self.last_metrics["per_class_IoU"] = dict(zip(self.class_names, per_class.values()))
+        # classes absent from both prediction and ground truth have no IoU: null in metrics.json
+        self.last_metrics["per_class_IoU"] = {
+            name: (None if math.isnan(v) else v) for name, v in zip(self.class_names, per_class.tolist())
+        }
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
