@@ -70,10 +70,11 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
 def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
     """The task's model sizes (classes) come from the data unless the config fixes them."""
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
-    extra: dict[str, Any] = {}
-    if task_cfg.get("num_classes") is None and hasattr(datamodule, "class_names"):
-        names = list(datamodule.class_names)
-        extra = {"num_classes": len(names), "class_names": names}
+    from_data = datamodule.task_kwargs() if hasattr(datamodule, "task_kwargs") else {}
+    # what the config fixes wins; everything else the task needs to know about the data comes from it
+    extra = {k: v for k, v in from_data.items() if task_cfg.get(k) is None}
+    if task_cfg.get("num_classes") is not None:
+        extra.pop("class_names", None)
     return instantiate(task_cfg, _recursive_=False, _convert_="all", **extra)
 
 
@@ -120,12 +121,10 @@ def write_results(
     num_vis: int,
 ) -> None:
     """metrics.json, the console summary and a picture of predictions vs ground truth."""
-    from siglip_dense.evaluation.seg_metrics import format_seg_table
-    from siglip_dense.visualize import save_segmentation_grid
-
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(format_seg_table(metrics, task.class_names))
-    print(f"mIoU {metrics['mIoU']:.4f}  aAcc {metrics['aAcc']:.4f}  -> {out_dir / 'metrics.json'}")
+    print(task.summarize(metrics))
+    print(f"metrics -> {out_dir / 'metrics.json'}")
     if num_vis > 0:
-        path = save_segmentation_grid(task, datamodule, out_dir / "predictions.png", num_vis)
-        print(f"predictions vs ground truth: {path}")
+        path = task.save_visualization(datamodule, out_dir / "predictions.png", num_vis)
+        if path is not None:
+            print(f"predictions vs ground truth: {path}")

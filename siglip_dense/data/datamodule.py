@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, Sampler, get_worker_info
 
 from siglip_dense.data.ade20k import IGNORE_INDEX, SegFolderDataset, load_class_names
 from siglip_dense.data.toy import ensure_toy_data
@@ -61,6 +61,21 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     transform = getattr(dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_state"):
         seed_transform(transform, seed)
+
+
+def eval_sampler(dataset: Any) -> Sampler | None:
+    """Under DDP, split evaluation data across ranks WITHOUT the padding repeats of DistributedSampler.
+
+    Lightning keeps a sampler that is already a ``DistributedSampler``; ranks may then see unequal
+    counts, which is fine for evaluation (metrics sync once, at compute) and avoids double counting.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
 class SegDataModule(L.LightningDataModule):
@@ -117,6 +132,10 @@ class SegDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """What the task must know about the data to size itself (train.py passes it on)."""
+        return {"num_classes": self.num_classes, "class_names": list(self.class_names)}
 
     @property
     def run_seed(self) -> int:
@@ -179,6 +198,7 @@ class SegDataModule(L.LightningDataModule):
             self.val_dataset,
             batch_size=self.val_batch_size,
             shuffle=False,
+            sampler=eval_sampler(self.val_dataset),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

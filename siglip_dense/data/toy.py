@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 import warnings
+from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,16 +318,34 @@ def write_ade20k_layout(root: str | Path, num_train: int, num_val: int, seed: in
     return root
 
 
+# toy layouts by dataset convention -> the name of the writer function in this module
+# (writer signature: (root, num_train, num_val, seed) -> root)
+LAYOUT_WRITERS: dict[str, str] = {
+    "ade20k": "write_ade20k_layout",
+    "coco": "write_coco_layout",
+    "nyu": "write_nyu_layout",
+}
+
+
 def ensure_toy_data(
-    root: str | Path, num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL, seed: int = 0
+    root: str | Path,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    seed: int = 0,
+    layout: str = "ade20k",
 ) -> Path:
-    """Generate the toy ADE20K layout once; safe when several processes (DDP ranks) race.
+    """Generate a toy dataset in a real layout once; safe when several processes (DDP ranks) race.
 
     Data is written into a private temp dir next to ``root`` and renamed into place atomically, so a
     reader never sees a half-written dataset; the loser of a race discards its copy.
     """
     root = Path(root)
+    if layout not in LAYOUT_WRITERS or LAYOUT_WRITERS[layout] not in globals():
+        raise ValueError(f"unknown toy layout {layout!r}; known: {sorted(LAYOUT_WRITERS)}")
+    writer = globals()[LAYOUT_WRITERS[layout]]
     params = {"num_train": int(num_train), "num_val": int(num_val), "seed": int(seed)}
+    if layout != "ade20k":  # markers written before layouts existed stay valid
+        params["layout"] = layout
     if _check_complete(root, params):
         return root
     if root.exists() and any(root.iterdir()) and not _check_complete(root, params):  # re-check: a racer
@@ -337,7 +356,7 @@ def ensure_toy_data(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        write_ade20k_layout(tmp, num_train, num_val, seed)
+        writer(tmp, num_train, num_val, seed)
         (tmp / MARKER).write_text(json.dumps(params))
         if root.exists():
             with contextlib.suppress(OSError):  # someone else may have just filled it
@@ -353,7 +372,7 @@ def ensure_toy_data(
     return root
 
 
-def _check_complete(root: Path, params: dict[str, int]) -> bool:
+def _check_complete(root: Path, params: dict[str, Any]) -> bool:
     marker = root / MARKER
     if not marker.is_file():
         return False

@@ -294,6 +294,15 @@ class DenseTask(L.LightningModule):
         scheduler = ScaledLambdaLR(optimizer, fn)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- results a run writes (train.py and tools/eval.py call these) -------------------------------
+    def summarize(self, metrics: dict[str, Any]) -> str:
+        """A readable summary of final metrics for the console."""
+        return "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+    def save_visualization(self, datamodule: L.LightningDataModule, path: Path, num: int) -> Path | None:
+        """A picture of predictions vs ground truth on validation samples; ``None`` if unsupported."""
+        return None
+
     def warn_once(self, message: str) -> None:
         if not getattr(self, "_warned", None):
             self._warned = set()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from siglip_dense.evaluation.seg_metrics import SegmentationMetric
+from siglip_dense.evaluation.seg_metrics import SegmentationMetric, format_seg_table
 from siglip_dense.evaluation.sliding_window import inference_with_tta, round_crop_to_patch
 from siglip_dense.models.segmentor import Segmentor
 from siglip_dense.tasks.base import DenseTask
@@ -187,6 +188,14 @@ class SegmentationTask(DenseTask):
     @torch.no_grad()
     def predict_labels(self, image: torch.Tensor) -> torch.Tensor:
         return self.infer(image).argmax(1)
+
+    def summarize(self, metrics: dict[str, Any]) -> str:
+        return format_seg_table(metrics, self.class_names)
+
+    def save_visualization(self, datamodule: Any, path: Path, num: int) -> Path | None:
+        from siglip_dense.visualize import save_segmentation_grid
+
+        return save_segmentation_grid(self, datamodule, path, num)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
