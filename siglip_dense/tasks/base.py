@@ -164,20 +164,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def filter_prefixes(filter_name: str) -> tuple[str, ...]:
+def filter_prefixes(
+    filter_name: str, backbone_prefix: str = "model.backbone.", neck_prefix: str = "model.neck."
+) -> tuple[str, ...]:
     if filter_name not in INIT_FILTERS:
         raise ValueError(f"init_from_filter must be one of {INIT_FILTERS}, got {filter_name!r}")
     if filter_name == "backbone":
-        return ("model.backbone.",)
+        return (backbone_prefix,)
     if filter_name == "backbone+neck":
-        return ("model.backbone.", "model.neck.")
+        return (backbone_prefix, neck_prefix)
     return ("",)
 
 
-def init_from_checkpoint(module: nn.Module, path: str | Path, filter_name: str = "all") -> InitReport:
+def init_from_checkpoint(
+    module: nn.Module, path: str | Path, filter_name: str = "all", prefixes: tuple[str, ...] | None = None
+) -> InitReport:
     """Copy matching tensors from ``path`` into ``module``: filtered, non-strict, and reported."""
     src = read_state_dict(path)
-    prefixes = filter_prefixes(filter_name)
+    prefixes = prefixes or filter_prefixes(filter_name)
     own = module.state_dict()
     report = InitReport(source=str(path))
     to_load = {}
@@ -205,6 +209,9 @@ class DenseTask(L.LightningModule):
     """
 
     task_name: str = "base"
+    # where the SigLIP backbone and the neck live inside ``self.model`` (layer decay, init_from filters)
+    backbone_prefix: str = "backbone."
+    neck_prefix: str = "neck."
 
     def __init__(
         self,
@@ -234,7 +241,10 @@ class DenseTask(L.LightningModule):
         if freeze_backbone:
             self.model.backbone.freeze(None)
         if init_from:
-            report = init_from_checkpoint(self, init_from, init_from_filter)
+            prefixes = filter_prefixes(
+                init_from_filter, f"model.{self.backbone_prefix}", f"model.{self.neck_prefix}"
+            )
+            report = init_from_checkpoint(self, init_from, init_from_filter, prefixes)
             print(report)
             self.init_report = report
 
@@ -275,7 +285,9 @@ class DenseTask(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         opt_cfg = dict(self.optimizer_cfg)
         weight_decay = float(opt_cfg.pop("weight_decay", 0.05))
-        groups = param_groups_layer_decay(self.model, self.backbone, weight_decay, self.layer_decay)
+        groups = param_groups_layer_decay(
+            self.model, self.backbone, weight_decay, self.layer_decay, backbone_prefix=self.backbone_prefix
+        )
         if not groups:
             raise ValueError("no trainable parameters: everything is frozen")
         for g in groups:
