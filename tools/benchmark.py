@@ -51,24 +51,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(
-    fn: Callable[[], None], device: torch.device, warmup: int, iters: int
-) -> tuple[float, float | None]:
-    """Median seconds per call, and peak memory (CUDA only) in MiB."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def time_calls(fn: Callable[[], None], device: torch.device, iters: int) -> list[float]:
+    """Seconds per call for ``iters`` calls (synchronised on CUDA)."""
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    times.sort()
-    return times[len(times) // 2], peak
+    return times
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int, rounds: int
+) -> dict[str, tuple[float, float | None]]:
+    """Median seconds per call and peak memory (CUDA, MiB) for each peer, measured in alternation.
+
+    Running the peers round-robin (rather than one after the other) spreads a noisy machine's slow
+    phases over all of them, so the ratios stay meaningful even when absolute times wobble.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float | None] = dict.fromkeys(fns)
+    for fn in fns.values():
+        time_calls(fn, device, warmup)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times[name] += time_calls(fn, device, max(1, iters // rounds))
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
+                peaks[name] = max(peaks[name] or 0.0, peak)
+    return {name: (sorted(t)[len(t) // 2], peaks[name]) for name, t in times.items()}
 
 
 def hf_config_for(arch: str, img_size: int):
@@ -154,9 +168,11 @@ def bench_backbone(args: argparse.Namespace) -> list[Measurement]:
     peak = peak_tflops(device)
     results = []
     for mode in ("forward", "forward_backward"):
+        steps = {}
         for impl, model in peers.items():
             if args.grad_checkpointing and impl == "siglip_dense":
                 model.m.set_grad_checkpointing(True)
+            model.train(mode == "forward_backward")
 
             def step(model: nn.Module = model, mode: str = mode) -> None:
                 if mode == "forward":
@@ -165,9 +181,9 @@ def bench_backbone(args: argparse.Namespace) -> list[Measurement]:
                 else:
                     model(x).float().mean().backward()
 
-            if mode == "forward_backward":
-                model.train()
-            sec, mem = time_fn(step, device, args.warmup, args.iters)
+            steps[impl] = step
+        timed = time_interleaved(steps, device, args.warmup, args.iters, args.rounds)
+        for impl, (sec, mem) in timed.items():
             work = flops * (3 if mode == "forward_backward" else 1)
             tflops = work / sec / 1e12
             m = Measurement(
@@ -217,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=20, help="timed calls per peer, over all rounds")
+    p.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the peers")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
     args = parser.parse_args(argv)
