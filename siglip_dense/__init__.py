@@ -12,3 +12,10 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def load_model(path: str, device: str = "cpu"):  # noqa: ANN201 - a DenseTask, imported lazily
+    """A trained model from a checkpoint or an export directory, ready for ``model.predict(images)``."""
+    from siglip_dense.checkpoints import load_model as _load
+
+    return _load(path, device=device)

@@ -87,6 +87,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     task = build_task(cfg, datamodule)
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
+    task.data_config = OmegaConf.to_container(cfg.data, resolve=True)
 
     callbacks = build_callbacks(cfg, out_dir)
     loggers = build_loggers(cfg, out_dir)

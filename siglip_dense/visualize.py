@@ -67,3 +67,27 @@ def save_segmentation_grid(task: Any, datamodule: Any, path: Path, num: int = 6)
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
     return path
+
+
+def save_segmentation_overlay(
+    image: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, alpha: float = 0.5
+) -> Path:
+    """The image with its label map blended in, and a legend of the classes present (largest first)."""
+    k = len(class_names)
+    blended = overlay(image, labels, k, alpha)
+    ids, counts = np.unique(labels[(labels >= 0) & (labels < k)], return_counts=True)
+    present = [int(i) for i in ids[np.argsort(-counts)]]
+    colours = palette(k)
+    row_h, width = 16, 180
+    legend = Image.new("RGB", (width, max(blended.shape[0], row_h * len(present) + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    for n, c in enumerate(present):
+        y = 2 + n * row_h
+        draw.rectangle([4, y, 16, y + 12], fill=tuple(int(v) for v in colours[c]))
+        draw.text((22, y), class_names[c], fill=(0, 0, 0))
+    canvas = Image.new("RGB", (blended.shape[1] + width, legend.height), (255, 255, 255))
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    canvas.paste(legend, (blended.shape[1], 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -22,12 +22,19 @@ CONFIG_DIR = REPO / "configs"
 
 def compose_train_cfg(overrides: list[str], run_dir: Path, data_dir: Path | None = None) -> DictConfig:
     """Compose ``configs/train.yaml`` as ``python train.py <overrides>`` would, with a fixed run dir."""
+    return compose_cfg("train", overrides, run_dir, data_dir)
+
+
+def compose_cfg(
+    config_name: str, overrides: list[str], run_dir: Path, data_dir: Path | None = None
+) -> DictConfig:
+    """Compose an entry config (train / eval) as its Hydra app would, with a fixed run dir."""
     GlobalHydra.instance().clear()
     extra = [f"hydra.run.dir={run_dir}", f"paths.log_dir={run_dir.parent}"]
     if data_dir is not None:
         extra.append(f"paths.data_dir={data_dir}")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=[*overrides, *extra], return_hydra_config=True)
+        cfg = compose(config_name, overrides=[*overrides, *extra], return_hydra_config=True)
     # hydra.runtime.output_dir is filled by Hydra's job runner, which compose() does not run
     with read_write(cfg), open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)

@@ -229,6 +229,10 @@ class DenseTask(L.LightningModule):
         self.scheduler_cfg = dict(scheduler or {})
         self.layer_decay = float(layer_decay)
         self.backbone_cfg = dict(backbone)
+        # the data config the model was trained with (stored in checkpoints; eval.py reuses it)
+        self.data_config: dict[str, Any] | None = None
+        # set by tools/eval.py: write predictions in the dataset's own convention here
+        self.predictions_dir: Path | None = None
 
     # -- model pieces ---------------------------------------------------------------------------
     @staticmethod
@@ -241,12 +245,26 @@ class DenseTask(L.LightningModule):
         if freeze_backbone:
             self.model.backbone.freeze(None)
         if init_from:
+            self.check_init_source(init_from)
             prefixes = filter_prefixes(
                 init_from_filter, f"model.{self.backbone_prefix}", f"model.{self.neck_prefix}"
             )
             report = init_from_checkpoint(self, init_from, init_from_filter, prefixes)
             print(report)
             self.init_report = report
+
+    def check_init_source(self, path: str | Path) -> None:
+        """Refuse weights trained on another backbone variant (the message names both)."""
+        from siglip_dense.checkpoints import check_same_backbone, read_meta
+
+        path = Path(path)
+        if path.is_file() and path.suffix == ".safetensors":
+            return  # a bare weight file carries no description; shapes are checked key by key
+        try:
+            meta = read_meta(path)
+        except (ValueError, KeyError):
+            return  # not ours: nothing to compare, the key-by-key report still applies
+        check_same_backbone(meta, self.backbone.arch_config.to_dict(), path)
 
     @property
     def backbone(self) -> SigLIP2Backbone:
@@ -277,9 +295,50 @@ class DenseTask(L.LightningModule):
         checkpoint["siglip_dense"] = {
             "task": self.task_name,
             "arch": self.backbone.arch,
+            "arch_config": self.backbone.arch_config.to_dict(),
             "mean": list(self.mean),
             "std": list(self.std),
+            "data": copy.deepcopy(self.data_config),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.on_load_meta(checkpoint.get("siglip_dense", {}))
+
+    def on_load_meta(self, meta: dict[str, Any]) -> None:
+        """Restore what the checkpoint says beyond the weights (the data config)."""
+        self.data_config = meta.get("data")
+
+    # -- evaluation on any data (tools/eval.py) -------------------------------------------------------
+    def bind_data(self, datamodule: L.LightningDataModule) -> None:
+        """Check the data fits the trained model (e.g. the class list) and adopt its conventions."""
+
+    def set_tta(self, tta: str | dict[str, Any]) -> None:
+        raise ValueError(f"{type(self).__name__} has no test-time augmentation; drop tta=")
+
+    def finalize_predictions(self) -> None:
+        """Write whole-set prediction files (rank 0, after validation); per-image files need nothing."""
+
+    # -- inference without Hydra or a datamodule (tools/predict.py, load_model) ---------------------
+    def predict(self, images: list[Any]) -> list[Any]:
+        """Predictions for RGB images (H×W×3 uint8 arrays of any size) in the task's raw form."""
+        raise NotImplementedError(f"{type(self).__name__} has no predict()")
+
+    def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
+        """Raw output file(s) and a PNG visualisation for one image (tools/predict.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no write_outputs()")
+
+    def normalize_images(self, images: list[Any]) -> list[torch.Tensor]:
+        """H×W×3 uint8 (numpy or tensor) -> 1×3×H×W float on this device, backbone mean/std."""
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        out = []
+        for img in images:
+            t = torch.as_tensor(img, device=self.device)
+            if t.ndim != 3 or t.shape[-1] != 3:
+                raise ValueError(f"expected an H×W×3 RGB image, got shape {tuple(t.shape)}")
+            t = t.permute(2, 0, 1)[None].float() / 255.0
+            out.append((t - mean) / std)
+        return out
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -25,6 +25,12 @@ DEFAULT_EVAL = {
     "flip": False,
 }
 
+TTA_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"scales": [1.0], "flip": False},
+    "flip": {"scales": [1.0], "flip": True},
+    "ms_flip": {"scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True},
+}
+
 
 def _fill_head_inputs(head_cfg: dict[str, Any], in_channels: int, keys: list[str]) -> dict[str, Any]:
     cfg = dict(head_cfg)
@@ -73,6 +79,8 @@ class SegmentationTask(DenseTask):
         )
         self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
         self.last_metrics: dict[str, Any] = {}
+        # added to class indices when predictions are written (1 for reduce_zero_label datasets)
+        self.label_offset = 0
         self.finish_init(freeze_backbone, init_from, init_from_filter)
 
     def build_model(
@@ -164,9 +172,29 @@ class SegmentationTask(DenseTask):
         images, masks = batch["image"], batch["mask"]
         if isinstance(images, torch.Tensor):
             images, masks = list(images), list(masks)
-        for image, mask in zip(images, masks):
-            logits = self.infer(image[None].to(self.device))
-            self.val_metric.update(logits.argmax(1), mask[None].to(self.device).long())
+        metas = batch.get("meta") or [{} for _ in images]
+        for image, mask, meta in zip(images, masks, metas):
+            pred = self.infer(image[None].to(self.device)).argmax(1)
+            self.val_metric.update(pred, mask[None].to(self.device).long())
+            if self.predictions_dir is not None:
+                self.write_prediction(pred[0], meta)
+
+    def write_prediction(self, pred: torch.Tensor, meta: dict[str, Any]) -> Path:
+        """``predictions/<stem>.png``, uint8 in the dataset's values (ADE20K: class index + 1)."""
+        from siglip_dense.data.io import write_label
+
+        values = pred.cpu().numpy().astype("int64") + self.label_offset
+        if values.max(initial=0) > 255:
+            raise ValueError(f"{self.num_classes} classes do not fit a uint8 PNG")
+        path = Path(self.predictions_dir) / f"{meta.get('stem', 'image')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_label(path, values.astype("uint8"))
+        return path
+
+    @torch.no_grad()
+    def predict(self, images: list[Any]) -> list[Any]:
+        """H×W label maps (class indices, numpy int64) for RGB uint8 images, by the eval protocol."""
+        return [self.predict_labels(x)[0].cpu().numpy() for x in self.normalize_images(images)]
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metric.compute()
@@ -188,6 +216,37 @@ class SegmentationTask(DenseTask):
     @torch.no_grad()
     def predict_labels(self, image: torch.Tensor) -> torch.Tensor:
         return self.infer(image).argmax(1)
+
+    def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
+        """tools/predict.py: ``<stem>.png`` label values (dataset convention) + ``<stem>_vis.png``."""
+        from siglip_dense.data.io import write_label
+        from siglip_dense.visualize import save_segmentation_overlay
+
+        offset = int(bool((self.data_config or {}).get("reduce_zero_label", False)))
+        raw = out_dir / f"{stem}.png"
+        write_label(raw, (prediction + offset).astype("uint8"))
+        vis = save_segmentation_overlay(image, prediction, self.class_names, out_dir / f"{stem}_vis.png")
+        return [raw, vis]
+
+    def bind_data(self, datamodule: Any) -> None:
+        names = list(getattr(datamodule, "class_names", []) or [])
+        if names and len(names) != self.num_classes:
+            raise ValueError(
+                f"the model predicts {self.num_classes} classes ({self.class_names[:3]}...) but the data "
+                f"at {getattr(datamodule, 'root', '?')} has {len(names)} ({names[:3]}...)"
+            )
+        self.label_offset = int(bool(getattr(datamodule, "reduce_zero_label", False)))
+
+    def set_tta(self, tta: str | dict[str, Any]) -> None:
+        """``ms_flip`` = mmseg's aug test (scales 0.5-1.75, flip); a dict overrides eval keys."""
+        if isinstance(tta, str):
+            if tta not in TTA_PRESETS:
+                raise ValueError(f"unknown tta preset {tta!r}; known: {sorted(TTA_PRESETS)}")
+            tta = TTA_PRESETS[tta]
+        unknown = set(tta) - set(DEFAULT_EVAL)
+        if unknown:
+            raise ValueError(f"unknown tta keys {sorted(unknown)}; known: {sorted(DEFAULT_EVAL)}")
+        self.eval_cfg.update(tta)
 
     def summarize(self, metrics: dict[str, Any]) -> str:
         return format_seg_table(metrics, self.class_names)

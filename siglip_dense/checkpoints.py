@@ -1,0 +1,128 @@
+"""Trained models as files: read what a checkpoint is, rebuild its task, export it for deployment.
+
+A Lightning checkpoint written by train.py carries ``checkpoint["siglip_dense"]`` (task, arch,
+classes, mean/std, the data config) and hyper-parameters that rebuild the exact model, so nothing
+here needs Hydra or the original pretrained weights. An export is ``model.safetensors`` (the model's
+weights, nothing else) plus ``config.json`` (that same description).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siglip_dense.tasks.base import DenseTask
+
+# task name stored in checkpoints -> "module:Class"
+TASK_CLASSES: dict[str, str] = {
+    "segmentation": "siglip_dense.tasks.segmentation:SegmentationTask",
+    "depth": "siglip_dense.tasks.depth:DepthTask",
+    "detection": "siglip_dense.tasks.detection:DetectionTask",
+}
+EXPORT_FORMAT = "siglip_dense.export.v1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointFormatError(ValueError):
+    """The file is not a siglip-dense checkpoint or export (the message names it)."""
+
+
+def task_class(name: str) -> type[DenseTask]:
+    if name not in TASK_CLASSES:
+        raise CheckpointFormatError(f"unknown task {name!r}; known: {sorted(TASK_CLASSES)}")
+    module, cls = TASK_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _load_ckpt(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise CheckpointFormatError(f"could not read checkpoint {path}: {e}") from e
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The self-description of a Lightning checkpoint or an export directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        config = path / CONFIG_FILE
+        if not config.is_file():
+            raise CheckpointFormatError(f"{path} is a directory without {CONFIG_FILE}: not an export")
+        return json.loads(config.read_text())["siglip_dense"]
+    ckpt = _load_ckpt(path)
+    if "siglip_dense" not in ckpt:
+        raise CheckpointFormatError(
+            f"{path} has no 'siglip_dense' entry: not written by siglip-dense's train.py "
+            f"(top-level keys: {sorted(ckpt)[:8]})"
+        )
+    return ckpt["siglip_dense"]
+
+
+def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> DenseTask:
+    """Rebuild the task of a Lightning checkpoint or an export directory, weights loaded, eval mode."""
+    path = Path(path)
+    meta = read_meta(path)
+    cls = task_class(meta["task"])
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        config = json.loads((path / CONFIG_FILE).read_text())
+        task = cls(**config["hyper_parameters"])
+        task.model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        task.on_load_meta(meta)
+        task = task.to(map_location)
+    else:
+        task = cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)
+    return task.eval()
+
+
+def export(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """``model.safetensors`` + ``config.json`` from a Lightning checkpoint (no optimizer state)."""
+    from safetensors.torch import save_file
+
+    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    ckpt = _load_ckpt(ckpt_path)
+    if "siglip_dense" not in ckpt:
+        raise CheckpointFormatError(f"{ckpt_path} is not a siglip-dense checkpoint")
+    state = {
+        k.removeprefix("model."): v.contiguous()
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("model.")
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
+    config = {
+        "format": EXPORT_FORMAT,
+        "siglip_dense": ckpt["siglip_dense"],
+        "hyper_parameters": ckpt["hyper_parameters"],
+        "source": str(ckpt_path),
+    }
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> DenseTask:
+    """A ready model from a checkpoint or an export: ``model.predict(images)``; no Hydra needed."""
+    return load_task(path, map_location=device)
+
+
+def check_same_backbone(src_meta: dict[str, Any], arch_config: dict[str, Any], src: str | Path) -> None:
+    """Weights trained on one backbone variant must not be poured into another."""
+    theirs = src_meta.get("arch_config")
+    if not theirs:
+        return
+    keys = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")
+    if any(theirs.get(k) != arch_config.get(k) for k in keys):
+        a = {k: theirs.get(k) for k in keys}
+        b = {k: arch_config.get(k) for k in keys}
+        raise CheckpointFormatError(
+            f"{src} was trained on backbone {src_meta.get('arch')} {a}; this run's backbone is "
+            f"{arch_config.get('arch')} {b}: the weights cannot be reused across variants"
+        )

@@ -1,0 +1,67 @@
+"""The evaluation job behind ``tools/eval.py``: a checkpoint, its data (or other data), the metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from siglip_dense.checkpoints import load_task
+from siglip_dense.tasks.base import DenseTask
+from siglip_dense.train import output_dir_of
+
+
+def _data_group_chosen() -> bool:
+    try:
+        return HydraConfig.get().runtime.choices.get("data") is not None
+    except ValueError:  # outside a Hydra app
+        return False
+
+
+def eval_data_config(cfg: DictConfig, task: DenseTask) -> dict[str, Any]:
+    """``data=<name>`` picks a config; otherwise the checkpoint's own, with single keys overridden."""
+    overrides = OmegaConf.to_container(cfg.get("data") or {}, resolve=True)
+    if _data_group_chosen() or "_target_" in overrides:
+        return overrides
+    if not task.data_config:
+        raise ValueError(
+            f"{cfg.ckpt_path} stores no data config (written before it was recorded?): "
+            "pass data=<name> data.root=DIR"
+        )
+    data = dict(task.data_config)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "root" in given and "toy" not in given:
+        data["toy"] = False  # a real dataset at the new root, not generated toy scenes
+    data.update(given)
+    return data
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path``; writes metrics.json (and predictions) and returns the metrics."""
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
+    task = load_task(cfg.ckpt_path)
+    datamodule = instantiate(eval_data_config(cfg, task), _convert_="all")
+    datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
+    task.bind_data(datamodule)
+    if cfg.get("tta") is not None:
+        tta = cfg.tta if isinstance(cfg.tta, str) else OmegaConf.to_container(cfg.tta, resolve=True)
+        task.set_tta(tta)
+    if cfg.get("save_predictions"):
+        task.predictions_dir = out_dir / "predictions"
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(out_dir)
+    )
+    trainer.validate(task, datamodule=datamodule, verbose=False)
+    metrics = dict(task.last_metrics)
+    if trainer.is_global_zero:
+        task.finalize_predictions()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(task.summarize(metrics))
+        print(f"metrics -> {out_dir / 'metrics.json'}")
+    return metrics
