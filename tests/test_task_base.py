@@ -88,3 +88,26 @@ def test_scaled_scheduler_applies_group_scales() -> None:
     opt.step()
     sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.025])
+
+
+def test_scheduler_config_is_a_partial_of_warmup_schedule() -> None:
+    """What configs/task/*.yaml say: warmup then poly, per step, called with the total at fit time."""
+    from hydra.utils import instantiate
+
+    cfg = {
+        "_target_": "siglip_dense.tasks.base.warmup_schedule",
+        "_partial_": True,
+        "schedule": "poly",
+        "power": 1.0,
+        "warmup_steps": 10,
+        "warmup_start_factor": 0.0,
+    }
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = instantiate(cfg)(opt, total_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and abs(lrs[5] - 0.5) < 1e-9 and abs(lrs[10] - 1.0) < 1e-9
+    assert abs(lrs[60] - 0.5) < 1e-9  # halfway through the poly decay (power 1)

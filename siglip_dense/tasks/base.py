@@ -118,6 +118,19 @@ class ScaledLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         super().__init__(optimizer, [(lambda s, k=k: fn(s) * k) for k in scales])
 
 
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int | None = None,
+    warmup_ratio: float = 0.0,
+    **schedule: Any,
+) -> ScaledLambdaLR:
+    """The per-step scheduler the configs name (``_partial_``; total steps known only at fit time)."""
+    if warmup_steps is None:
+        warmup_steps = int(float(warmup_ratio) * total_steps)
+    return ScaledLambdaLR(optimizer, lr_lambda(int(total_steps), int(warmup_steps), **schedule))
+
+
 # ---------------------------------------------------------------------------------------------
 # init_from: start a run from another checkpoint's weights
 # ---------------------------------------------------------------------------------------------
@@ -355,14 +368,10 @@ class DenseTask(L.LightningModule):
         opt_cfg.pop("_partial_", None)
         optimizer = instantiate({"_target_": target, "_partial_": True, **opt_cfg})(groups)
         sch = dict(self.scheduler_cfg)
+        sch.setdefault("_target_", f"{__name__}.warmup_schedule")
+        sch["_partial_"] = True
         total = sch.pop("total_steps", None) or self.trainer.estimated_stepping_batches
-        warmup = sch.pop("warmup_steps", None)
-        if warmup is None:
-            warmup = int(float(sch.pop("warmup_ratio", 0.0)) * total)
-        else:
-            sch.pop("warmup_ratio", None)
-        fn = lr_lambda(int(total), int(warmup), **sch)
-        scheduler = ScaledLambdaLR(optimizer, fn)
+        scheduler = instantiate(sch)(optimizer, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- results a run writes (train.py and tools/eval.py call these) -------------------------------
