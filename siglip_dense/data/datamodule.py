@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, get_worker_info
+from torch.utils.data import DataLoader, RandomSampler, Sampler, get_worker_info
 
 from siglip_dense.data.ade20k import IGNORE_INDEX, SegFolderDataset, load_class_names
 from siglip_dense.data.toy import ensure_toy_data
@@ -61,6 +61,28 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     transform = getattr(dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_state"):
         seed_transform(transform, seed)
+
+
+class ReseedingRandomSampler(RandomSampler):
+    """A RandomSampler that also reseeds the in-process augmentation at the start of every epoch.
+
+    With ``num_workers=0`` the transforms run in this process with one RNG stream for the whole run;
+    a run resumed from a checkpoint would restart that stream. Drawing the epoch's augmentation seed
+    from torch's global RNG (restored on resume, see DenseTask) makes a resumed run augment exactly as
+    an uninterrupted one. Worker processes reseed themselves (``seed_worker``), so this is harmless
+    there.
+    """
+
+    def __init__(self, data_source: Any, rank: int = 0) -> None:
+        super().__init__(data_source)
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[int]:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        transform = getattr(self.data_source, "transform", None)
+        if get_worker_info() is None and transform is not None and hasattr(transform, "set_random_state"):
+            seed_transform(transform, worker_seed(seed, 0, self.rank))
+        yield from super().__iter__()
 
 
 def eval_sampler(dataset: Any) -> Sampler | None:
@@ -180,7 +202,7 @@ class SegDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=ReseedingRandomSampler(self.train_dataset, rank=self._global_rank()),
             # a dataset smaller than one batch would otherwise train on nothing, silently
             drop_last=len(self.train_dataset) >= self.batch_size,
             num_workers=self.num_workers,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from siglip_dense.models.backbone import SigLIP2Backbone
@@ -212,6 +215,34 @@ def init_from_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
+# random states in checkpoints (plain tensors and lists: loadable with weights_only=True)
+# ---------------------------------------------------------------------------------------------
+def collect_rng_states() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+        "numpy_gauss": [int(has_gauss), float(cached)],
+        "python": [int(version), list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    keys = states["numpy"]["keys"].numpy().astype(np.uint32)
+    has_gauss, cached = states["numpy_gauss"]
+    np.random.set_state(("MT19937", keys, states["numpy"]["pos"], has_gauss, cached))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
 # the shared LightningModule
 # ---------------------------------------------------------------------------------------------
 class DenseTask(L.LightningModule):
@@ -314,8 +345,14 @@ class DenseTask(L.LightningModule):
             "data": copy.deepcopy(self.data_config),
         }
 
+        checkpoint["rng_states"] = collect_rng_states()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.on_load_meta(checkpoint.get("siglip_dense", {}))
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and "rng_states" in checkpoint:
+            # resuming a fit: continue the random streams (shuffle, augmentation, dropout) exactly
+            set_rng_states(checkpoint["rng_states"])
 
     def on_load_meta(self, meta: dict[str, Any]) -> None:
         """Restore what the checkpoint says beyond the weights (the data config)."""
