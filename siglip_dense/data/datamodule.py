@@ -73,15 +73,16 @@ class ReseedingRandomSampler(RandomSampler):
     there.
     """
 
-    def __init__(self, data_source: Any, rank: int = 0) -> None:
+    def __init__(self, data_source: Any, rank: int = 0, seed: int = 0) -> None:
         super().__init__(data_source)
-        self.rank = rank
+        self.rank, self.seed = rank, seed
 
     def __iter__(self) -> Iterator[int]:
         seed = int(torch.randint(0, 2**62, (1,)).item())
         transform = getattr(self.data_source, "transform", None)
         if get_worker_info() is None and transform is not None and hasattr(transform, "set_random_state"):
-            seed_transform(transform, worker_seed(seed, 0, self.rank))
+            mixed = np.random.SeedSequence([seed, self.seed & 0xFFFFFFFF, self.rank]).generate_state(1)[0]
+            seed_transform(transform, int(mixed))
         yield from super().__iter__()
 
 
@@ -202,7 +203,7 @@ class SegDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=ReseedingRandomSampler(self.train_dataset, rank=self._global_rank()),
+            sampler=ReseedingRandomSampler(self.train_dataset, rank=self._global_rank(), seed=self.run_seed),
             # a dataset smaller than one batch would otherwise train on nothing, silently
             drop_last=len(self.train_dataset) >= self.batch_size,
             num_workers=self.num_workers,
