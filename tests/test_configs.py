@@ -90,3 +90,18 @@ def test_toy_seg_instantiates_fully(tmp_path: Path, toy_data_root: Path, hydra_c
     task = build_task(cfg, dm)
     assert task.num_classes == len(dm.class_names)
     assert task.class_names == list(dm.class_names)
+
+
+def test_backbone_freeze_switch(tmp_path: Path, hydra_cleanup: None) -> None:
+    """``backbone.freeze=true`` (the issue's spelling) freezes every backbone weight."""
+    cfg = compose_train_cfg(["backbone.freeze=true"], tmp_path / "run")
+    bb = instantiate(cfg.backbone, _convert_="all", verbose=False)
+    assert not any(p.requires_grad for p in bb.parameters())
+    cfg = compose_train_cfg(["backbone.freeze_blocks=2"], tmp_path / "run")
+    bb = instantiate(cfg.backbone, _convert_="all", verbose=False)
+    frozen = {
+        n.split(".")[2]
+        for n, p in bb.named_parameters()
+        if n.startswith("vit.blocks") and not p.requires_grad
+    }
+    assert frozen == {"0", "1"}
