@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,22 @@ def test_label_out_of_range_is_a_clear_error(
     }
     with pytest.raises(ValueError, match=r"bad_label\.png"):
         task.training_step(batch, 0)
+
+
+def test_toy_experiment_accepts_any_dataset_in_the_layout(
+    tmp_path: Path, toy_data_root: Path, hydra_cleanup: None
+) -> None:
+    """DESIGN: `experiment=toy_seg data.root=DIR` works on a real-layout dataset (no toy marker)."""
+    root = tmp_path / "mine"
+    for split in ("training", "validation"):
+        for kind, pattern in (("images", "*.jpg"), ("annotations", "*.png")):
+            (root / kind / split).mkdir(parents=True)
+            for f in sorted((toy_data_root / kind / split).glob(pattern))[:3]:
+                shutil.copy(f, root / kind / split / f.name)
+    names = [f"thing{i}" for i in range(len((toy_data_root / "classes.txt").read_text().split("\n")) - 1)]
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    cfg = compose_train_cfg(["experiment=toy_seg", f"data.root={root}"], tmp_path / "run")
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    assert dm.class_names == names and len(dm.train_dataset) == 3
+    assert not any(root.glob(".toy*")), "toy data must not be generated into a user's dataset"

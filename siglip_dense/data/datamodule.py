@@ -133,7 +133,9 @@ class SegDataModule(L.LightningDataModule):
         if dataset not in ("ade20k", "folder"):
             raise ValueError(f"dataset must be 'ade20k' or 'folder', got {dataset!r}")
         self.root = Path(root)
-        if toy:
+        if toy and not (self.root / "images").is_dir():
+            # generate on first use; a root that already holds the real layout is used as it is, so
+            # `experiment=toy_seg data.root=DIR` works on any ADE20K-layout dataset
             ensure_toy_data(self.root)
         self.dataset = dataset
         self.toy = toy
