@@ -132,7 +132,9 @@ def test_init_from_another_backbone_variant_is_refused(seg_run: Path) -> None:
     arch = dict(hp["backbone"]["arch_config"], embed_dim=96, num_heads=2, mlp_dim=384, arch=None)
     hp["backbone"] = dict(hp["backbone"], arch_config=arch)
     hp["init_from"] = str(best_ckpt(seg_run))
-    with pytest.raises(CheckpointFormatError, match=r"vit_tiny_patch16_siglip_128.*'embed_dim': 192.*'embed_dim': 96"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"vit_tiny_patch16_siglip_128.*'embed_dim': 192.*'embed_dim': 96"
+    ):
         SegmentationTask(**hp)
 
 
