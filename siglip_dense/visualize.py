@@ -69,6 +69,167 @@ def save_segmentation_grid(task: Any, datamodule: Any, path: Path, num: int = 6)
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# depth
+# ---------------------------------------------------------------------------------------------
+def colorize_depth(
+    depth: np.ndarray,
+    vmin: float,
+    vmax: float,
+    cmap: str = "turbo",
+    invalid: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """H×W metres -> H×W×3 uint8 on a fixed ``[vmin, vmax]`` range (so panels are comparable);
+    pixels that are not finite or <= 0 (no measurement) are drawn in ``invalid``."""
+    import matplotlib
+
+    d = np.asarray(depth, dtype=np.float64)
+    valid = np.isfinite(d) & (d > 0)
+    t = np.clip((np.where(valid, d, vmin) - vmin) / max(vmax - vmin, 1e-9), 0.0, 1.0)
+    rgb = (matplotlib.colormaps[cmap](t)[..., :3] * 255).round().astype(np.uint8)
+    rgb[~valid] = invalid
+    return rgb
+
+
+def depth_scale_bar(
+    width: int, vmin: float, vmax: float, cmap: str = "turbo", height: int = 12, ticks: int = 5
+) -> Image.Image:
+    """A horizontal colour bar with tick labels in metres, to read depths off the panels."""
+    ramp = np.linspace(vmin, vmax, max(width - 16, 2))[None].repeat(height, axis=0)
+    bar = colorize_depth(np.maximum(ramp, 1e-9), vmin, vmax, cmap)
+    out = Image.new("RGB", (width, height + 16), (255, 255, 255))
+    out.paste(Image.fromarray(bar), (8, 0))
+    draw = ImageDraw.Draw(out)
+    for k in range(ticks):
+        frac = k / max(ticks - 1, 1)
+        x = 8 + int(frac * (bar.shape[1] - 1))
+        draw.line([(x, height), (x, height + 3)], fill=(0, 0, 0))
+        label = f"{vmin + frac * (vmax - vmin):.1f} m"
+        draw.text((min(max(x - 12, 0), width - 40), height + 4), label, fill=(0, 0, 0))
+    return out
+
+
+def save_depth_grid(task: Any, datamodule: Any, path: Path, num: int = 6, cmap: str = "turbo") -> Path:
+    """Rows of [image | ground truth | prediction] on one colour range, with a scale bar in metres."""
+    ds = getattr(datamodule, "val_dataset", None)
+    if ds is None:
+        datamodule.setup("validate")
+        ds = datamodule.val_dataset
+    task.eval()
+    samples = []
+    for i in range(min(num, len(ds))):
+        sample = ds[i]
+        image = sample["image"]
+        pred = task.predict_depth(image[None].to(task.device))[0].float().cpu().numpy()
+        gt = sample["depth"].float().cpu().numpy()
+        samples.append((denormalize(image, task.mean, task.std), gt, pred))
+    gts = [g[(g > task.min_depth) & (g < task.max_depth)] for _, g, _ in samples]
+    gts = [g for g in gts if g.size]
+    vmin = 0.0
+    vmax = float(max(g.max() for g in gts)) if gts else float(task.max_depth)
+    rows = [
+        np.concatenate(
+            [rgb, colorize_depth(gt, vmin, vmax, cmap), colorize_depth(pred, vmin, vmax, cmap)], axis=1
+        )
+        for rgb, gt, pred in samples
+    ]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    header = Image.new("RGB", (grid.width, 18), (255, 255, 255))
+    draw = ImageDraw.Draw(header)
+    third = samples[0][0].shape[1] if samples else grid.width // 3
+    for j, title in enumerate(("image", "ground truth (black: invalid)", "prediction")):
+        draw.text((j * third + 4, 3), title, fill=(0, 0, 0))
+    bar = depth_scale_bar(min(grid.width, 480), vmin, vmax, cmap)
+    out = Image.new("RGB", (grid.width, header.height + grid.height + bar.height), (255, 255, 255))
+    out.paste(header, (0, 0))
+    out.paste(grid, (0, header.height))
+    out.paste(bar, (0, header.height + grid.height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+    return path
+
+
+# -- detection / instance segmentation ------------------------------------------------------------------
+def draw_detections(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    scores: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """Boxes (xyxy pixels), optional binary masks, class names and scores drawn on an RGB image."""
+    k = len(class_names)
+    colours = palette(k)
+    out = image.astype(np.float32).copy()
+    if masks is not None:
+        for m, lab in zip(masks, labels):
+            m = m.astype(bool)
+            out[m] = out[m] * (1 - alpha) + colours[int(lab) % k].astype(np.float32) * alpha
+    pil = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for i, (box, lab) in enumerate(zip(boxes, labels)):
+        colour = tuple(int(c) for c in colours[int(lab) % k])
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
+        text = class_names[int(lab)] if 0 <= int(lab) < k else str(int(lab))
+        if scores is not None:
+            text += f" {float(scores[i]):.2f}"
+        draw.text((x0 + 2, max(y0 - 11, 0)), text, fill=colour)
+    return np.asarray(pil)
+
+
+def save_detection_grid(task: Any, datamodule: Any, path: Path, num: int = 6) -> Path:
+    """Rows of [ground truth | prediction (score ≥ task.vis_score_threshold)] for validation images."""
+    ds = getattr(datamodule, "val_dataset", None)
+    if ds is None:
+        datamodule.setup("validate")
+        ds = datamodule.val_dataset
+    task.eval()
+    names = list(task.class_names)
+    thr = float(getattr(task, "vis_score_threshold", 0.5))
+    rows = []
+    for i in range(min(num, len(ds))):
+        sample = ds[i]
+        image = sample["image"]
+        rgb = denormalize(image, task.mean, task.std)
+        tgt = sample["target"]
+        gt_masks = tgt["masks"].numpy() if "masks" in tgt else None
+        gt = draw_detections(rgb, tgt["boxes"].numpy(), tgt["labels"].numpy(), names, masks=gt_masks)
+        out = task.predict([image])[0]
+        keep = (out["scores"] >= thr).cpu()
+        pm = None
+        if "masks" in out:
+            pm = (out["masks"][:, 0].cpu()[keep] > getattr(task, "mask_threshold", 0.5)).numpy()
+        pred = draw_detections(
+            rgb,
+            out["boxes"].cpu()[keep].numpy(),
+            out["labels"].cpu()[keep].numpy(),
+            names,
+            scores=out["scores"].cpu()[keep].numpy(),
+            masks=pm,
+        )
+        rows.append(np.concatenate([gt, pred], axis=1))
+    if not rows:
+        raise ValueError("no validation images to draw")
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    header = Image.new("RGB", (grid.width, 18), (255, 255, 255))
+    draw = ImageDraw.Draw(header)
+    draw.text((4, 3), "ground truth", fill=(0, 0, 0))
+    draw.text((rows[0].shape[1] // 2 + 4, 3), f"prediction (score >= {thr:.2f})", fill=(0, 0, 0))
+    out_img = Image.new("RGB", (grid.width, grid.height + header.height))
+    out_img.paste(header, (0, 0))
+    out_img.paste(grid, (0, header.height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out_img.save(path)
+    return path
+
+
 def save_segmentation_overlay(
     image: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, alpha: float = 0.5
 ) -> Path:

@@ -14,10 +14,10 @@ import os
 import shutil
 import uuid
 import warnings
-from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -387,3 +387,114 @@ def _check_complete(root: Path, params: dict[str, Any]) -> bool:
             stacklevel=3,
         )
     return True
+
+
+# -- COCO instances layout (detection / instance segmentation) -----------------------------------------
+def toy_coco_categories() -> list[dict[str, Any]]:
+    """Thing classes with GAPPED ids (1, 3, 5, ...), as COCO's own ids are, to exercise the label mapping."""
+    return [
+        {"id": 2 * i + 1, "name": TOY_CLASSES[cls - 1], "supercategory": "thing"}
+        for i, cls in enumerate(THING_CLASSES)
+    ]
+
+
+def _polygons(mask: np.ndarray) -> list[list[float]]:
+    """Outer contours of a binary mask as COCO polygons (x, y pairs), each with ≥ 3 points."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO's crowd encoding: column-major run lengths starting with a run of zeros."""
+    flat = mask.astype(np.uint8).reshape(-1, order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1  # where a new run starts
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat[0]:
+        counts = [0, *counts]  # runs alternate 0s, 1s, ... starting with zeros
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+def write_coco_layout(root: str | Path, num_train: int, num_val: int, seed: int = 0) -> Path:
+    """ROOT/{train2017,val2017}/*.jpg and ROOT/annotations/instances_{train2017,val2017}.json.
+
+    Instances are the scenes' visible things: polygons for most, compressed RLE (utf-8 counts) for
+    every third, a tight bbox and the pixel area from the mask, ``iscrowd=0``; the first image of each
+    split marks its last instance as a crowd region (uncompressed RLE, ``iscrowd=1``) like COCO does.
+    """
+    from pycocotools import mask as mask_utils
+
+    root = Path(root)
+    cats = toy_coco_categories()
+    cat_of = {cls: cats[i]["id"] for i, cls in enumerate(THING_CLASSES)}
+    train_ss, val_ss = np.random.SeedSequence([seed, 2017]).spawn(2)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, count, ss in (("train2017", num_train, train_ss), ("val2017", num_val, val_ss)):
+        rng = np.random.default_rng(ss)
+        img_dir = root / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(count):
+            h, w = _scene_sizes(rng)
+            scene = make_scene(rng, h, w)
+            image_id = i + 1
+            name = f"{image_id:012d}.jpg"
+            Image.fromarray(scene.image).save(img_dir / name, quality=95)
+            images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+            for j, (cls, mask) in enumerate(scene.instances):
+                ys, xs = np.nonzero(mask)
+                x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+                crowd = i == 0 and j == len(scene.instances) - 1
+                polys = _polygons(mask)
+                if crowd:
+                    seg: Any = _uncompressed_rle(mask)
+                elif len(anns) % 3 == 2 or not polys:
+                    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+                    seg = {"size": rle["size"], "counts": rle["counts"].decode("utf-8")}
+                else:
+                    seg = polys
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": cat_of[cls],
+                        "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                        "area": float(mask.sum()),
+                        "segmentation": seg,
+                        "iscrowd": int(crowd),
+                    }
+                )
+        data = {
+            "info": {"description": "siglip-dense toy scenes in the COCO instances layout"},
+            "licenses": [],
+            "images": images,
+            "annotations": anns,
+            "categories": cats,
+        }
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return root
+
+
+def write_nyu_layout(root: str | Path, num_train: int, num_val: int, seed: int = 0) -> Path:
+    """The BTS / Depth Anything NYUv2 layout: RGB jpg + 16-bit PNG depth in millimetres, split files.
+
+    ROOT/{train,val}/toy_<k>/rgb_<i>.jpg and sync_depth_<i>.png (0 = no measurement: the sky), and
+    ROOT/splits/{train,val}.txt with ``rgb_relpath depth_relpath focal`` lines (focal in pixels).
+    """
+    root = Path(root)
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    train_ss, val_ss = np.random.SeedSequence([seed, 7]).spawn(2)  # independent of the ADE20K toy set
+    for split, count, ss in (("train", num_train, train_ss), ("val", num_val, val_ss)):
+        rng = np.random.default_rng(ss)
+        lines = []
+        for i in range(count):
+            h, w = _scene_sizes(rng)
+            scene = make_scene(rng, h, w)
+            rel = Path(split) / f"toy_{i // 10:04d}"
+            (root / rel).mkdir(parents=True, exist_ok=True)
+            rgb_rel, depth_rel = rel / f"rgb_{i:05d}.jpg", rel / f"sync_depth_{i:05d}.png"
+            Image.fromarray(scene.image).save(root / rgb_rel, quality=95)
+            depth_mm = np.clip(np.round(scene.depth.astype(np.float64) * 1000.0), 0, 65535).astype(np.uint16)
+            Image.fromarray(depth_mm).save(root / depth_rel)
+            lines.append(f"{rgb_rel.as_posix()} {depth_rel.as_posix()} {0.8 * w:.4f}")
+        (root / "splits" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -221,3 +221,282 @@ def build_seg_train_transform(
 def build_seg_eval_transform(mean: Sequence[float], std: Sequence[float]) -> A.Compose:
     """Normalise only, at the original size: the sliding-window evaluator does the resizing."""
     return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
+
+
+# -- detection / instance segmentation: large-scale jitter (ViTDet, Ghiasi et al. 2021) ----------------
+class ResizeScale(A.RandomScale):
+    """detectron2 ``ResizeScale``: keep ratio, scale so the image fits ``target`` × U(scale_range).
+
+    Scale = ratio · min(target_h / h, target_w / w). Boxes are scale invariant in albumentations'
+    normalised coordinates; masks use nearest interpolation (RandomScale's handling).
+    """
+
+    def __init__(
+        self,
+        target_size: Sequence[int] = (1024, 1024),
+        scale_range: Sequence[float] = (0.1, 2.0),
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(scale_limit=0.0, p=p)
+        self.target_size = (int(target_size[0]), int(target_size[1]))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+
+    def get_params(self) -> dict[str, float]:
+        return {}
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        ratio = self.py_random.uniform(*self.scale_range)
+        scale = ratio * min(self.target_size[0] / h, self.target_size[1] / w)
+        # at least one output pixel on each side
+        return {"scale": max(scale, 1.0 / min(h, w))}
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("target_size", "scale_range")
+
+
+def build_det_train_transform(
+    image_size: Sequence[int] | int = 1024,
+    scale_range: Sequence[float] = (0.1, 2.0),
+    min_area: float = 1.0,
+    hflip: float = 0.5,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    seed: int | None = None,
+) -> A.Compose:
+    """LSJ: resize to the target × U(0.1, 2.0) → fixed-size crop (pad bottom/right, 0) → flip → normalise.
+
+    Call with ``bboxes`` (COCO xywh), ``labels`` and ``ann_idx`` (each box's index into ``masks``):
+    albumentations clips boxes and drops those smaller than ``min_area`` or degenerate but keeps every
+    mask, so the caller re-indexes masks with the surviving ``ann_idx`` (see :func:`apply_det_transform`).
+    """
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    th, tw = int(image_size[0]), int(image_size[1])
+    transform = A.Compose(
+        [
+            ResizeScale(target_size=(th, tw), scale_range=scale_range),
+            A.RandomCrop(
+                th, tw, pad_if_needed=True, pad_position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0
+            ),
+            A.HorizontalFlip(p=hflip),
+            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+            ToTensorV2(),
+        ],
+        bbox_params=A.BboxParams(
+            format="coco",
+            label_fields=["labels", "ann_idx"],
+            clip=True,
+            filter_invalid_bboxes=True,
+            min_area=float(min_area),
+            min_width=1.0,
+            min_height=1.0,
+        ),
+        seed=seed,
+    )
+    if seed is not None:
+        seed_transform(transform, seed)
+    return transform
+
+
+def build_det_eval_transform(mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """Normalise only, at the original size: the detector's own transform resizes to the test size and
+    maps its predictions back to original pixels."""
+    return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
+
+
+def apply_det_transform(
+    transform: A.Compose,
+    image: np.ndarray,
+    boxes_xywh: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Run a detection Compose and keep boxes, labels and masks aligned.
+
+    Returns ``image`` (tensor), ``boxes`` (N×4 float32 xyxy in output pixels), ``labels`` (N int64) and
+    ``masks`` (N×H×W uint8, or None): only the masks of boxes that survived, in the boxes' order.
+    """
+    n = len(boxes_xywh)
+    if "bboxes" not in getattr(transform, "processors", {}):  # photometric / normalise only: geometry kept
+        out = transform(image=image)
+        xyxy = np.asarray(boxes_xywh, np.float32).reshape(-1, 4).copy()
+        xyxy[:, 2:] += xyxy[:, :2]
+        h, w = image.shape[:2]
+        keep_masks = None if masks is None else np.asarray(masks, np.uint8).reshape(-1, h, w)
+        return {
+            "image": out["image"],
+            "boxes": xyxy,
+            "labels": np.asarray(labels, np.int64),
+            "masks": keep_masks,
+        }
+    data: dict[str, Any] = {
+        "image": image,
+        "bboxes": np.asarray(boxes_xywh, np.float32).reshape(-1, 4),
+        "labels": np.asarray(labels, np.int64).reshape(-1),
+        "ann_idx": np.arange(n, dtype=np.int64),
+    }
+    if masks is not None and n:
+        data["masks"] = np.asarray(masks, np.uint8)
+    out = transform(**data)
+    img = out["image"]
+    h, w = img.shape[-2:]
+    bxs = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+    keep = np.asarray(out["ann_idx"], np.int64).reshape(-1)
+    xyxy = bxs.copy()
+    xyxy[:, 2:] += xyxy[:, :2]
+    result: dict[str, Any] = {
+        "image": img,
+        "boxes": xyxy,
+        "labels": np.asarray(out["labels"], np.int64).reshape(-1),
+        "masks": None,
+    }
+    if masks is not None:
+        if n:
+            out_masks = out["masks"]
+            stacked = np.stack([np.asarray(m) for m in out_masks]) if len(out_masks) else None
+            if stacked is None:
+                result["masks"] = np.zeros((0, h, w), np.uint8)
+            else:
+                result["masks"] = np.ascontiguousarray(stacked[keep].astype(np.uint8))
+        else:
+            result["masks"] = np.zeros((0, h, w), np.uint8)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# depth (NYUv2 / BTS recipe): depth is the ``mask`` target — nearest resampling, never photometric,
+# and every border a geometric step creates is 0 in the depth map (= invalid, the NYUv2 convention).
+# ---------------------------------------------------------------------------------------------
+class DepthPhotometric(A.ImageOnlyTransform):
+    """BTS / AdaBins colour augmentation on uint8 RGB: gamma, brightness, per-channel colour gains.
+
+    Image only, so the depth map (a mask target) is never touched.
+    """
+
+    def __init__(
+        self,
+        gamma_range: Sequence[float] = (0.9, 1.1),
+        brightness_range: Sequence[float] = (0.75, 1.25),
+        colour_range: Sequence[float] = (0.9, 1.1),
+        p: float = 0.5,
+    ) -> None:
+        super().__init__(p=p)
+        self.gamma_range = (float(gamma_range[0]), float(gamma_range[1]))
+        self.brightness_range = (float(brightness_range[0]), float(brightness_range[1]))
+        self.colour_range = (float(colour_range[0]), float(colour_range[1]))
+
+    def get_params(self) -> dict[str, Any]:
+        r = self.py_random
+        return {
+            "gamma": r.uniform(*self.gamma_range),
+            "brightness": r.uniform(*self.brightness_range),
+            "colours": [r.uniform(*self.colour_range) for _ in range(3)],
+        }
+
+    def apply(
+        self, img: np.ndarray, gamma: float, brightness: float, colours: list[float], **params: Any
+    ) -> np.ndarray:
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise TypeError(f"DepthPhotometric expects H×W×3 uint8 RGB, got {img.dtype} {img.shape}")
+        out = (img.astype(np.float32) / 255.0) ** gamma * brightness
+        out = out * np.asarray(colours, np.float32)[None, None]
+        return (np.clip(out, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("gamma_range", "brightness_range", "colour_range")
+
+
+class RandomResizeDepth(A.DualTransform):
+    """Keep-ratio resize to short side ``short_side`` (or the image's own) × U(``scale_range``).
+
+    Bilinear for the image, nearest for depth: interpolating across an object boundary would invent
+    depths that exist nowhere, and mixing a 0 (invalid) with a valid depth would invent a valid one.
+    Depth values are not rescaled (the BTS / Depth Anything convention).
+    """
+
+    def __init__(
+        self, short_side: int | None = None, scale_range: Sequence[float] = (1.0, 1.0), p: float = 1.0
+    ) -> None:
+        super().__init__(p=p)
+        self.short_side = int(short_side) if short_side else None
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        ratio = self.py_random.uniform(*self.scale_range)
+        scale = ratio * (self.short_side / min(h, w) if self.short_side else 1.0)
+        return {"out_size": (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))}
+
+    def apply(self, img: np.ndarray, out_size: tuple[int, int], **params: Any) -> np.ndarray:
+        if tuple(img.shape[:2]) == tuple(out_size):
+            return img
+        return cv2.resize(img, (out_size[1], out_size[0]), interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, out_size: tuple[int, int], **params: Any) -> np.ndarray:
+        if tuple(mask.shape[:2]) == tuple(out_size):
+            return mask
+        return cv2.resize(mask, (out_size[1], out_size[0]), interpolation=cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("short_side", "scale_range")
+
+
+def build_depth_train_transform(
+    crop_size: Sequence[int],
+    short_side: int | None = None,
+    scale_range: Sequence[float] = (1.0, 1.0),
+    rotate: float = 2.5,
+    flip: bool = True,
+    photometric: bool = True,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    seed: int | None = None,
+) -> A.Compose:
+    """(Resize →) rotate ±``rotate``° → random crop → flip → colour → pad → normalise → tensor.
+
+    Call it as ``transform(image=rgb_uint8, mask=depth_float32_metres)``. Rotation borders and pads
+    are 0 in both image and depth; crops smaller than ``crop_size`` are padded bottom/right.
+    """
+    ch, cw = int(crop_size[0]), int(crop_size[1])
+    steps: list[Any] = []
+    if short_side or tuple(scale_range) != (1.0, 1.0):
+        steps.append(RandomResizeDepth(short_side=short_side, scale_range=scale_range))
+    if rotate and rotate > 0:
+        steps.append(
+            A.Rotate(
+                limit=(-float(rotate), float(rotate)),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=1.0,
+            )
+        )
+    steps.append(RandomCropCatMax(ch, cw, cat_max_ratio=1.0))
+    if flip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if photometric:
+        steps.append(DepthPhotometric())
+    steps += [
+        A.PadIfNeeded(
+            min_height=ch,
+            min_width=cw,
+            position="top_left",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=0,
+        ),
+        A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+    transform = A.Compose(steps, seed=seed)
+    if seed is not None:
+        seed_transform(transform, seed)
+    return transform
+
+
+def build_depth_eval_transform(mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """Normalise only: depth is evaluated at ground-truth resolution, the task resizes the prediction."""
+    return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
