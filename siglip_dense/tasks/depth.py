@@ -1,0 +1,243 @@
+"""Monocular metric depth: DPT or the linear-bins probe on a SigLIP 2 backbone, SILog training,
+NYUv2-protocol evaluation (per-image metrics at GT resolution, Eigen crop, valid range, clipping)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from siglip_dense.evaluation.depth_metrics import DEPTH_METRIC_KEYS, DepthMetric, format_depth_table
+from siglip_dense.models.heads.depth import DepthModel
+from siglip_dense.tasks.base import DenseTask
+
+DEFAULT_LOSS = {"variance_focus": 0.85, "scale": 10.0, "eps": 1e-6, "grad_weight": 0.0, "grad_scales": 4}
+DEFAULT_EVAL = {"short_side": None, "max_long_side": None, "flip": False}
+
+
+def silog_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    variance_focus: float = 0.85,
+    scale: float = 10.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """BTS / AdaBins scale-invariant log loss: ``scale · sqrt(mean(d²) − λ·mean(d)² + eps)``.
+
+    ``d = log pred − log target`` over valid pixels of the whole batch, in float32 (bf16 logs lose the
+    differences the loss is made of). ``eps`` inside the root keeps the gradient finite at d ≡ 0.
+    """
+    pred, target = pred.float(), target.float()
+    d = torch.log(pred[valid].clamp_min(1e-6)) - torch.log(target[valid])
+    if d.numel() == 0:
+        return pred.sum() * 0.0
+    value = (d**2).mean() - variance_focus * d.mean() ** 2
+    return scale * torch.sqrt(value.clamp_min(0.0) + eps)
+
+
+def gradient_loss(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, scales: int = 4
+) -> torch.Tensor:
+    """Multi-scale gradient matching on log depth (MegaDepth / MiDaS): L1 of the x/y gradients of
+    ``log pred − log target`` where both neighbours are valid, at ``scales`` dyadic subsamplings."""
+    r = torch.where(
+        valid, torch.log(pred.float().clamp_min(1e-6)) - torch.log(target.float().clamp_min(1e-6)), 0
+    )
+    m = valid.float()
+    total, count = pred.new_zeros((), dtype=torch.float32), 0
+    for k in range(int(scales)):
+        step = 2**k
+        rs, ms = r[..., ::step, ::step], m[..., ::step, ::step]
+        if rs.shape[-1] < 2 or rs.shape[-2] < 2:
+            break
+        mx = ms[..., :, 1:] * ms[..., :, :-1]
+        my = ms[..., 1:, :] * ms[..., :-1, :]
+        gx = (rs[..., :, 1:] - rs[..., :, :-1]).abs() * mx
+        gy = (rs[..., 1:, :] - rs[..., :-1, :]).abs() * my
+        n = mx.sum() + my.sum()
+        if n > 0:
+            total = total + (gx.sum() + gy.sum()) / n
+            count += 1
+    return total / max(count, 1)
+
+
+class DepthTask(DenseTask):
+    """SILog (+ optional gradient) training; NYUv2 / KITTI metrics, averaged over images, DDP-synced."""
+
+    task_name = "depth"
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        head: dict[str, Any],
+        neck: dict[str, Any] | None = None,
+        min_depth: float | None = None,
+        max_depth: float | None = None,
+        eval_crop: str | None = None,
+        loss: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+        eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
+        init_from: str | None = None,
+        init_from_filter: str = "all",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
+        self.save_hyperparameters()
+        # the data decides the protocol (train.py passes datamodule.task_kwargs()); NYUv2 otherwise
+        self.min_depth = float(min_depth) if min_depth is not None else 1e-3
+        self.max_depth = float(max_depth) if max_depth is not None else 10.0
+        self.eval_crop = str(eval_crop) if eval_crop is not None else "eigen"
+        if not 0 < self.min_depth < self.max_depth:
+            raise ValueError(f"need 0 < min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
+        self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
+        self.eval_cfg = {**DEFAULT_EVAL, **(eval or {})}
+        self.model = self.build_model(backbone, neck, head)
+        self.val_metric = DepthMetric(self.min_depth, self.max_depth, self.eval_crop)
+        self.last_metrics: dict[str, Any] = {}
+        self.finish_init(freeze_backbone, init_from, init_from_filter)
+
+    def build_model(
+        self, backbone_cfg: dict[str, Any], neck_cfg: dict[str, Any] | None, head_cfg: dict[str, Any]
+    ) -> DepthModel:
+        backbone = self.build_backbone(backbone_cfg)
+        neck = None
+        if neck_cfg:
+            neck_cfg = dict(neck_cfg)
+            if "in_keys" in neck_cfg and neck_cfg["in_keys"] is None:
+                neck_cfg["in_keys"] = backbone.out_keys
+            neck = instantiate(
+                neck_cfg, in_channels=backbone.embed_dim, in_stride=backbone.patch_size, _convert_="all"
+            )
+        head_cfg = dict(head_cfg)
+        if neck is not None:
+            head_cfg.setdefault("in_channels", neck.out_channels)
+            if head_cfg.get("in_keys") is None:
+                head_cfg["in_keys"] = list(neck.strides)
+        else:
+            head_cfg.setdefault("in_channels", backbone.embed_dim)
+            if head_cfg.get("in_keys") is None:
+                head_cfg["in_keys"] = backbone.out_keys
+        target = str(head_cfg.get("_target_", ""))
+        extra: dict[str, Any] = {"min_depth": self.min_depth, "max_depth": self.max_depth}
+        if target.endswith("DPTHead"):
+            if neck is not None:
+                raise ValueError("DPTHead reassembles the backbone's block maps itself: use neck=none")
+            head_cfg.setdefault("patch_size", backbone.patch_size)
+        head = instantiate(head_cfg, **extra, _convert_="all")
+        return DepthModel(backbone, head, neck)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """B×3×H×W normalised images → B×1×H×W depth in metres."""
+        return self.model(images)["depth"]
+
+    # -- training -----------------------------------------------------------------------------------
+    def valid_mask(self, target: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(target) & (target > self.min_depth) & (target < self.max_depth)
+
+    def compute_loss(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pred`` B×1×H×W, ``target`` B×H×W metres (0 = invalid)."""
+        pred = pred[:, 0] if pred.ndim == 4 else pred
+        valid = self.valid_mask(target)
+        cfg = self.loss_cfg
+        losses = {
+            "loss_silog": silog_loss(
+                pred, target, valid, float(cfg["variance_focus"]), float(cfg["scale"]), float(cfg["eps"])
+            )
+        }
+        if float(cfg["grad_weight"]) > 0:
+            losses["loss_grad"] = float(cfg["grad_weight"]) * gradient_loss(
+                pred, target, valid, int(cfg["grad_scales"])
+            )
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, target = batch["image"], batch["depth"].float()
+        if not self.valid_mask(target).any():
+            names = [m.get("depth_path", "?") for m in batch.get("meta", [])][:4]
+            self.warn_once(f"a training batch has no valid depth pixel (e.g. {names}): its loss is 0")
+        losses = self.compute_loss(self(images), target)
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"non-finite depth loss at step {self.global_step}: {losses['loss'].item()}"
+            )
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
+        return losses["loss"]
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(self, image: torch.Tensor) -> torch.Tensor:
+        """Depth B×1×H×W at the input size, by the configured protocol (optional resize and flip)."""
+        h, w = image.shape[-2:]
+        x = image
+        short, long_max = self.eval_cfg.get("short_side"), self.eval_cfg.get("max_long_side")
+        if short or long_max:
+            scale = min(
+                float(short) / min(h, w) if short else math.inf,
+                float(long_max) / max(h, w) if long_max else math.inf,
+            )
+            size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
+            if size != (h, w):
+                x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        pred = self(x).float()
+        if self.eval_cfg.get("flip"):
+            pred = 0.5 * (pred + self(x.flip(-1)).float().flip(-1))
+        if pred.shape[-2:] != (h, w):
+            pred = F.interpolate(pred, size=(h, w), mode="bilinear", align_corners=False)
+        return pred.clamp(self.min_depth, self.max_depth)
+
+    @torch.no_grad()
+    def predict_depth(self, image: torch.Tensor) -> torch.Tensor:
+        """B×H×W depth in metres, clipped to the valid range (what metrics and pictures use)."""
+        return self.infer(image)[:, 0]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images, depths = batch["image"], batch["depth"]
+        if isinstance(images, torch.Tensor):
+            images, depths = list(images), list(depths)
+        for image, depth in zip(images, depths):
+            pred = self.infer(image[None].to(self.device))
+            self.val_metric.update(pred, depth[None].to(self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metric.compute()
+        num_images, num_empty = int(metrics.pop("num_images")), int(metrics.pop("num_empty"))
+        self.val_metric.reset()
+        if num_empty:
+            self.warn_once(f"{num_empty} evaluation images had no valid depth pixel and were skipped")
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
+        self.last_metrics = {k: float(metrics[k]) for k in DEPTH_METRIC_KEYS}
+        self.last_metrics.update(num_images=num_images, num_empty=num_empty)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # -- results ------------------------------------------------------------------------------------
+    def summarize(self, metrics: dict[str, Any]) -> str:
+        return format_depth_table(metrics)
+
+    def save_visualization(self, datamodule: Any, path: Path, num: int) -> Path | None:
+        from siglip_dense.visualize import save_depth_grid
+
+        return save_depth_grid(self, datamodule, path, num)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # the protocol the weights were trained for travels with them (a reload must not fall back
+        # to NYUv2 defaults for a KITTI model)
+        hp = checkpoint["hyper_parameters"]
+        hp.update(min_depth=self.min_depth, max_depth=self.max_depth, eval_crop=self.eval_crop)
+        checkpoint["siglip_dense"].update(
+            min_depth=self.min_depth, max_depth=self.max_depth, eval_crop=self.eval_crop
+        )
