@@ -1,0 +1,444 @@
+"""COCO-format instance data (the real COCO, your own json, or toy scenes) for torchvision detectors.
+
+Any COCO instances json works: classes come from its ``categories`` (sorted by id) and map to
+contiguous labels 0..K-1; the mapping back to the original ids is kept (checkpoint, results). Crowd
+annotations are ignore regions for COCO's evaluator and never training targets (detectron2's rule).
+Broken inputs fail with a message that names the file and the offending record.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from siglip_dense.data.datamodule import eval_sampler, seed_worker, worker_seed
+from siglip_dense.data.io import DataError, read_image
+from siglip_dense.data.toy import ensure_toy_data
+from siglip_dense.data.transforms import (
+    apply_det_transform,
+    build_det_eval_transform,
+    build_det_train_transform,
+)
+
+REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+# ---------------------------------------------------------------------------------------------
+# annotation file + category mapping
+# ---------------------------------------------------------------------------------------------
+def load_coco_json(path: str | Path) -> dict[str, Any]:
+    """Read and validate a COCO instances json; every problem names the file and the record."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"COCO annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot parse COCO annotation file {path}: {exc}") from exc
+    validate_coco_dict(data, str(path))
+    return data
+
+
+def validate_coco_dict(data: Any, source: str = "<dict>") -> None:
+    """The structure COCO tools rely on: images/annotations/categories lists, known ids everywhere."""
+    if not isinstance(data, dict) or any(k not in data for k in REQUIRED_KEYS):
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise DataError(
+            f"{source} is not a COCO instances json: it needs top-level keys {list(REQUIRED_KEYS)}, found {found}"
+        )
+    for key in REQUIRED_KEYS:
+        if not isinstance(data[key], list):
+            raise DataError(f"{source}: '{key}' must be a list, got {type(data[key]).__name__}")
+    if not data["categories"]:
+        raise DataError(f"{source}: 'categories' is empty; detection needs at least one class")
+    cat_ids = [c.get("id") for c in data["categories"]]
+    if len(set(cat_ids)) != len(cat_ids):
+        raise DataError(f"{source}: repeated category ids in 'categories': {cat_ids}")
+    image_ids = set()
+    for img in data["images"]:
+        if "id" not in img or "file_name" not in img:
+            raise DataError(f"{source}: image record without 'id' / 'file_name': {str(img)[:200]}")
+        image_ids.add(img["id"])
+    known_cats = set(cat_ids)
+    for ann in data["annotations"]:
+        for k in ("id", "image_id", "category_id", "bbox"):
+            if k not in ann:
+                raise DataError(f"{source}: annotation without '{k}': {str(ann)[:200]}")
+        if ann["category_id"] not in known_cats:
+            raise DataError(
+                f"{source}: annotation {ann['id']} has category_id {ann['category_id']}, which is not in "
+                f"'categories' (known ids: {sorted(known_cats)})"
+            )
+        if ann["image_id"] not in image_ids:
+            raise DataError(
+                f"{source}: annotation {ann['id']} refers to image_id {ann['image_id']}, which is not in 'images'"
+            )
+
+
+class CategoryMap:
+    """Original COCO category ids (gapped, e.g. 1..90) ↔ contiguous labels 0..K-1, sorted by id."""
+
+    def __init__(self, category_ids: Sequence[int], names: Sequence[str] | None = None) -> None:
+        ids = [int(i) for i in category_ids]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"repeated category ids {ids}")
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        self.category_ids = [ids[i] for i in order]
+        self.names = (
+            [str(names[i]) for i in order] if names is not None else [f"cat_{c}" for c in self.category_ids]
+        )
+        self._label_of = {c: i for i, c in enumerate(self.category_ids)}
+
+    @classmethod
+    def from_coco(cls, data: dict[str, Any]) -> CategoryMap:
+        cats = data["categories"]
+        return cls([c["id"] for c in cats], [c.get("name", f"cat_{c['id']}") for c in cats])
+
+    def __len__(self) -> int:
+        return len(self.category_ids)
+
+    def label(self, category_id: int) -> int:
+        try:
+            return self._label_of[int(category_id)]
+        except KeyError:
+            raise DataError(f"category id {category_id} is not one of {self.category_ids}") from None
+
+    def category_id(self, label: int) -> int:
+        return self.category_ids[int(label)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"category_ids": list(self.category_ids), "class_names": list(self.names)}
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+# ---------------------------------------------------------------------------------------------
+def _quiet_coco(data: dict[str, Any]) -> Any:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """COCO-layout images + instances json → normalised image tensors and torchvision targets.
+
+    ``__getitem__`` returns ``{"image": 3×H×W, "target": {"boxes" xyxy float32, "labels" int64 0..K-1,
+    ["masks" uint8 N×H×W]}, "meta": {"image_id", "path", "orig_size"}}``. Boxes are clipped to the
+    image; boxes with no area after clipping are dropped (counted, one warning per dataset).
+    ``filter_empty`` drops images without usable (non-crowd) annotations: training only — evaluation
+    keeps them as negatives.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        ann_file: str | Path,
+        transform: Any = None,
+        with_masks: bool = False,
+        filter_empty: bool = False,
+        category_map: CategoryMap | None = None,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        if not self.image_dir.is_dir():
+            raise DataError(f"COCO image directory not found: {self.image_dir}")
+        data = load_coco_json(self.ann_file)
+        self.coco = _quiet_coco(data)
+        self.category_map = category_map or CategoryMap.from_coco(data)
+        own = {c["id"] for c in data["categories"]}
+        missing = own - set(self.category_map.category_ids)
+        if missing:
+            raise DataError(
+                f"{self.ann_file} has categories {sorted(missing)} that the training categories "
+                f"{self.category_map.category_ids} do not know"
+            )
+        self.transform = transform
+        self.with_masks = bool(with_masks)
+        self.num_dropped = 0
+        self.num_clipped = 0
+        self.num_crowd = 0
+        self._anns: dict[int, list[dict[str, Any]]] = {}
+        for img in data["images"]:
+            self._anns[img["id"]] = self._clean(img, self.coco.imgToAnns.get(img["id"], []))
+        self.image_ids = [img["id"] for img in data["images"]]
+        if filter_empty:
+            self.image_ids = [i for i in self.image_ids if self._anns[i]]
+        if self.num_dropped or self.num_clipped:
+            warnings.warn(
+                f"{self.ann_file}: dropped {self.num_dropped} annotation(s) with zero-area or out-of-image "
+                f"boxes, clipped {self.num_clipped} to the image",
+                stacklevel=2,
+            )
+
+    def _clean(self, img: dict[str, Any], anns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Training targets of one image: no crowd, boxes clipped to the image, degenerate ones dropped."""
+        h, w = img.get("height"), img.get("width")
+        kept = []
+        for ann in anns:
+            if ann.get("iscrowd", 0):
+                self.num_crowd += 1
+                continue
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            x0, y0, x1, y1 = x, y, x + bw, y + bh
+            if w is not None and h is not None:
+                cx0, cy0 = min(max(x0, 0.0), w), min(max(y0, 0.0), h)
+                cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
+                if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1) and cx1 > cx0 and cy1 > cy0:
+                    self.num_clipped += 1
+                x0, y0, x1, y1 = cx0, cy0, cx1, cy1
+            if not (x1 - x0 > 0 and y1 - y0 > 0) or not np.isfinite([x0, y0, x1, y1]).all():
+                self.num_dropped += 1
+                continue
+            kept.append({**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]})
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.category_map.names)
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / self.coco.imgs[image_id]["file_name"]
+
+    def load(
+        self, index: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """Raw image, xywh boxes, labels and masks (original pixels) of one sample, before transforms."""
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.image_path(image_id)
+        image = read_image(path)
+        h, w = image.shape[:2]
+        if (info.get("height"), info.get("width")) not in ((h, w), (None, None)):
+            raise DataError(
+                f"{path} is {h}×{w} but {self.ann_file} records {info.get('height')}×{info.get('width')}"
+            )
+        anns = self._anns[image_id]
+        boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+        labels = np.array([self.category_map.label(a["category_id"]) for a in anns], np.int64)
+        masks = None
+        if self.with_masks:
+            masks = np.zeros((len(anns), h, w), np.uint8)
+            for i, a in enumerate(anns):
+                masks[i] = self._ann_mask(a, h, w)
+        meta = {"image_id": int(image_id), "path": str(path), "orig_size": (h, w)}
+        return image, boxes, labels, masks, meta
+
+    def _ann_mask(self, ann: dict[str, Any], h: int, w: int) -> np.ndarray:
+        """Polygons or RLE → binary mask; a box-only annotation falls back to its filled box."""
+        from pycocotools import mask as mask_utils
+
+        seg = ann.get("segmentation")
+        if not seg:
+            x, y, bw, bh = ann["bbox"]
+            m = np.zeros((h, w), np.uint8)
+            m[int(y) : int(np.ceil(y + bh)), int(x) : int(np.ceil(x + bw))] = 1
+            return m
+        if isinstance(seg, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg.get("counts"), list):
+            rle = mask_utils.frPyObjects(seg, h, w)
+        else:
+            rle = seg
+        return mask_utils.decode(rle).astype(np.uint8)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, boxes, labels, masks, meta = self.load(index)
+        if self.transform is None:
+            raise RuntimeError("CocoDetection needs a transform (normalise + to tensor) to produce tensors")
+        out = apply_det_transform(self.transform, image, boxes, labels, masks)
+        target = {"boxes": torch.from_numpy(out["boxes"]), "labels": torch.from_numpy(out["labels"])}
+        if out["masks"] is not None:
+            target["masks"] = torch.from_numpy(out["masks"])
+        return {"image": out["image"], "target": target, "meta": meta}
+
+
+def collate_det(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lists, not stacks: torchvision detectors take a list of images of any sizes and per-image targets."""
+    return {
+        "image": [b["image"] for b in batch],
+        "target": [b["target"] for b in batch],
+        "meta": [b["meta"] for b in batch],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# datamodule
+# ---------------------------------------------------------------------------------------------
+class DetDataModule(L.LightningDataModule):
+    """COCO layout ``ROOT/{train2017,val2017}`` + ``ROOT/annotations/instances_<split>.json``.
+
+    The category mapping is read from the training json at construction (the task is sized from it),
+    and the validation json must use the same categories. ``mean``/``std`` are set by train.py to the
+    backbone's before ``fit``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        toy: bool = False,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        train_ann: str | None = None,
+        val_ann: str | None = None,
+        image_size: Sequence[int] | int = 1024,
+        scale_range: Sequence[float] = (0.1, 2.0),
+        min_area: float = 1.0,
+        hflip: float = 0.5,
+        with_masks: bool = True,
+        filter_empty: bool = True,
+        batch_size: int = 16,
+        val_batch_size: int = 1,
+        num_workers: int = 8,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        if toy:
+            ensure_toy_data(self.root, layout="coco")
+        self.toy = toy
+        self.train_split, self.val_split = train_split, val_split
+        self.train_ann = (
+            Path(train_ann) if train_ann else self.root / "annotations" / f"instances_{train_split}.json"
+        )
+        self.val_ann = Path(val_ann) if val_ann else self.root / "annotations" / f"instances_{val_split}.json"
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.min_area = float(min_area)
+        self.hflip = float(hflip)
+        self.with_masks = bool(with_masks)
+        self.filter_empty = bool(filter_empty)
+        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
+        self.num_workers = int(num_workers)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed = seed
+        ann = self.train_ann if self.train_ann.is_file() else self.val_ann
+        self.category_map = CategoryMap.from_coco(load_coco_json(ann))
+        self.train_dataset: CocoDetection | None = None
+        self.val_dataset: CocoDetection | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.category_map.names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_map)
+
+    def task_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "category_ids": list(self.category_map.category_ids),
+        }
+
+    @property
+    def run_seed(self) -> int:
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _global_rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            transform = build_det_train_transform(
+                self.image_size,
+                scale_range=self.scale_range,
+                min_area=self.min_area,
+                hflip=self.hflip,
+                mean=self.mean,
+                std=self.std,
+                seed=worker_seed(self.run_seed, 0, self._global_rank()),
+            )
+            self.train_dataset = CocoDetection(
+                self.root / self.train_split,
+                self.train_ann,
+                transform=transform,
+                with_masks=self.with_masks,
+                filter_empty=self.filter_empty,
+                category_map=self.category_map,
+            )
+            if len(self.train_dataset) == 0:
+                raise DataError(f"{self.train_ann}: no training image has a usable annotation")
+        self.val_dataset = CocoDetection(
+            self.root / self.val_split,
+            self.val_ann,
+            transform=build_det_eval_transform(self.mean, self.std),
+            with_masks=self.with_masks,
+            filter_empty=False,
+            category_map=self.category_map,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
+            collate_fn=collate_det,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        assert self.val_dataset is not None
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            sampler=eval_sampler(self.val_dataset),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
+            collate_fn=collate_det,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+__all__ = [
+    "CategoryMap",
+    "CocoDetection",
+    "DetDataModule",
+    "collate_det",
+    "load_coco_json",
+    "validate_coco_dict",
+]

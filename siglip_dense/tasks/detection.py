@@ -1,0 +1,262 @@
+"""Object detection / instance segmentation: torchvision detectors on a SigLIP 2 feature pyramid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+
+from siglip_dense.evaluation.coco_eval import (
+    detections_to_coco,
+    evaluate_coco,
+    gather_results,
+    resolve_evaluator,
+    write_coco_results,
+)
+from siglip_dense.models.backbone import SigLIP2Backbone
+from siglip_dense.models.heads.detection import build_detector
+from siglip_dense.tasks.base import DenseTask
+
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+class DetectionTask(DenseTask):
+    """Sum of the detector's losses for training; COCO AP (pycocotools / faster-coco-eval) for validation.
+
+    ``self.model`` is the torchvision detector; its ``.backbone`` is a PyramidBackbone whose ``body``
+    is the SigLIP2Backbone, hence the prefixes used by layer decay and ``init_from`` filters.
+    """
+
+    task_name = "detection"
+    backbone_prefix = "backbone.body."
+    neck_prefix = "backbone.neck."
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        neck: dict[str, Any],
+        detector: dict[str, Any],
+        num_classes: int,
+        class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
+        image_size: int | list[int] = 1024,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+        evaluator: str = "pycocotools",
+        save_results: bool = True,
+        mask_threshold: float = 0.5,
+        vis_score_threshold: float = 0.5,
+        init_from: str | None = None,
+        init_from_filter: str = "all",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
+        self.save_hyperparameters()
+        self.num_classes = int(num_classes)
+        self.class_names = (
+            list(class_names) if class_names else [f"class_{i}" for i in range(self.num_classes)]
+        )
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for num_classes={self.num_classes}")
+        # contiguous label i <-> original COCO category id (results and checkpoints use the original ids)
+        self.category_ids = (
+            [int(c) for c in category_ids] if category_ids else list(range(1, self.num_classes + 1))
+        )
+        if len(self.category_ids) != self.num_classes or len(set(self.category_ids)) != self.num_classes:
+            raise ValueError(
+                f"category_ids {self.category_ids} must be {self.num_classes} distinct ids (one per class)"
+            )
+        self.image_size = (
+            [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
+        )
+        self.evaluator = resolve_evaluator(evaluator)
+        self.save_results = bool(save_results)
+        self.mask_threshold = float(mask_threshold)
+        self.vis_score_threshold = float(vis_score_threshold)
+        self.model = self.build_model(backbone, neck, detector)
+        self.has_masks = bool(self.model.has_masks)
+        self.label_offset = int(self.model.label_offset)
+        self._val_results: dict[int, list[dict[str, Any]]] = {}
+        self.last_metrics: dict[str, Any] = {}
+        self.last_results: list[dict[str, Any]] = []
+        self.finish_init(freeze_backbone, init_from, init_from_filter)
+
+    def build_model(
+        self, backbone_cfg: dict[str, Any], neck_cfg: dict[str, Any], detector_cfg: dict[str, Any]
+    ) -> torch.nn.Module:
+        body = self.build_backbone(backbone_cfg)
+        if not neck_cfg or "_target_" not in neck_cfg:
+            raise ValueError(
+                "detection needs a neck that builds a pyramid (neck=simple_fpn_p6 or simple_fpn)"
+            )
+        neck_cfg = dict(neck_cfg)
+        if "in_keys" in neck_cfg and neck_cfg["in_keys"] is None:
+            neck_cfg["in_keys"] = body.out_keys
+        neck = instantiate(neck_cfg, in_channels=body.embed_dim, in_stride=body.patch_size, _convert_="all")
+        # null = the detector's default (one config file serves R-CNNs and single-stage detectors)
+        cfg = {k: v for k, v in detector_cfg.items() if v is not None}
+        if "kind" not in cfg:
+            raise ValueError("detector config needs 'kind': faster_rcnn, mask_rcnn, retinanet or fcos")
+        kind = cfg.pop("kind")
+        cfg.pop("_target_", None)
+        return build_detector(kind, body, neck, self.num_classes, image_size=self.image_size, **cfg)
+
+    @property
+    def backbone(self) -> SigLIP2Backbone:
+        return self.model.backbone.body
+
+    # -- training -----------------------------------------------------------------------------------
+    def to_model_targets(self, targets: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> list[dict]:
+        """Contiguous labels 0..K-1 → the detector's (R-CNN: +1, 0 is background), checked first."""
+        out = []
+        for t, meta in zip(targets, batch.get("meta", [{}] * len(targets))):
+            labels = t["labels"].long()
+            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"labels {labels.unique().tolist()} outside 0..{self.num_classes - 1} in "
+                    f"{meta.get('path', '?')}: the data's categories do not match this model's"
+                )
+            boxes = t["boxes"].float()
+            if len(boxes) and not bool((boxes[:, 2:] > boxes[:, :2]).all()):
+                raise ValueError(f"degenerate (zero-size) box in the targets of {meta.get('path', '?')}")
+            mt = {"boxes": boxes.to(self.device), "labels": (labels + self.label_offset).to(self.device)}
+            if self.has_masks:
+                if "masks" not in t:
+                    raise ValueError("Mask R-CNN needs instance masks: set data.with_masks=true")
+                mt["masks"] = t["masks"].to(self.device)
+            out.append(mt)
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images = [im.to(self.device) for im in batch["image"]]
+        targets = self.to_model_targets(batch["target"], batch)
+        losses = self.model(images, targets)
+        bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v).all()}
+        if bad:
+            paths = [m.get("path", "?") for m in batch.get("meta", [])][:4]
+            raise FloatingPointError(
+                f"non-finite detection losses {bad} at step {self.global_step} (batch from {paths}); "
+                "lower the lr, enable gradient clipping, or check the boxes"
+            )
+        loss = sum(v.float() for v in losses.values())
+        losses = {**losses, "loss": loss}
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
+        return loss
+
+    # -- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections per image in its own pixels, labels contiguous 0..K-1 (masks N×1×H×W probs)."""
+        was_training = self.model.training
+        self.model.eval()
+        outs = self.model([im.to(self.device) for im in images])
+        self.model.train(was_training)
+        for o in outs:
+            o["labels"] = o["labels"] - self.label_offset
+        return outs
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return self.predict(images)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_results = {}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        outs = self.predict(batch["image"])
+        for out, meta in zip(outs, batch["meta"]):
+            h, w = meta["orig_size"]
+            if tuple(out.get("masks", torch.empty(0, 1, h, w)).shape[-2:]) != (h, w):
+                raise RuntimeError(f"masks of {meta['path']} are not at the original size {h}×{w}")
+            self._val_results[int(meta["image_id"])] = detections_to_coco(
+                meta["image_id"],
+                out["boxes"],
+                out["scores"],
+                out["labels"],
+                self.category_ids,
+                out.get("masks") if self.has_masks else None,
+                self.mask_threshold,
+            )
+
+    def _ground_truth(self) -> Any:
+        """The validation split's pycocotools COCO (the dataset keeps it; any COCO json works)."""
+        trainer = self.trainer
+        for loaders in (trainer.val_dataloaders, trainer.test_dataloaders):
+            if loaders is None:
+                continue
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            coco = getattr(getattr(loader, "dataset", None), "coco", None)
+            if coco is not None:
+                return coco
+        dm = getattr(trainer, "datamodule", None)
+        coco = getattr(getattr(dm, "val_dataset", None), "coco", None)
+        if coco is None:
+            raise RuntimeError("detection evaluation needs a COCO dataset (with .coco) behind the val loader")
+        return coco
+
+    def on_validation_epoch_end(self) -> None:
+        results, image_ids = gather_results(self._val_results)
+        self._val_results = {}
+        metrics: dict[str, Any] | None = None
+        if self.trainer.is_global_zero:
+            iou_types = ("bbox", "segm") if self.has_masks else ("bbox",)
+            metrics = evaluate_coco(self._ground_truth(), results, iou_types, image_ids, self.evaluator)
+            if self.save_results and self.trainer.default_root_dir:
+                write_coco_results(Path(self.trainer.default_root_dir) / "coco_results.json", results)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            box = [metrics]
+            torch.distributed.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        assert metrics is not None
+        self.last_metrics = metrics
+        self.last_results = results
+        # undefined values (no ground truth of that size) are not logged; bbox_AP always is (monitor)
+        loggable = {f"val/{k}": float(v) for k, v in metrics.items() if v is not None}
+        loggable.setdefault("val/bbox_AP", 0.0)
+        self.log_dict(loggable, prog_bar=False, sync_dist=False)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    @rank_zero_only
+    def save_predictions(self, out_dir: str | Path) -> Path:
+        """``coco_results.json`` of the last evaluation (COCO results format) into ``out_dir``."""
+        return write_coco_results(Path(out_dir) / "coco_results.json", self.last_results)
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def summarize(self, metrics: dict[str, Any]) -> str:
+        lines = []
+        for prefix in ("bbox", "segm"):
+            vals = [metrics.get(f"{prefix}_{k}") for k in METRIC_KEYS]
+            if all(v is None for v in vals):
+                continue
+            cells = "  ".join(
+                f"{k} {'  n/a' if v is None else f'{100 * v:5.1f}'}" for k, v in zip(METRIC_KEYS, vals)
+            )
+            lines.append(f"{prefix}: {cells}")
+        return "\n".join(lines)
+
+    def save_visualization(self, datamodule: Any, path: Path, num: int) -> Path | None:
+        from siglip_dense.visualize import save_detection_grid
+
+        return save_detection_grid(self, datamodule, path, num)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        meta = checkpoint["siglip_dense"]
+        meta["class_names"] = list(self.class_names)
+        meta["num_classes"] = self.num_classes
+        meta["category_ids"] = list(self.category_ids)
+        meta["label_to_category_id"] = {str(i): c for i, c in enumerate(self.category_ids)}
+        meta["detector"] = self.model.kind

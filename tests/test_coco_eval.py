@@ -1,0 +1,187 @@
+"""COCO evaluation: GT-as-prediction = 1.0, our results file re-scored by plain pycocotools, backends agree."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from siglip_dense.evaluation.coco_eval import (
+    dedup_results,
+    detections_to_coco,
+    evaluate_coco,
+    write_coco_results,
+)
+from tests.test_coco_data import toy_coco_root  # noqa: F401 - shared session fixture
+
+NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _gt(root: Path) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(root / "annotations" / "instances_val2017.json"))
+
+
+def _rle(coco: COCO, ann: dict) -> dict:
+    rle = coco.annToRLE(ann)  # compressed; counts are str when the json already held a compressed RLE
+    counts = rle["counts"]
+    return {
+        "size": list(rle["size"]),
+        "counts": counts.decode("utf-8") if isinstance(counts, bytes) else counts,
+    }
+
+
+def _gt_as_predictions(coco: COCO) -> list[dict]:
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": list(a["bbox"]),
+            "score": 1.0,
+            "segmentation": _rle(coco, a),
+        }
+        for a in coco.dataset["annotations"]
+        if not a["iscrowd"]
+    ]
+
+
+def _noisy_predictions(coco: COCO, seed: int = 0) -> list[dict]:
+    """Jittered ground truth, some wrong classes and false positives, random scores."""
+    rng = np.random.default_rng(seed)
+    cats = coco.getCatIds()
+    out = []
+    for a in coco.dataset["annotations"]:
+        x, y, w, h = a["bbox"]
+        img = coco.imgs[a["image_id"]]
+        for _ in range(2):
+            j = rng.normal(0, 0.12, 4) * [w, h, w, h]
+            box = [max(x + j[0], 0), max(y + j[1], 0), max(w + j[2], 1), max(h + j[3], 1)]
+            cat = a["category_id"] if rng.random() < 0.8 else int(rng.choice(cats))
+            m = np.zeros((img["height"], img["width"]), np.uint8)
+            x0, y0 = int(box[0]), int(box[1])
+            m[y0 : y0 + int(box[3]) + 1, x0 : x0 + int(box[2]) + 1] = 1
+            m &= coco.annToMask(a) if rng.random() < 0.5 else 1
+            rle = mask_utils.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode("utf-8")
+            out.append(
+                {
+                    "image_id": a["image_id"],
+                    "category_id": cat,
+                    "bbox": [float(v) for v in box],
+                    "score": float(rng.random()),
+                    "segmentation": rle,
+                }
+            )
+    return out
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster_coco_eval"])
+def test_ground_truth_as_prediction_scores_one(toy_coco_root: Path, evaluator: str) -> None:  # noqa: F811
+    coco = _gt(toy_coco_root)
+    metrics = evaluate_coco(coco, _gt_as_predictions(coco), ("bbox", "segm"), evaluator=evaluator)
+    assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
+    for prefix in ("bbox", "segm"):
+        for n in NAMES:
+            v = metrics[f"{prefix}_{n}"]
+            assert v is None or v == pytest.approx(1.0), (prefix, n, v)
+
+
+def test_results_file_rescored_by_plain_pycocotools_gives_our_numbers(
+    toy_coco_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    coco = _gt(toy_coco_root)
+    results = _noisy_predictions(coco)
+    ours = evaluate_coco(coco, results, ("bbox", "segm"))
+    assert 0.05 < ours["bbox_AP"] < 0.95
+    path = write_coco_results(tmp_path / "coco_results.json", results)
+    loaded = json.loads(path.read_text())
+    assert isinstance(loaded[0]["segmentation"]["counts"], str)
+    for iou_type in ("bbox", "segm"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(toy_coco_root / "annotations" / "instances_val2017.json"))
+            ev = COCOeval(gt, gt.loadRes(str(path)), iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        for n, s in zip(NAMES, ev.stats[:6]):
+            assert ours[f"{iou_type}_{n}"] == (None if s < 0 else float(s)), (iou_type, n)
+
+
+def test_pycocotools_and_faster_coco_eval_agree(toy_coco_root: Path) -> None:  # noqa: F811
+    coco = _gt(toy_coco_root)
+    results = _noisy_predictions(coco, seed=1)
+    a = evaluate_coco(coco, results, ("bbox", "segm"), evaluator="pycocotools")
+    b = evaluate_coco(coco, results, ("bbox", "segm"), evaluator="faster_coco_eval")
+    assert set(a) == set(b)
+    for k in a:
+        assert (a[k] is None) == (b[k] is None), k
+        if a[k] is not None:
+            assert a[k] == pytest.approx(b[k], abs=1e-9), k
+
+
+def test_subset_of_images_and_empty_results(toy_coco_root: Path) -> None:  # noqa: F811
+    coco = _gt(toy_coco_root)
+    first = sorted(coco.getImgIds())[:2]
+    res = [r for r in _gt_as_predictions(coco) if r["image_id"] in first]
+    # scored on the predicted images only: perfect; on all images the rest are misses
+    assert evaluate_coco(coco, res, image_ids=first)["bbox_AP"] == pytest.approx(1.0)
+    assert evaluate_coco(coco, res)["bbox_AP"] < 1.0
+    assert evaluate_coco(coco, [], ("bbox", "segm"), image_ids=first)["bbox_AP"] == 0.0
+    with pytest.raises(ValueError, match="absent from the ground truth"):
+        evaluate_coco(coco, [{**res[0], "image_id": 123456}])
+    with pytest.raises(ValueError, match="evaluator must be one of"):
+        evaluate_coco(coco, res, evaluator="nope")
+
+
+def test_detections_to_coco_maps_labels_boxes_and_masks() -> None:
+    masks = torch.zeros(2, 1, 20, 30)
+    masks[0, 0, 2:6, 3:9] = 0.9
+    masks[1, 0, 10:12, 0:5] = 0.7
+    res = detections_to_coco(
+        7,
+        boxes=torch.tensor([[3.0, 2.0, 9.0, 6.0], [0.0, 10.0, 5.0, 12.0]]),
+        scores=torch.tensor([0.9, 0.4]),
+        labels=torch.tensor([1, 4]),
+        category_ids=[1, 3, 5, 7, 9],
+        masks=masks,
+    )
+    assert [r["category_id"] for r in res] == [3, 9]
+    assert res[0]["bbox"] == [3.0, 2.0, 6.0, 4.0] and res[1]["bbox"] == [0.0, 10.0, 5.0, 2.0]
+    assert isinstance(res[0]["segmentation"]["counts"], str)
+    rle = {**res[0]["segmentation"], "counts": res[0]["segmentation"]["counts"].encode()}
+    assert mask_utils.decode(rle).sum() == 24 and mask_utils.area(rle) == 24
+    with pytest.raises(ValueError, match="outside 0..4"):
+        detections_to_coco(1, torch.zeros(1, 4), torch.ones(1), torch.tensor([5]), [1, 3, 5, 7, 9])
+
+
+def test_ddp_padding_repeats_count_once() -> None:
+    r = lambda img, s: {"image_id": img, "category_id": 1, "bbox": [0, 0, 1, 1], "score": s}  # noqa: E731
+    rank0 = {1: [r(1, 0.9)], 2: [r(2, 0.8), r(2, 0.7)]}
+    rank1 = {3: [], 1: [r(1, 0.1)]}  # image 1 repeated by the sampler's padding
+    merged, ids = dedup_results([rank0, rank1])
+    assert ids == [1, 2, 3]
+    assert sorted(x["score"] for x in merged) == [0.7, 0.8, 0.9]
+
+
+def test_gather_results_under_an_initialised_process_group(tmp_path: Path) -> None:
+    """The all_gather_object path (one gloo rank here; DDP ranks merge the same way as dedup_results)."""
+    import torch.distributed as dist
+
+    from siglip_dense.evaluation.coco_eval import gather_results
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        per_image = {5: [{"image_id": 5, "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.5}], 6: []}
+        merged, ids = gather_results(per_image)
+    finally:
+        dist.destroy_process_group()
+    assert ids == [5, 6] and merged == per_image[5]
