@@ -59,7 +59,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = dict(task.last_metrics)
     if trainer.is_global_zero:
-        task.finalize_predictions()
+        if cfg.get("save_predictions"):
+            task.finalize_predictions(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(task.summarize(metrics))

@@ -199,7 +199,7 @@ def save_detection_grid(task: Any, datamodule: Any, path: Path, num: int = 6) ->
         tgt = sample["target"]
         gt_masks = tgt["masks"].numpy() if "masks" in tgt else None
         gt = draw_detections(rgb, tgt["boxes"].numpy(), tgt["labels"].numpy(), names, masks=gt_masks)
-        out = task.predict([image])[0]
+        out = task.detect([image])[0]
         keep = (out["scores"] >= thr).cpu()
         pm = None
         if "masks" in out:

@@ -73,7 +73,7 @@ def test_detector_trains_and_predicts(kind: str, toy_batches: tuple) -> None:
     task.model.score_thresh = 0.0  # one-stage: keep low-confidence boxes of an untrained model
     if hasattr(task.model, "roi_heads"):
         task.model.roi_heads.score_thresh = 0.0
-    outs = task.predict(val_batch["image"])
+    outs = task.detect(val_batch["image"])
     h, w = val_batch["meta"][0]["orig_size"]
     out = outs[0]
     n = len(out["boxes"])
@@ -182,7 +182,7 @@ def test_bf16_autocast_keeps_boxes_fp32(toy_batches: tuple) -> None:
         loss = task.training_step(train_batch, 0)
         task.eval()
         task.model.roi_heads.score_thresh = 0.0
-        out = task.predict(val_batch["image"])[0]
+        out = task.detect(val_batch["image"])[0]
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in task.parameters())
     assert out["boxes"].dtype == torch.float32 and len(out["boxes"]) > 0

@@ -83,7 +83,7 @@ def test_short_run_writes_metrics_results_and_a_self_describing_checkpoint(
     again = DetectionTask(**raw["hyper_parameters"]).eval()
     again.load_state_dict(raw["state_dict"])
     x = [torch.randn(3, 100, 140)]
-    a, b = task.predict(x)[0], again.predict(x)[0]
+    a, b = task.detect(x)[0], again.detect(x)[0]
     torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=0)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from siglip_dense.data.datamodule import eval_sampler, seed_worker, worker_seed
 from siglip_dense.data.io import DataError, read_image
-from siglip_dense.data.toy import ensure_toy_data
+from siglip_dense.data.toy import ensure_toy_data_unless_present
 from siglip_dense.data.transforms import (
     apply_det_transform,
     build_det_eval_transform,
@@ -316,7 +316,7 @@ class DetDataModule(L.LightningDataModule):
         super().__init__()
         self.root = Path(root)
         if toy:
-            ensure_toy_data(self.root, layout="coco")
+            ensure_toy_data_unless_present(self.root, layout="coco")
         self.toy = toy
         self.train_split, self.val_split = train_split, val_split
         self.train_ann = (

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler, get_worker_info
 
 from siglip_dense.data.ade20k import IGNORE_INDEX, SegFolderDataset, load_class_names
-from siglip_dense.data.toy import ensure_toy_data
+from siglip_dense.data.toy import ensure_toy_data_unless_present
 from siglip_dense.data.transforms import build_seg_eval_transform, build_seg_train_transform, seed_transform
 
 
@@ -133,10 +133,8 @@ class SegDataModule(L.LightningDataModule):
         if dataset not in ("ade20k", "folder"):
             raise ValueError(f"dataset must be 'ade20k' or 'folder', got {dataset!r}")
         self.root = Path(root)
-        if toy and not (self.root / "images").is_dir():
-            # generate on first use; a root that already holds the real layout is used as it is, so
-            # `experiment=toy_seg data.root=DIR` works on any ADE20K-layout dataset
-            ensure_toy_data(self.root)
+        if toy:
+            ensure_toy_data_unless_present(self.root, layout="ade20k")
         self.dataset = dataset
         self.toy = toy
         self.train_split, self.val_split = train_split, val_split

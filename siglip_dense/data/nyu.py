@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from siglip_dense.data.datamodule import eval_sampler, seed_worker, worker_seed
 from siglip_dense.data.io import DataError, read_image
-from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, ensure_toy_data
+from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, ensure_toy_data_unless_present
 from siglip_dense.data.transforms import build_depth_eval_transform, build_depth_train_transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -369,7 +369,9 @@ class DepthDataModule(L.LightningDataModule):
             raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
         self.root = Path(root)
         if toy:
-            ensure_toy_data(self.root, num_train=toy_num_train, num_val=toy_num_val, layout="nyu")
+            ensure_toy_data_unless_present(
+                self.root, layout="nyu", num_train=toy_num_train, num_val=toy_num_val
+            )
         self.dataset, self.toy = dataset, toy
         self.train_split, self.val_split = train_split, val_split
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))

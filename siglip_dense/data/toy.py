@@ -498,3 +498,18 @@ def write_nyu_layout(root: str | Path, num_train: int, num_val: int, seed: int =
             lines.append(f"{rgb_rel.as_posix()} {depth_rel.as_posix()} {0.8 * w:.4f}")
         (root / "splits" / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+# a directory that holds this entry already has a dataset in the layout (ours or the user's)
+LAYOUT_ENTRIES: dict[str, str] = {"ade20k": "images", "coco": "annotations", "nyu": "splits"}
+
+
+def ensure_toy_data_unless_present(root: str | Path, layout: str = "ade20k", **kwargs: Any) -> Path:
+    """Generate toy data on first use, but use a dataset already in the layout at ``root`` as it is.
+
+    ``experiment=toy_* data.root=DIR`` must work on a real dataset without writing into it.
+    """
+    root = Path(root)
+    if (root / LAYOUT_ENTRIES[layout]).is_dir():
+        return root
+    return ensure_toy_data(root, layout=layout, **kwargs)

@@ -365,8 +365,8 @@ class DenseTask(L.LightningModule):
     def set_tta(self, tta: str | dict[str, Any]) -> None:
         raise ValueError(f"{type(self).__name__} has no test-time augmentation; drop tta=")
 
-    def finalize_predictions(self) -> None:
-        """Write whole-set prediction files (rank 0, after validation); per-image files need nothing."""
+    def finalize_predictions(self, out_dir: Path) -> None:
+        """Write whole-set prediction files (rank 0, after evaluation); per-image files need nothing."""
 
     # -- inference without Hydra or a datamodule (tools/predict.py, load_model) ---------------------
     def predict(self, images: list[Any]) -> list[Any]:

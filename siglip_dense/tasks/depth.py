@@ -203,9 +203,48 @@ class DepthTask(DenseTask):
         images, depths = batch["image"], batch["depth"]
         if isinstance(images, torch.Tensor):
             images, depths = list(images), list(depths)
-        for image, depth in zip(images, depths):
+        metas = batch.get("meta") or [{} for _ in images]
+        for image, depth, meta in zip(images, depths, metas):
             pred = self.infer(image[None].to(self.device))
             self.val_metric.update(pred, depth[None].to(self.device))
+            if self.predictions_dir is not None:
+                self.write_prediction(pred, depth.shape[-2:], meta)
+
+    def write_prediction(self, pred: torch.Tensor, gt_size: Any, meta: dict[str, Any]) -> Path:
+        """``predictions/<stem>.npy``: float32 metres at ground-truth resolution (what metrics saw)."""
+        import numpy as np
+
+        if tuple(pred.shape[-2:]) != tuple(gt_size):
+            pred = F.interpolate(pred, size=tuple(gt_size), mode="bilinear", align_corners=False)
+        path = Path(self.predictions_dir) / f"{meta.get('stem', 'image')}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, pred[0, 0].float().cpu().numpy().astype(np.float32))
+        return path
+
+    @torch.no_grad()
+    def predict(self, images: list[Any]) -> list[Any]:
+        """H×W depth in metres (numpy float32, clipped to the valid range) for RGB uint8 images."""
+        return [self.predict_depth(x)[0].float().cpu().numpy() for x in self.normalize_images(images)]
+
+    def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
+        """tools/predict.py: ``<stem>.npy`` metres + ``<stem>_vis.png`` (colour map and scale bar)."""
+        import numpy as np
+        from PIL import Image
+
+        from siglip_dense.visualize import colorize_depth, depth_scale_bar
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        raw = out_dir / f"{stem}.npy"
+        np.save(raw, np.asarray(prediction, dtype=np.float32))
+        vmax = float(np.nanmax(prediction)) if np.size(prediction) else self.max_depth
+        panel = np.concatenate([np.asarray(image), colorize_depth(prediction, 0.0, vmax)], axis=1)
+        bar = depth_scale_bar(panel.shape[1], 0.0, vmax)
+        canvas = Image.new("RGB", (panel.shape[1], panel.shape[0] + bar.height), (255, 255, 255))
+        canvas.paste(Image.fromarray(panel), (0, 0))
+        canvas.paste(bar, (0, panel.shape[0]))
+        vis = out_dir / f"{stem}_vis.png"
+        canvas.save(vis)
+        return [raw, vis]
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metric.compute()

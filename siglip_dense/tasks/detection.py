@@ -150,8 +150,9 @@ class DetectionTask(DenseTask):
 
     # -- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Detections per image in its own pixels, labels contiguous 0..K-1 (masks N×1×H×W probs)."""
+    def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections per normalised 3×H×W image in its own pixels, labels contiguous 0..K-1
+        (masks N×1×H×W probabilities)."""
         was_training = self.model.training
         self.model.eval()
         outs = self.model([im.to(self.device) for im in images])
@@ -161,14 +162,60 @@ class DetectionTask(DenseTask):
         return outs
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        return self.predict(images)
+        return self.detect(images)
+
+    @torch.no_grad()
+    def predict(self, images: list[Any]) -> list[dict[str, torch.Tensor]]:
+        """Detections (CPU tensors, original pixels) for RGB uint8 H×W×3 images of any size."""
+        outs = self.detect([x[0] for x in self.normalize_images(images)])
+        return [{k: v.cpu() for k, v in o.items()} for o in outs]
+
+    def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
+        """tools/predict.py: ``<stem>.json`` (xyxy boxes, scores, class names and COCO ids) + picture."""
+        import json
+
+        import numpy as np
+        from PIL import Image
+
+        from siglip_dense.visualize import draw_detections
+
+        keep = prediction["scores"] >= self.vis_score_threshold
+        boxes = prediction["boxes"][keep].numpy()
+        labels = prediction["labels"][keep].numpy()
+        scores = prediction["scores"][keep].numpy()
+        masks = None
+        if "masks" in prediction:
+            masks = (prediction["masks"][keep][:, 0] > self.mask_threshold).numpy()
+        dets = [
+            {
+                "bbox_xyxy": [round(float(v), 2) for v in b],
+                "score": float(sc),
+                "label": int(lab),
+                "class_name": self.class_names[int(lab)],
+                "category_id": int(self.category_ids[int(lab)]),
+            }
+            for b, lab, sc in zip(boxes, labels, scores)
+        ]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        raw = out_dir / f"{stem}.json"
+        raw.write_text(
+            json.dumps({"detections": dets, "score_threshold": self.vis_score_threshold}, indent=1)
+        )
+        vis = out_dir / f"{stem}_vis.png"
+        Image.fromarray(
+            draw_detections(np.asarray(image), boxes, labels, self.class_names, scores, masks)
+        ).save(vis)
+        return [raw, vis]
+
+    def finalize_predictions(self, out_dir: Path) -> None:
+        self.save_predictions(out_dir)
 
     # -- evaluation ---------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_results = {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        outs = self.predict(batch["image"])
+        outs = self.detect(batch["image"])
         for out, meta in zip(outs, batch["meta"]):
             h, w = meta["orig_size"]
             if tuple(out.get("masks", torch.empty(0, 1, h, w)).shape[-2:]) != (h, w):

@@ -1,0 +1,166 @@
+"""eval.py and predict.py for depth and detection checkpoints, re-scored by independent paths.
+
+Depth: numpy textbook metrics over the saved ``.npy`` files and the 16-bit ground-truth PNGs.
+Detection: plain pycocotools over the saved ``coco_results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from siglip_dense.data.toy import ensure_toy_data
+from siglip_dense.evaluate import run_eval
+from siglip_dense.train import run_train
+from tests.conftest import compose_cfg, compose_train_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "data.num_workers=0", "num_vis=0"]
+
+
+def best_ckpt(run_dir: Path) -> Path:
+    return next((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+
+
+def eval_cfg(ckpt: Path, out: Path, tmp: Path, *extra: str):  # noqa: ANN201
+    overrides = [f"ckpt_path={ckpt}", "data.num_workers=0", "save_predictions=true", f"output_dir={out}"]
+    return compose_cfg("eval", [*overrides, *extra], tmp / "hydra")
+
+
+# -- depth -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def depth_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("evdepth")
+    root = ensure_toy_data(base / "data" / "toy_depth", num_train=8, num_val=3, seed=1, layout="nyu")
+    run_dir = base / "run"
+    cfg = compose_train_cfg(
+        ["experiment=toy_depth", *SHORT, "data.batch_size=4"], run_dir, data_dir=root.parent
+    )
+    run_train(cfg)
+    return run_dir, root
+
+
+def numpy_depth_metrics(pred_dir: Path, root: Path, max_depth: float = 10.0) -> dict[str, float]:
+    """abs_rel / rmse / delta1 per image (Eigen crop scaled to the GT size), then the mean."""
+    per_image = []
+    for line in (root / "splits" / "val.txt").read_text().splitlines():
+        rgb_rel, depth_rel = line.split()[:2]
+        gt = np.asarray(Image.open(root / depth_rel)).astype(np.float64) / 1000.0
+        pred = np.load(pred_dir / f"{Path(rgb_rel).stem}.npy").astype(np.float64)
+        assert pred.shape == gt.shape and pred.dtype == np.float64
+        h, w = gt.shape
+        crop = np.zeros_like(gt, dtype=bool)
+        y0, y1 = int(45 / 480 * h + 0.5), int(471 / 480 * h + 0.5)
+        x0, x1 = int(41 / 640 * w + 0.5), int(601 / 640 * w + 0.5)
+        crop[y0:y1, x0:x1] = True
+        valid = crop & (gt > 1e-3) & (gt < max_depth)
+        g, p = gt[valid], np.clip(pred[valid], 1e-3, max_depth)
+        thresh = np.maximum(g / p, p / g)
+        per_image.append(
+            {
+                "abs_rel": np.mean(np.abs(p - g) / g),
+                "rmse": np.sqrt(np.mean((p - g) ** 2)),
+                "delta1": np.mean(thresh < 1.25),
+            }
+        )
+    return {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
+
+
+def test_depth_eval_matches_training_and_saved_npy(
+    depth_run: tuple[Path, Path], tmp_path: Path, hydra_cleanup: None
+) -> None:
+    run_dir, root = depth_run
+    out = tmp_path / "eval"
+    metrics = run_eval(eval_cfg(best_ckpt(run_dir), out, tmp_path))
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("abs_rel", "rmse", "delta1", "silog"):
+        assert metrics[key] == pytest.approx(trained[key], rel=1e-6, abs=1e-9), key
+    ref = numpy_depth_metrics(out / "predictions", root)
+    for key, value in ref.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_depth_predict_tool(depth_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run_dir, root = depth_run
+    image = next((root).rglob("*.jpg"))
+    out = tmp_path / "pred"
+    cmd = [
+        sys.executable,
+        "tools/predict.py",
+        f"ckpt_path={best_ckpt(run_dir)}",
+        f"input={image}",
+        f"output={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    depth = np.load(out / f"{image.stem}.npy")
+    assert depth.dtype == np.float32 and depth.shape == np.asarray(Image.open(image)).shape[:2]
+    assert np.all((depth >= 1e-3) & (depth <= 10.0))
+    assert (out / f"{image.stem}_vis.png").stat().st_size > 0
+
+
+# -- detection ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("evdet")
+    root = ensure_toy_data(base / "data" / "toy_det", num_train=6, num_val=4, seed=2, layout="coco")
+    run_dir = base / "run"
+    small = ["data.batch_size=2", "data.image_size=128", "task.detector.box_detections_per_img=20"]
+    cfg = compose_train_cfg(["experiment=toy_det", *SHORT, *small], run_dir, data_dir=root.parent)
+    run_train(cfg)
+    return run_dir, root
+
+
+def test_detection_eval_results_rescored_by_pycocotools(
+    det_run: tuple[Path, Path], tmp_path: Path, hydra_cleanup: None
+) -> None:
+    run_dir, root = det_run
+    out = tmp_path / "eval"
+    metrics = run_eval(eval_cfg(best_ckpt(run_dir), out, tmp_path))
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics.keys() == trained.keys()
+    for key, value in trained.items():
+        assert metrics[key] is None if value is None else metrics[key] == pytest.approx(value, abs=1e-9), key
+    results_path = out / "coco_results.json"
+    results = json.loads(results_path.read_text())
+    if not results:
+        pytest.skip("the 1-epoch model detected nothing above the score floor")
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(root / "annotations" / "instances_val2017.json"))
+        ev = COCOeval(gt, gt.loadRes(str(results_path)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert metrics["bbox_AP"] == pytest.approx(max(float(ev.stats[0]), 0.0), abs=1e-12)
+
+
+def test_detection_predict_tool(det_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run_dir, root = det_run
+    image = sorted((root / "val2017").glob("*.jpg"))[0]
+    out = tmp_path / "pred"
+    cmd = [
+        sys.executable,
+        "tools/predict.py",
+        f"ckpt_path={best_ckpt(run_dir)}",
+        f"input={image}",
+        f"output={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dets = json.loads((out / f"{image.stem}.json").read_text())["detections"]
+    cat_ids = {
+        c["id"]
+        for c in json.loads((root / "annotations" / "instances_val2017.json").read_text())["categories"]
+    }
+    assert all(d["category_id"] in cat_ids and len(d["bbox_xyxy"]) == 4 for d in dets)
+    assert (out / f"{image.stem}_vis.png").stat().st_size > 0
