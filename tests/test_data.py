@@ -362,3 +362,18 @@ def test_eval_transform_keeps_size() -> None:
         image=np.zeros((33, 47, 3), np.uint8), mask=np.zeros((33, 47), np.uint8)
     )
     assert out["image"].shape == (3, 33, 47) and torch.allclose(out["image"], torch.tensor(-1.0))
+
+
+@pytest.mark.parametrize(
+    ("layout", "entry"), [("ade20k", "images"), ("coco", "annotations"), ("nyu", "splits")]
+)
+def test_make_toy_data_tool_writes_each_layout(layout: str, entry: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / layout
+    cmd = [sys.executable, "tools/make_toy_data.py", str(out), "--layout", layout, "--num-train", "2"]
+    proc = subprocess.run([*cmd, "--num-val", "1"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / entry).is_dir() and layout in proc.stdout
