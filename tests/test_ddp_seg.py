@@ -61,4 +61,14 @@ def test_ddp_sim_validation_equals_single_process(odd_toy_root: Path, tmp_path: 
     for key in ("mIoU", "aAcc", "mAcc"):
         assert single[key] == pytest.approx(ddp_metrics[key], abs=1e-6), key
     assert single["per_class_IoU"] == pytest.approx(ddp_metrics["per_class_IoU"], abs=1e-6, nan_ok=True)
+
+    # tools/eval.py under DDP writes the single-process numbers too
+    eval_dir = tmp_path / "eval"
+    cmd = [sys.executable, "tools/eval.py", f"ckpt_path={ckpt}", "trainer=ddp_sim", "data.num_workers=0"]
+    cmd += [f"output_dir={eval_dir}", f"hydra.run.dir={tmp_path / 'eval_hydra'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    for key in ("mIoU", "aAcc", "mAcc"):
+        assert evaluated[key] == pytest.approx(single[key], abs=1e-6), key
     assert torch.distributed.is_available()

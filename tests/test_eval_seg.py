@@ -143,3 +143,11 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, bad)
     with pytest.raises(CheckpointFormatError, match="random.ckpt"):
         load_task(bad)
+
+
+def test_eval_tool_fails_loudly_on_a_missing_checkpoint(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.ckpt"
+    cmd = [sys.executable, "tools/eval.py", f"ckpt_path={missing}", f"hydra.run.dir={tmp_path / 'h'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "nope.ckpt" in proc.stdout + proc.stderr
