@@ -164,3 +164,30 @@ def test_detection_predict_tool(det_run: tuple[Path, Path], tmp_path: Path) -> N
     }
     assert all(d["category_id"] in cat_ids and len(d["bbox_xyxy"]) == 4 for d in dets)
     assert (out / f"{image.stem}_vis.png").stat().st_size > 0
+
+
+def test_detector_backbone_and_neck_start_a_new_dataset(det_run: tuple[Path, Path]) -> None:
+    """init_from a COCO-trained detector with filter backbone+neck: heads stay fresh for new classes."""
+    import torch
+
+    from siglip_dense.tasks.detection import DetectionTask
+
+    ckpt = best_ckpt(det_run[0])
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hp = dict(raw["hyper_parameters"])
+    k = hp["num_classes"] + 2
+    hp.update(
+        num_classes=k,
+        class_names=[f"n{i}" for i in range(k)],
+        category_ids=list(range(1, k + 1)),
+        init_from=str(ckpt),
+        init_from_filter="backbone+neck",
+    )
+    task = DetectionTask(**hp)
+    loaded = set(task.init_report.loaded)
+    assert loaded and all(n.startswith(("model.backbone.body.", "model.backbone.neck.")) for n in loaded)
+    src = raw["state_dict"]
+    assert loaded == {n for n in src if n.startswith(("model.backbone.body.", "model.backbone.neck."))}
+    own = task.state_dict()
+    for name in loaded:
+        torch.testing.assert_close(own[name], src[name])
