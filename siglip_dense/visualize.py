@@ -44,23 +44,28 @@ def save_segmentation_grid(task: Any, datamodule: Any, path: Path, num: int = 6)
         datamodule.setup("validate")
         ds = datamodule.val_dataset
     task.eval()
-    rows = []
+    panels = []
     k = task.num_classes
     for i in range(min(num, len(ds))):
         sample = ds[i]
         image = sample["image"]
         pred = task.predict_labels(image[None].to(task.device))[0].cpu().numpy()
         rgb = denormalize(image, task.mean, task.std)
-        gt = colorize(sample["mask"].numpy(), k)
-        rows.append(np.concatenate([rgb, gt, colorize(pred, k)], axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
+        panels.append((rgb, colorize(sample["mask"].numpy(), k), colorize(pred, k)))
+    # every column as wide as the widest image, so the titles sit above their column in every row
+    col = max(p[0].shape[1] for p in panels) + 4
+    rows = [
+        np.pad(
+            np.concatenate([np.pad(x, ((0, 0), (0, col - x.shape[1]), (0, 0))) for x in row], 1),
+            ((0, 4), (0, 0), (0, 0)),
+        )
+        for row in panels
+    ]
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     header = Image.new("RGB", (grid.width, 18), (255, 255, 255))
     draw = ImageDraw.Draw(header)
-    third = rows[0].shape[1] // 3
     for j, title in enumerate(("image", "ground truth", "prediction")):
-        draw.text((j * third + 4, 3), title, fill=(0, 0, 0))
+        draw.text((j * col + 4, 3), title, fill=(0, 0, 0))
     out = Image.new("RGB", (grid.width, grid.height + header.height))
     out.paste(header, (0, 0))
     out.paste(grid, (0, header.height))
