@@ -24,3 +24,55 @@ def test_backbone_benchmark_smoke(tmp_path: Path) -> None:
     }
     assert all(r["images_per_s"] > 0 for r in rows)
     assert "ratio" in proc.stdout
+
+
+def _run_bench(args: list[str], out: Path) -> tuple[list[dict], str]:
+    """Run ``tools/benchmark.py`` with ``args`` and return its JSON rows and stdout."""
+    cmd = [sys.executable, "tools/benchmark.py", *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [json.loads(line) for line in out.read_text().splitlines()], proc.stdout
+
+
+def test_data_benchmark_smoke(tmp_path: Path) -> None:
+    args = ["data", "--images", "2", "--iters", "2", "--rounds", "1", "--warmup", "0"]
+    args += ["--crop", "128", "--det-size", "256", "--target-images-per-s", "100"]
+    rows, stdout = _run_bench(args, tmp_path / "data.jsonl")
+    assert {(r["group"], r["impl"]) for r in rows} == {
+        (group, impl)
+        for group in ("ade20k_128", "coco_lsj_256", "nyu_416x544")
+        for impl in ("siglip_dense", "torchvision_v2")
+    }
+    for r in rows:
+        assert r["bench"] == "data" and r["images_per_s"] > 0 and r["workers_needed"] >= 1
+        assert r["target_images_per_s"] == 100
+    assert "ratio" in stdout and "workers needed" in stdout
+
+
+def test_eval_benchmark_smoke(tmp_path: Path) -> None:
+    args = ["eval", "--coco-images", "8", "--coco-iters", "1", "--seg-size", "64", "96"]
+    args += ["--seg-iters", "1", "--miou-iters", "2", "--miou-size", "128"]
+    args += ["--device", "cpu"]
+    rows, stdout = _run_bench(args, tmp_path / "eval.jsonl")
+    coco = [r for r in rows if r["group"] == "coco_bbox_8img"]
+    assert {r["impl"] for r in coco} == {"pycocotools", "faster_coco_eval"}
+    assert all(r["stats_match"] and r["seconds"] > 0 for r in coco)
+    assert coco[0]["bbox_AP"] == coco[1]["bbox_AP"]
+    infer = [r for r in rows if r["group"] == "ade20k_infer_64x96"]
+    assert {r["impl"] for r in infer} == {"tiny_slide", "tiny_whole"}
+    miou = [r for r in rows if r["group"] == "miou_update_128"]
+    assert {r["impl"] for r in miou} == {"labels", "logits_argmax"}
+    assert all(r["ms_per_image"] > 0 and r["fraction_of_slide_inference"] > 0 for r in miou)
+    assert "COCO stats identical: True" in stdout
+
+
+def test_train_step_benchmark_smoke(tmp_path: Path, toy_data_root: Path) -> None:
+    args = ["train-step", "--tasks", "seg_upernet", "--batch-size", "2", "--warmup", "0", "--iters", "1"]
+    args += ["--rounds", "1", "--device", "cpu", "--data-dir", str(toy_data_root.parent)]
+    rows, stdout = _run_bench(args, tmp_path / "train.jsonl")
+    assert {(r["group"], r["impl"]) for r in rows} == {
+        ("seg_upernet", "plain"),
+        ("seg_upernet", "grad_checkpointing"),
+    }
+    assert all(r["batch_size"] == 2 and r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in rows)
+    assert "ratio" in stdout
