@@ -86,6 +86,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data, _convert_="all")
     task = build_task(cfg, datamodule)
+    if cfg.get("compile"):
+        options = OmegaConf.to_container(cfg.get("compile_options") or {}, resolve=True)
+        print(f"torch.compile {task.compile_backbone(**options)} with {options}")
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     task.data_config = OmegaConf.to_container(cfg.data, resolve=True)
 

@@ -129,3 +129,17 @@ def test_toy_experiment_accepts_any_dataset_in_the_layout(
     dm.setup("fit")
     assert dm.class_names == names and len(dm.train_dataset) == 3
     assert not any(root.glob(".toy*")), "toy data must not be generated into a user's dataset"
+
+
+def test_compile_switch_keeps_checkpoint_keys(
+    tmp_path: Path, toy_data_root: Path, hydra_cleanup: None
+) -> None:
+    """compile=true compiles backbone + neck in place: training runs, checkpoint keys stay loadable."""
+    overrides = ["experiment=toy_seg", "debug=fdr", "data.num_workers=0", "compile=true"]
+    overrides += ["compile_options.backend=eager"]  # wiring only; inductor needs a compiler toolchain
+    cfg = compose_train_cfg(overrides, tmp_path / "run", data_dir=toy_data_root.parent)
+    dm = instantiate(cfg.data, _convert_="all")
+    task = build_task(cfg, dm)
+    assert task.compile_backbone(backend="eager") == ["backbone", "neck"]
+    assert all("_orig_mod" not in k for k in task.state_dict())
+    run_train(cfg)

@@ -310,6 +310,23 @@ class DenseTask(L.LightningModule):
             return  # not ours: nothing to compare, the key-by-key report still applies
         check_same_backbone(meta, self.backbone.arch_config.to_dict(), path)
 
+    def compile_backbone(self, **options: Any) -> list[str]:
+        """``torch.compile`` the backbone and neck in place (state-dict keys unchanged).
+
+        Only these run the same shapes every step; heads and detector post-processing (NMS, variable
+        box counts) stay eager, where compiling would mostly recompile.
+        """
+        compiled = []
+        for prefix in (self.backbone_prefix, self.neck_prefix):
+            try:
+                module = self.model.get_submodule(prefix.rstrip("."))
+            except AttributeError:
+                continue
+            if module is not None:
+                module.compile(**options)
+                compiled.append(prefix.rstrip("."))
+        return compiled
+
     @property
     def backbone(self) -> SigLIP2Backbone:
         return self.model.backbone
