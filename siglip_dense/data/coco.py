@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from siglip_dense.data.datamodule import eval_sampler, seed_worker, worker_seed
+from siglip_dense.data.datamodule import DenseDataModule, worker_seed
 from siglip_dense.data.io import DataError, read_image
 from siglip_dense.data.toy import ensure_toy_data_unless_present
 from siglip_dense.data.transforms import (
@@ -284,13 +284,16 @@ def collate_det(batch: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # datamodule
 # ---------------------------------------------------------------------------------------------
-class DetDataModule(L.LightningDataModule):
+class DetDataModule(DenseDataModule):
     """COCO layout ``ROOT/{train2017,val2017}`` + ``ROOT/annotations/instances_<split>.json``.
 
     The category mapping is read from the training json at construction (the task is sized from it),
     and the validation json must use the same categories. ``mean``/``std`` are set by train.py to the
     backbone's before ``fit``.
     """
+
+    collate_train = staticmethod(collate_det)
+    collate_eval = staticmethod(collate_det)
 
     def __init__(
         self,
@@ -355,15 +358,7 @@ class DetDataModule(L.LightningDataModule):
             "category_ids": list(self.category_map.category_ids),
         }
 
-    @property
-    def run_seed(self) -> int:
-        if self.seed is not None:
-            return int(self.seed)
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
-    def _global_rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_rank) if trainer is not None else 0
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -394,44 +389,6 @@ class DetDataModule(L.LightningDataModule):
             filter_empty=False,
             category_map=self.category_map,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            self.setup("fit")
-        assert self.train_dataset is not None
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
-            collate_fn=collate_det,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_dataset is None:
-            self.setup("validate")
-        assert self.val_dataset is not None
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.val_batch_size,
-            shuffle=False,
-            sampler=eval_sampler(self.val_dataset),
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
-            collate_fn=collate_det,
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
 
 __all__ = [

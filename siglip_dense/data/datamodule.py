@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, get_worker_info
 
 from siglip_dense.data.ade20k import IGNORE_INDEX, SegFolderDataset, load_class_names
 from siglip_dense.data.toy import ensure_toy_data_unless_present
@@ -101,12 +101,76 @@ def eval_sampler(dataset: Any) -> Sampler | None:
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
-class SegDataModule(L.LightningDataModule):
+class DenseDataModule(L.LightningDataModule):
+    """What every task's data module shares: seeds, rank, and the train / evaluation loaders.
+
+    Subclasses set ``train_dataset`` / ``val_dataset`` in ``setup`` and the attributes read here
+    (``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``), and name their collate functions.
+    Training batches come from ``ReseedingRandomSampler`` (exact resume); evaluation splits across
+    ranks without repeats (``eval_sampler``).
+    """
+
+    collate_train: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    collate_eval: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    train_dataset: Dataset | None = None
+    val_dataset: Dataset | None = None
+
+    @property
+    def run_seed(self) -> int:
+        """The explicit seed, else the one ``seed_everything`` exported, else 0."""
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _global_rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        rank = self._global_rank()
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            sampler=ReseedingRandomSampler(dataset, rank=rank, seed=self.run_seed)
+            if train
+            else eval_sampler(dataset),
+            # a dataset smaller than one batch would otherwise train on nothing, silently
+            drop_last=train and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=functools.partial(seed_worker, rank=rank),
+            collate_fn=type(self).collate_train if train else type(self).collate_eval,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        assert self.val_dataset is not None
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class SegDataModule(DenseDataModule):
     """ADE20K layout; class names resolved at construction (the task is sized from them before setup).
 
     ``mean``/``std`` are plain attributes: train.py sets them to the backbone's before ``fit``, and the
     transforms are built in :meth:`setup`.
     """
+
+    collate_train = staticmethod(collate_train)
+    collate_eval = staticmethod(collate_eval)
 
     def __init__(
         self,
@@ -160,16 +224,7 @@ class SegDataModule(L.LightningDataModule):
         """What the task must know about the data to size itself (train.py passes it on)."""
         return {"num_classes": self.num_classes, "class_names": list(self.class_names)}
 
-    @property
-    def run_seed(self) -> int:
-        """The explicit seed, else the one ``seed_everything`` exported, else 0."""
-        if self.seed is not None:
-            return int(self.seed)
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
-    def _global_rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_rank) if trainer is not None else 0
 
     def _dataset(self, split: str, transform: Any) -> SegFolderDataset:
         return SegFolderDataset(
@@ -195,42 +250,3 @@ class SegDataModule(L.LightningDataModule):
             )
             self.train_dataset = self._dataset(self.train_split, transform)
         self.val_dataset = self._dataset(self.val_split, build_seg_eval_transform(self.mean, self.std))
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            self.setup("fit")
-        assert self.train_dataset is not None
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=ReseedingRandomSampler(self.train_dataset, rank=self._global_rank(), seed=self.run_seed),
-            # a dataset smaller than one batch would otherwise train on nothing, silently
-            drop_last=len(self.train_dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
-            collate_fn=collate_train,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_dataset is None:
-            self.setup("validate")
-        assert self.val_dataset is not None
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.val_batch_size,
-            shuffle=False,
-            sampler=eval_sampler(self.val_dataset),
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
-            collate_fn=collate_eval,
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from siglip_dense.data.datamodule import eval_sampler, seed_worker, worker_seed
+from siglip_dense.data.datamodule import DenseDataModule, worker_seed
 from siglip_dense.data.io import DataError, read_image
 from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, ensure_toy_data_unless_present
 from siglip_dense.data.transforms import build_depth_eval_transform, build_depth_train_transform
@@ -332,10 +332,13 @@ def collate_depth_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
 DATASETS: dict[str, type[DepthDataset]] = {"nyu": NYUDepthDataset, "folder": DepthFolderDataset}
 
 
-class DepthDataModule(L.LightningDataModule):
+class DepthDataModule(DenseDataModule):
     """NYUv2 layout or an RGB + depth folder; the evaluation protocol (depth range, crop) lives here and
     reaches the task through :meth:`task_kwargs`, so pointing ``data`` at KITTI-like data changes both.
     """
+
+    collate_train = staticmethod(collate_depth_train)
+    collate_eval = staticmethod(collate_depth_eval)
 
     def __init__(
         self,
@@ -392,15 +395,7 @@ class DepthDataModule(L.LightningDataModule):
         """The evaluation protocol the task must use for this data (train.py passes it on)."""
         return {"min_depth": self.min_depth, "max_depth": self.max_depth, "eval_crop": self.eval_crop}
 
-    @property
-    def run_seed(self) -> int:
-        if self.seed is not None:
-            return int(self.seed)
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
-    def _global_rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_rank) if trainer is not None else 0
 
     def _dataset(self, split: str, transform: Any) -> DepthDataset:
         cls = DATASETS[self.dataset]
@@ -423,38 +418,6 @@ class DepthDataModule(L.LightningDataModule):
             )
             self.train_dataset = self._dataset(self.train_split, transform)
         self.val_dataset = self._dataset(self.val_split, build_depth_eval_transform(self.mean, self.std))
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
-            sampler=None if train else eval_sampler(dataset),
-            drop_last=train and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=functools.partial(seed_worker, rank=self._global_rank()),
-            collate_fn=collate_depth_train if train else collate_depth_eval,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            self.setup("fit")
-        assert self.train_dataset is not None
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_dataset is None:
-            self.setup("validate")
-        assert self.val_dataset is not None
-        return self._loader(self.val_dataset, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
 
 __all__ = [
