@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from importlib import metadata
@@ -10,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf, read_write
 
 PACKAGES = ("siglip-dense", "torch", "torchvision", "lightning", "timm", "hydra-core", "albumentations")
 
@@ -78,14 +81,52 @@ def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightnin
     return instantiate(task_cfg, _recursive_=False, _convert_="all", **extra)
 
 
+def trainer_config(trainer_cfg: DictConfig, task: L.LightningModule) -> DictConfig:
+    """The trainer config, with DDP's unused-parameter search on only where the task needs it.
+
+    ``strategy: ddp`` assumes every trainable parameter gets a gradient each step (no per-step graph
+    search); a task with a frozen-out or zero-weight branch names why it needs the search. An explicit
+    strategy (a string other than ``ddp``, or a strategy object config) is left as the user wrote it.
+    """
+    reasons = task.unused_parameter_reasons() if hasattr(task, "unused_parameter_reasons") else []
+    if trainer_cfg.get("strategy") != "ddp" or not reasons:
+        return trainer_cfg
+    rank_zero_info("DDP find_unused_parameters=True: " + "; ".join(reasons))
+    cfg = trainer_cfg.copy()
+    cfg.strategy = "ddp_find_unused_parameters_true"
+    return cfg
+
+
+def pin_hydra_job_for_ddp_children() -> None:
+    """Make the processes Lightning's DDP launcher re-executes rerun exactly this Hydra job.
+
+    The launcher re-runs ``sys.argv`` with ``hydra.run.dir=<hydra.run.dir>``. Inside a multirun
+    (``-m a=1,2``) that would start a whole sweep in every child, in another directory. So within a
+    sweep job the children get this job's own overrides (``a=1``) and its output directory:
+    one run directory per trial, shared by all its ranks.
+    """
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    if hydra_cfg is None or hydra_cfg.hydra.mode != RunMode.MULTIRUN:
+        return
+    job_dir = hydra_cfg.hydra.runtime.output_dir
+    with read_write(hydra_cfg.hydra.run):
+        hydra_cfg.hydra.run.dir = job_dir
+    sys.argv = [sys.argv[0], *hydra_cfg.hydra.overrides.task]
+
+
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and validate) as the config says; returns the final validation metrics."""
     out_dir = output_dir_of(cfg)
+    launch_env = {k: os.environ.get(k) for k in LAUNCH_ENV_KEYS}
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = instantiate(cfg.data, _convert_="all")
     task = build_task(cfg, datamodule)
+    if cfg.get("channels_last"):
+        task.use_channels_last()
     if cfg.get("compile"):
         options = OmegaConf.to_container(cfg.get("compile_options") or {}, resolve=True)
         print(f"torch.compile {task.compile_backbone(**options)} with {options}")
@@ -95,9 +136,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = build_callbacks(cfg, out_dir)
     loggers = build_loggers(cfg, out_dir)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
+        trainer_config(cfg.trainer, task),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(out_dir),
     )
     save_run_info(cfg, out_dir)
+    pin_hydra_job_for_ddp_children()
 
     if cfg.get("train", True):
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -109,7 +154,28 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         metrics = dict(task.last_metrics)
         if trainer.is_global_zero:
             write_results(task, datamodule, metrics, out_dir, int(cfg.get("num_vis", 6)))
+    end_process_group(trainer, launch_env)
     return metrics
+
+
+# what Lightning's DDP launcher writes into the launching process's environment
+LAUNCH_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def end_process_group(trainer: L.Trainer, launch_env: dict[str, str | None]) -> None:
+    """Leave the process as a sweep's next trial needs it: no process group, launcher env undone.
+
+    Otherwise the next trial reuses a group whose peers have exited, or (``LOCAL_RANK`` still set)
+    believes its ranks were started externally and waits for children it never spawns.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.strategy.barrier("end_of_run")
+        torch.distributed.destroy_process_group()
+    for key, value in launch_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _has_best(trainer: L.Trainer) -> bool:

@@ -327,6 +327,37 @@ class DenseTask(L.LightningModule):
                 compiled.append(prefix.rstrip("."))
         return compiled
 
+    # -- memory layout and DDP ---------------------------------------------------------------------
+    def use_channels_last(self) -> None:
+        """Store conv weights (patch embedding, necks, heads) channels-last (NHWC).
+
+        The backbone's NCHW maps are already NHWC in memory (token grids permuted), so necks and
+        conv heads then run NHWC kernels without layout copies; tensor-core convs prefer it. Inputs
+        need no conversion: a conv with a channels-last weight picks the layout itself.
+        """
+        self.to(memory_format=torch.channels_last)
+
+    def unused_parameter_reasons(self) -> list[str]:
+        """Why some trainable parameters get no gradient in a training step (empty: none do).
+
+        DDP assumes every trainable parameter gets a gradient each step and fails on the next step
+        otherwise; searching for unused ones costs a graph traversal per step, so train.py turns
+        ``find_unused_parameters`` on only when this names a reason. Frozen parameters are fine.
+        """
+        reasons = []
+        bb = self.backbone
+        last = max(bb.out_indices)
+        if last < bb.num_layers - 1 and _trainable(bb.vit.blocks[last + 1 :]):
+            reasons.append(
+                f"backbone blocks {last + 1}..{bb.num_layers - 1} come after the last out_index {last} "
+                "(the forward stops early)"
+            )
+        if not bb.norm_intermediates and _trainable(bb.vit.norm):
+            reasons.append("the backbone's final norm is unused (norm_intermediates=false)")
+        if bb.vit.attn_pool is not None and _trainable(bb.vit.attn_pool):
+            reasons.append("the backbone's MAP head (keep_head=true) is unused by dense heads")
+        return reasons
+
     @property
     def backbone(self) -> SigLIP2Backbone:
         return self.model.backbone
@@ -443,3 +474,7 @@ class DenseTask(L.LightningModule):
         if message not in self._warned:
             self._warned.add(message)
             warnings.warn(message, stacklevel=2)
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())

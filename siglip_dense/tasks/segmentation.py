@@ -256,6 +256,13 @@ class SegmentationTask(DenseTask):
 
         return save_segmentation_grid(self, datamodule, path, num)
 
+    def unused_parameter_reasons(self) -> list[str]:
+        reasons = super().unused_parameter_reasons()
+        aux = self.model.aux_head
+        if aux is not None and self.aux_weight <= 0 and any(p.requires_grad for p in aux.parameters()):
+            reasons.append("the auxiliary head has aux_weight=0")
+        return reasons
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["siglip_dense"]["class_names"] = list(self.class_names)
