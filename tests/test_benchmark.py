@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
 
 
 def test_backbone_benchmark_smoke(tmp_path: Path) -> None:
@@ -69,10 +85,27 @@ def test_eval_benchmark_smoke(tmp_path: Path) -> None:
 def test_train_step_benchmark_smoke(tmp_path: Path, toy_data_root: Path) -> None:
     args = ["train-step", "--tasks", "seg_upernet", "--batch-size", "2", "--warmup", "0", "--iters", "1"]
     args += ["--rounds", "1", "--device", "cpu", "--data-dir", str(toy_data_root.parent)]
+    args += ["--variants", "plain", "grad_checkpointing", "channels_last"]
     rows, stdout = _run_bench(args, tmp_path / "train.jsonl")
     assert {(r["group"], r["impl"]) for r in rows} == {
         ("seg_upernet", "plain"),
         ("seg_upernet", "grad_checkpointing"),
+        ("seg_upernet", "channels_last"),
     }
     assert all(r["batch_size"] == 2 and r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in rows)
+    # a training step is at least forward + backward of the backbone (3x its forward) on 128 px crops
+    backbone_forward = bench.vit_flops("tiny", 128, 2)
+    assert all(r["step_tflop"] * 1e12 > 3 * backbone_forward for r in rows)
+    assert all(r["mfu"] is None for r in rows)  # no known peak on a CPU
     assert "ratio" in stdout
+
+
+def test_counted_flops_match_the_closed_form() -> None:
+    """The dispatcher's FLOP count of a ViT forward equals the formula MFU is computed from."""
+    from siglip_dense.models import build_backbone
+
+    backbone = build_backbone("tiny", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        counted = bench.count_flops(lambda: backbone.forward_features(x))
+    assert counted == bench.vit_flops("tiny", 64, 2)

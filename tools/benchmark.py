@@ -4,7 +4,7 @@
     python tools/benchmark.py backbone --arch tiny --img-size 224 --batch-size 4      # CPU smoke
     python tools/benchmark.py data --images 16 --iters 40      # augmentation images/s per worker
     python tools/benchmark.py eval --coco-images 200           # COCO eval, sliding window, mIoU update
-    python tools/benchmark.py train-step --batch-size 2        # one training step per task, ± checkpointing
+    python tools/benchmark.py train-step --batch-size 2        # one training step per task and variant
 
 Each measurement prints one JSON line; a summary table with ratios against ours follows.
 """
@@ -636,6 +636,36 @@ def eval_summary(rows: list[dict[str, Any]]) -> str:
 # train-step: one full optimisation step per task (toy-sized batch, already on the device)
 # ---------------------------------------------------------------------------------------------
 TRAIN_EXPERIMENTS = {"seg_upernet": "toy_seg", "depth_dpt": "toy_depth", "det_mask_rcnn": "toy_det"}
+# memory/speed switches compared against "plain" (Hydra overrides of train.yaml)
+TRAIN_VARIANTS: dict[str, list[str]] = {
+    "plain": [],
+    "grad_checkpointing": ["backbone.grad_checkpointing=true"],
+    "channels_last": ["channels_last=true"],
+    "compile": ["compile=true"],
+    "window_attention": ["backbone.window_size=14"],
+}
+
+
+def count_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one call, counted by torch's dispatcher (every matmul/conv of forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    # torch counts the GPU attention kernels but not the CPU flash kernel: same formula for it
+    aten = torch.ops.aten
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+        return sdpa_flop_count(query, key, value)
+
+    def cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward,
+    }
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step()
+    return float(counter.get_total_flops())
 
 
 def build_train_step(
@@ -665,6 +695,10 @@ def build_train_step(
     L.seed_everything(seed, verbose=False)  # same weights and batch for every variant of a task
     datamodule = instantiate(cfg.data, _convert_="all")
     task = build_task(cfg, datamodule)
+    if cfg.get("channels_last"):
+        task.use_channels_last()
+    if cfg.get("compile"):
+        task.compile_backbone(**dict(cfg.get("compile_options") or {}))
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     datamodule.num_workers = 0
     if hasattr(datamodule, "prepare_data"):
@@ -690,7 +724,7 @@ def build_train_step(
 
 
 def bench_train_step(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Images/s and peak memory of a training step per task, with and without grad checkpointing."""
+    """Images/s, peak memory and model FLOP utilisation of a training step per task and variant."""
     import logging
     import warnings
 
@@ -699,18 +733,20 @@ def bench_train_step(args: argparse.Namespace) -> list[dict[str, Any]]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device(args.device)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench_train_"))
+    peak = peak_tflops(device)
     rows: list[dict[str, Any]] = []
     for task_name in args.tasks:
         steps, sizes = {}, {}
-        for ckpt in (False, True):
-            extra = [*args.overrides, f"data.batch_size={args.batch_size}"]
-            extra.append(f"backbone.grad_checkpointing={str(ckpt).lower()}")
-            impl = "grad_checkpointing" if ckpt else "plain"
-            steps[impl], sizes[impl] = build_train_step(
+        for variant in args.variants:
+            extra = [*args.overrides, f"data.batch_size={args.batch_size}", *TRAIN_VARIANTS[variant]]
+            steps[variant], sizes[variant] = build_train_step(
                 TRAIN_EXPERIMENTS[task_name], extra, data_dir, device, args.amp, args.seed
             )
+        # model FLOPs of the plain step (recomputation by checkpointing is not model work)
+        flops = count_flops(steps[args.variants[0]]) if args.count_flops else None
         timed = time_interleaved(steps, device, args.warmup, args.iters, args.rounds)
         for impl, (sec, mem) in timed.items():
+            tflops = flops / sec / 1e12 if flops else None
             row = {
                 "bench": "train-step",
                 "group": task_name,
@@ -720,6 +756,9 @@ def bench_train_step(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "ms_per_step": sec * 1e3,
                 "amp": args.amp,
                 "peak_mem_mib": mem,
+                "step_tflop": flops / 1e12 if flops else None,
+                "tflops": tflops,
+                "mfu": tflops / peak if tflops and peak else None,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             }
             emit(row, rows)
@@ -782,6 +821,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data-dir", type=Path, default=None, help="where the toy data lives (default: temp)")
     t.add_argument("--device", default=default_device)
     t.add_argument("--amp", choices=sorted(DTYPES), default="fp32", help="autocast dtype of the step")
+    t.add_argument(
+        "--variants",
+        nargs="*",
+        default=["plain", "grad_checkpointing"],
+        choices=list(TRAIN_VARIANTS),
+        help="compared against the first (compile: GPU, minutes of compiling; window_attention: det)",
+    )
+    t.add_argument("--no-count-flops", dest="count_flops", action="store_false")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--iters", type=int, default=8)
@@ -800,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [json.dumps(r) for r in rows]
     elif args.bench == "train-step":
         rows = bench_train_step(args)
-        print(ratio_table(rows, "images_per_s", "plain"))
+        print(ratio_table(rows, "images_per_s", args.variants[0]))
         lines = [json.dumps(r) for r in rows]
     else:
         rows = bench_eval(args)
