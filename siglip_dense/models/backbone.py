@@ -16,9 +16,10 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm
 from timm.models import generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+from timm.models.vision_transformer import Block, VisionTransformer, _create_vision_transformer
 from torch import nn
 
 SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -253,6 +254,121 @@ def _normalize_indices(indices: Sequence[int] | int, depth: int) -> tuple[int, .
     return tuple(sorted(set(out)))
 
 
+# ---- ViTDet window attention ------------------------------------------------------------------
+# Global-attention blocks when windows are on, by depth (ViTDet / Perception Encoder: the last block
+# of each quarter): B/16 12, L/16 24, So400m 27, g-opt 40, tiny 6.
+VITDET_GLOBAL_BLOCKS: dict[int, tuple[int, ...]] = {
+    6: (2, 5),
+    12: (2, 5, 8, 11),
+    24: (5, 11, 17, 23),
+    27: (2, 10, 18, 26),
+    40: (9, 19, 29, 39),
+}
+
+
+class _PatchGrid:
+    """The h×w patch grid of the current forward, shared by the windowed blocks of one ViT.
+
+    Registered as a forward hook on ``patch_embed``, so every entry point (``forward_intermediates``,
+    ``forward_features``, the ViT's own ``forward``) records the grid of its input before the blocks
+    run. A plain object, not a module: it adds no state-dict keys. Under gradient checkpointing the
+    blocks re-read it when recomputing in backward, so run backward before a forward at another size
+    (as every training step does); a token count that doesn't match the grid raises.
+    """
+
+    def __init__(self) -> None:
+        self.hw: tuple[int, int] | None = None
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        # dynamic_img_size: patch_embed returns B×h×w×C; otherwise B×N×C on its fixed grid
+        self.hw = tuple(output.shape[1:3]) if output.ndim == 4 else tuple(module.grid_size)
+
+
+def _window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """B×H×W×C (H, W multiples of ws) -> (B·nW)×(ws·ws)×C, windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, C)
+
+
+def _window_unpartition(x: torch.Tensor, ws: int, B: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`_window_partition`: (B·nW)×(ws·ws)×C -> B×H×W×C."""
+    x = x.view(B, H // ws, W // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, -1)
+
+
+class WindowedBlock(Block):
+    """timm's ``Block`` with its attention restricted to non-overlapping ws×ws windows (ViTDet).
+
+    Same modules, parameters and state-dict keys as ``Block`` (the backbone switches a block's class
+    in place). The tokens are cut into windows for the attention only: LayerNorm, MLP, residuals and
+    LayerScale are per token, and drop path stays per *image* as in ViTDet (running the whole block on
+    windows would make stochastic depth drop single windows, and would run the MLP on padding). The
+    attention is timm's own module and kernel (``F.scaled_dot_product_attention`` when fused). The grid
+    is padded to a multiple of ws; padded tokens are masked out as keys with a boolean key mask, passed
+    only when there is padding, so an exact tiling keeps the unmasked (fastest) SDPA path.
+    """
+
+    window_size: int
+    patch_grid: _PatchGrid
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("window attention does not take an attention mask or is_causal")
+        x = x + self.drop_path1(self.ls1(self._window_attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    def _window_attn(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        hw = self.patch_grid.hw
+        if hw is None or hw[0] * hw[1] != N:
+            raise RuntimeError(
+                f"window attention: {N} tokens do not match the recorded patch grid {hw}; the grid is "
+                "recorded by patch_embed in the same forward (no prefix tokens are supported)"
+            )
+        h, w = hw
+        ws = self.window_size
+        ph, pw = -h % ws, -w % ws
+        x = x.view(B, h, w, C)
+        mask = None
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+            valid = x.new_zeros((1, h + ph, w + pw, 1), dtype=torch.bool)
+            valid[:, :h, :w] = True
+            # (B·nW)×1×1×ws²: True = a real token that queries may attend to (SDPA's bool convention)
+            mask = _window_partition(valid, ws).view(1, -1, ws * ws).expand(B, -1, -1)
+            mask = mask.reshape(-1, 1, 1, ws * ws)
+        x = self.attn(_window_partition(x, ws), attn_mask=mask)
+        x = _window_unpartition(x, ws, B, h + ph, w + pw)[:, :h, :w]
+        return x.reshape(B, N, C)
+
+
+def resolve_global_blocks(depth: int, global_blocks: Sequence[int] | None) -> tuple[int, ...]:
+    """Global-attention block indices (negative count from the end); ViTDet's by depth when None."""
+    if global_blocks is None:
+        if depth not in VITDET_GLOBAL_BLOCKS:
+            known = ", ".join(str(d) for d in sorted(VITDET_GLOBAL_BLOCKS))
+            raise ValueError(
+                f"no default global_blocks for a {depth}-block backbone (known depths: {known}): "
+                "pass global_blocks explicitly"
+            )
+        return VITDET_GLOBAL_BLOCKS[depth]
+    if isinstance(global_blocks, int):
+        global_blocks = [global_blocks]
+    out = set()
+    for i in global_blocks:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"global_blocks entries must be ints, got {i!r}")
+        j = i + depth if i < 0 else i
+        if not 0 <= j < depth:
+            raise ValueError(f"global_blocks entry {i} is out of range for a {depth}-block backbone")
+        out.add(j)
+    return tuple(sorted(out))
+
+
 class SigLIP2Backbone(nn.Module):
     """A SigLIP (2) ViT that returns NCHW feature maps of chosen blocks.
 
@@ -283,6 +399,10 @@ class SigLIP2Backbone(nn.Module):
         self.std = tuple(arch_config.std)
         self._frozen_blocks = 0
         self._frozen_all = False
+        self.window_size: int | None = None
+        self.global_blocks: tuple[int, ...] = ()
+        self._patch_grid: _PatchGrid | None = None
+        self._patch_grid_hook: Any = None
 
     # ---- introspection heads and necks read -------------------------------------------------
     @property
@@ -335,6 +455,56 @@ class SigLIP2Backbone(nn.Module):
             img_size = (img_size, img_size)
         self.vit.set_input_size(img_size=tuple(img_size))
         self.arch_config = replace(self.arch_config, img_size=tuple(img_size))
+
+    # ---- window attention ------------------------------------------------------------------
+    def set_window_attention(
+        self, window_size: int | None, global_blocks: Sequence[int] | None = None
+    ) -> None:
+        """ViTDet window attention: blocks not in ``global_blocks`` attend within ws×ws windows.
+
+        ``window_size`` None or 0 restores global attention everywhere (the default). ``global_blocks``
+        None takes ViTDet's per-depth default (:data:`VITDET_GLOBAL_BLOCKS`). Parameters and
+        state-dict keys are unchanged either way, so any checkpoint loads into either form.
+        """
+        if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)):
+            raise TypeError(f"window_size must be an int or None, got {window_size!r}")
+        if window_size is not None and window_size < 0:
+            raise ValueError(f"window_size must be positive (or None/0 = off), got {window_size}")
+        blocks = self.vit.blocks
+        for blk in blocks:
+            if type(blk) not in (Block, WindowedBlock):
+                raise TypeError(f"window attention needs timm's Block, this ViT has {type(blk).__name__}")
+        if self.vit.num_prefix_tokens and window_size:
+            raise ValueError("window attention needs a ViT without prefix (class/register) tokens")
+        if not window_size:
+            for blk in blocks:
+                if isinstance(blk, WindowedBlock):
+                    del blk.window_size, blk.patch_grid
+                    blk.__class__ = Block
+            if self._patch_grid_hook is not None:
+                self._patch_grid_hook.remove()
+            self.window_size, self.global_blocks = None, ()
+            self._patch_grid, self._patch_grid_hook = None, None
+            return
+        global_set = resolve_global_blocks(len(blocks), global_blocks)
+        if self._patch_grid is None:
+            self._patch_grid = _PatchGrid()
+            self._patch_grid_hook = self.vit.patch_embed.register_forward_hook(self._patch_grid)
+        for i, blk in enumerate(blocks):
+            if i in global_set:
+                if isinstance(blk, WindowedBlock):
+                    del blk.window_size, blk.patch_grid
+                    blk.__class__ = Block
+                continue
+            # same object, same children and parameters: only forward changes (keys unchanged)
+            blk.__class__ = WindowedBlock
+            blk.window_size = int(window_size)
+            blk.patch_grid = self._patch_grid
+        self.window_size, self.global_blocks = int(window_size), global_set
+
+    @property
+    def windowed_blocks(self) -> tuple[int, ...]:
+        return tuple(i for i, b in enumerate(self.vit.blocks) if isinstance(b, WindowedBlock))
 
     # ---- training utilities ----------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -405,6 +575,8 @@ def build_backbone(
     strict: bool = True,
     verbose: bool = True,
     arch_config: ArchConfig | dict[str, Any] | None = None,
+    window_size: int | None = None,
+    global_blocks: Sequence[int] | None = None,
     **timm_kwargs: Any,
 ) -> SigLIP2Backbone:
     """Build a SigLIP (2) backbone, optionally from a checkpoint of any supported format.
@@ -421,6 +593,11 @@ def build_backbone(
         strict: shape mismatches and missing backbone keys raise (they always name the file).
         arch_config: an exact, already resolved architecture (as stored in our checkpoints); when
             given, ``arch`` only names it and no weights are read.
+        window_size: ViTDet window attention: blocks other than ``global_blocks`` attend within
+            non-overlapping windows of this many patches a side (the grid is padded, padding masked).
+            None or 0: global attention everywhere (default). Same parameters and state-dict keys.
+        global_blocks: blocks that keep global attention when ``window_size`` is set (negative count
+            from the end); None takes ViTDet's default for the depth (``VITDET_GLOBAL_BLOCKS``).
     """
     if arch_config is not None:
         cfg = arch_config if isinstance(arch_config, ArchConfig) else ArchConfig.from_dict(arch_config)
@@ -461,6 +638,8 @@ def build_backbone(
     backbone = SigLIP2Backbone(vit, cfg, out_indices=out_indices, norm_intermediates=norm_intermediates)
     if img_size is not None:
         backbone.set_input_size(img_size)
+    if window_size:
+        backbone.set_window_attention(window_size, global_blocks)
     if grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     if freeze:
@@ -475,11 +654,14 @@ __all__ = [
     "SIGLIP_STD",
     "VARIANTS",
     "ArchConfig",
+    "VITDET_GLOBAL_BLOCKS",
     "SigLIP2Backbone",
+    "WindowedBlock",
     "arch_config_of",
     "arch_config_of_vit",
     "build_backbone",
     "create_vit",
     "match_timm_arch",
     "resolve_arch",
+    "resolve_global_blocks",
 ]
