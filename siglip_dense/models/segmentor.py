@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,15 +41,31 @@ class Segmentor(nn.Module):
         feats = self.backbone(images)
         return self.neck(feats) if self.neck is not None else feats
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pad_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Zero-pad bottom/right to ``size_divisibility`` (what ``forward`` feeds the backbone)."""
         h, w = images.shape[-2:]
         div = self.size_divisibility
         pad_h, pad_w = (-h) % div, (-w) % div
-        x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
-        feats = self.extract_features(x)
-        out = {"logits": self._to_input(self.head(feats), x.shape[-2:], h, w)}
+        return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.pad_input(images)
+        return self.decode(self.backbone(x), x.shape[-2:], images.shape[-2:])
+
+    def decode(
+        self, backbone_feats: dict[str, torch.Tensor], padded_size: Sequence[int], size: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """Backbone maps of a padded batch → neck → head(s) → logits at the unpadded ``size``.
+
+        ``forward`` is ``decode(backbone(pad_input(images)), padded size, input size)``; a caller that
+        runs one backbone pass for several heads (multi-task training) calls the pieces itself.
+        """
+        h, w = int(size[0]), int(size[1])
+        padded = torch.Size([int(padded_size[0]), int(padded_size[1])])
+        feats = self.neck(backbone_feats) if self.neck is not None else backbone_feats
+        out = {"logits": self._to_input(self.head(feats), padded, h, w)}
         if self.training and self.aux_head is not None:
-            out["aux_logits"] = self._to_input(self.aux_head(feats), x.shape[-2:], h, w)
+            out["aux_logits"] = self._to_input(self.aux_head(feats), padded, h, w)
         return out
 
     @staticmethod

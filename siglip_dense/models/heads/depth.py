@@ -233,17 +233,31 @@ class DepthModel(nn.Module):
         source = self.neck if self.neck is not None else self.backbone
         return int(getattr(source, "size_divisibility", 1) or 1)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pad_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Zero-pad bottom/right to ``size_divisibility`` (what ``forward`` feeds the backbone)."""
         h, w = images.shape[-2:]
         div = self.size_divisibility
         pad_h, pad_w = (-h) % div, (-w) % div
-        x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
-        feats = self.backbone(x)
-        if self.neck is not None:
-            feats = self.neck(feats)
+        return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.pad_input(images)
+        return self.decode(self.backbone(x), x.shape[-2:], images.shape[-2:])
+
+    def decode(
+        self, backbone_feats: dict[str, torch.Tensor], padded_size: Sequence[int], size: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """Backbone maps of a padded batch → (neck →) head → depth at the unpadded ``size``.
+
+        ``forward`` is ``decode(backbone(pad_input(images)), padded size, input size)``; a caller that
+        runs one backbone pass for several heads (multi-task training) calls the pieces itself.
+        """
+        h, w = int(size[0]), int(size[1])
+        padded = (int(padded_size[0]), int(padded_size[1]))
+        feats = self.neck(backbone_feats) if self.neck is not None else backbone_feats
         depth = self.head(feats)
-        if depth.shape[-2:] != x.shape[-2:]:
-            depth = F.interpolate(depth.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if tuple(depth.shape[-2:]) != padded:
+            depth = F.interpolate(depth.float(), size=padded, mode="bilinear", align_corners=False)
         return {"depth": depth[..., :h, :w]}
 
 
