@@ -22,6 +22,7 @@ TASK_CLASSES: dict[str, str] = {
     "segmentation": "siglip_dense.tasks.segmentation:SegmentationTask",
     "depth": "siglip_dense.tasks.depth:DepthTask",
     "detection": "siglip_dense.tasks.detection:DetectionTask",
+    "multitask": "siglip_dense.tasks.multitask:MultiTask",
 }
 EXPORT_FORMAT = "siglip_dense.export.v1"
 WEIGHTS_FILE = "model.safetensors"

@@ -15,9 +15,10 @@ from hydra.utils import instantiate
 from torch import nn
 
 from siglip_dense.data.toy import ensure_toy_data
+from siglip_dense.evaluate import run_eval
 from siglip_dense.tasks.multitask import MultiTask
 from siglip_dense.train import build_task, run_train
-from tests.conftest import compose_train_cfg
+from tests.conftest import compose_cfg, compose_train_cfg
 
 SMALL = [
     "experiment=toy_multitask",
@@ -186,6 +187,15 @@ def test_toy_run_writes_both_tasks_metrics(tmp_path: Path, mt_data_dir: Path, hy
         for name in ("seg", "depth"):
             a, b = task.model.tasks[name](x), again.model.tasks[name](x)
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # tools/eval.py on the checkpoint: its own data config, the final validation's numbers again
+    out = tmp_path / "eval"
+    eval_overrides = [f"ckpt_path={ckpt}", f"output_dir={out}", "data.num_workers=0"]
+    eval_overrides += ["+trainer.limit_val_batches=2", "save_predictions=true"]
+    evaluated = run_eval(compose_cfg("eval", eval_overrides, tmp_path / "hydra"))
+    assert json.loads((out / "metrics.json").read_text()) == written
+    assert evaluated["depth"]["num_images"] == 2
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["depth", "seg"]
 
 
 def test_configuration_errors_are_clear(tmp_path: Path, mt_data_dir: Path, hydra_cleanup: None) -> None:

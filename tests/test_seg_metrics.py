@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -134,3 +135,19 @@ def test_format_seg_table_shows_names_values_and_dashes() -> None:
     assert format_seg_table(as_dict, names) == table
     with pytest.raises(ValueError):
         format_seg_table(res, names[:2])
+
+
+def test_format_seg_table_reads_metrics_json_nulls() -> None:
+    """metrics.json writes a never-seen class's NaN IoU as null; the table shows it as "-"."""
+    metric = SegmentationMetric(3)
+    metric.update(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]))
+    res = metric.compute()
+    names = ["wall", "building", "sky"]
+    per_class = [None if math.isnan(v) else v for v in res["per_class_IoU"].tolist()]
+    stored = json.loads(
+        json.dumps({"mIoU": float(res["mIoU"]), "per_class_IoU": dict(zip(names, per_class))})
+    )
+    assert stored["per_class_IoU"]["sky"] is None
+    table = format_seg_table(stored, names)
+    assert any(line.startswith("sky") and line.rstrip().endswith("-") for line in table.splitlines())
+    assert "mIoU: 58.33" in table

@@ -90,12 +90,17 @@ def _nanmean(x: torch.Tensor) -> torch.Tensor:
     return x[valid].mean()
 
 
+def _as_float(value: Any) -> float:
+    """NaN for ``None``: metrics.json stores a class never seen (NaN IoU) as null."""
+    return math.nan if value is None else float(value)
+
+
 def _as_list(values: Any) -> list[float]:
     if isinstance(values, Mapping):
-        return [float(v) for v in values.values()]
+        return [_as_float(v) for v in values.values()]
     if isinstance(values, torch.Tensor):
         return [float(v) for v in values.flatten().tolist()]
-    return [float(v) for v in values]
+    return [_as_float(v) for v in values]
 
 
 def format_seg_table(metrics: Mapping[str, Any], class_names: Sequence[str]) -> str:
@@ -113,7 +118,7 @@ def format_seg_table(metrics: Mapping[str, Any], class_names: Sequence[str]) -> 
     width = max([len("Class"), *(len(str(n)) for n in class_names)])
     lines = [f"{'Class':<{width}} | {'IoU (%)':>8}", f"{'-' * width}-+-{'-' * 8}"]
     lines += [f"{str(n):<{width}} | {pct(v):>8}" for n, v in zip(class_names, per_class)]
-    summary = [f"{k}: {pct(float(metrics[k]))}" for k in ("mIoU", "mAcc", "aAcc") if k in metrics]
+    summary = [f"{k}: {pct(_as_float(metrics[k]))}" for k in ("mIoU", "mAcc", "aAcc") if k in metrics]
     lines.append(f"{'-' * width}-+-{'-' * 8}")
     lines.append("  ".join(summary))
     return "\n".join(lines)
