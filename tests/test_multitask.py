@@ -143,9 +143,9 @@ def test_zero_depth_weight_gives_the_segmentation_gradients(
         return {n: p.grad.clone() for n, p in task.backbone.named_parameters() if p.grad is not None}
 
     multi = backbone_grads(task.training_step(batch, 0))
-    # (DPT's top refinenet has an unused skip unit: no gradient there in any case)
-    depth_head = [p.grad for p in task.model.tasks["depth"].model.head.parameters() if p.grad is not None]
-    assert depth_head and not any(g.any() for g in depth_head), "weight 0: zero depth-head gradients"
+    depth_head = [p.grad for p in task.model.tasks["depth"].model.head.parameters()]
+    assert all(g is not None for g in depth_head), "every depth-head parameter is in the graph"
+    assert not any(g.any() for g in depth_head), "weight 0: zero depth-head gradients"
     seg_only = backbone_grads(task.model.tasks["seg"].training_step(batch["seg"], 0))
     assert multi.keys() == seg_only.keys() and len(multi) > 0
     for name in multi:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -69,6 +70,70 @@ def test_reasons_match_parameters_without_gradient(
     unused = ("model.backbone.vit.blocks.5.", "model.aux_head.")
     assert no_grad == {n for n, _ in task.named_parameters() if n.startswith(unused)}
     assert len(task.unused_parameter_reasons()) == 2
+
+
+@pytest.fixture(scope="module")
+def all_toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small toy seg, depth and detection sets side by side, as paths.data_dir."""
+    from siglip_dense.data.toy import ensure_toy_data
+
+    root = tmp_path_factory.mktemp("alltoy")
+    for name, layout in (("toy_seg", "ade20k"), ("toy_depth", "nyu"), ("toy_det", "coco")):
+        ensure_toy_data(root / name, num_train=4, num_val=2, layout=layout)
+    return root
+
+
+def _first_training_batch(datamodule: Any) -> Any:
+    datamodule.setup("fit")
+    members = getattr(datamodule, "datamodules", None)
+    if members is not None:  # multi-task: one batch per task, keyed by task name
+        return {name: next(iter(dm.train_dataloader())) for name, dm in members.items()}
+    return next(iter(datamodule.train_dataloader()))
+
+
+DPT_ONLY = ("features", "out_channels", "head_channels")  # experiment=toy_depth's DPT sizes
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=toy_depth"],
+        ["experiment=toy_depth", "task=depth_linear", *[f"~task.head.{k}" for k in DPT_ONLY]],
+        ["experiment=toy_det"],
+        ["experiment=toy_det", "task=det_retinanet", "neck.top_block=false"],
+        ["experiment=toy_multitask"],
+    ],
+    ids=["dpt", "depth_linear", "mask_rcnn", "retinanet", "multitask"],
+)
+def test_every_trainable_parameter_gets_a_gradient(
+    overrides: list[str], tmp_path: Path, all_toy_data: Path, hydra_cleanup: None
+) -> None:
+    """Tasks that name no unused branch run under plain DDP: one real step must reach every weight.
+
+    (DPT's top fusion block once carried a skip unit that never ran: DDP stopped at the 2nd step.)
+    """
+    from hydra.utils import instantiate
+
+    small = ["data.num_workers=0", "data.batch_size=2"]
+    cfg = compose_train_cfg([*overrides, *small], tmp_path / "run", data_dir=all_toy_data)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    task = build_task(cfg, datamodule)
+    datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
+    task.train()
+    task.training_step(_first_training_batch(datamodule), 0).backward()
+    no_grad = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+    assert task.unused_parameter_reasons() == [] and no_grad == []
+
+
+def test_dpt_loads_state_dicts_with_the_old_top_skip_unit() -> None:
+    from siglip_dense.models.heads.depth import DPTHead
+
+    head = DPTHead(32, ["b1", "b2", "b3", "b4"], features=16, out_channels=(8, 8, 16, 16), head_channels=8)
+    state = dict(head.state_dict())
+    old = {f"refinenets.3.res1.conv{i}.{k}": torch.zeros(1) for i in (1, 2) for k in ("weight", "bias")}
+    head.load_state_dict({**state, **old}, strict=True)  # the never-run unit is dropped, not an error
+    with pytest.raises(RuntimeError, match=r"refinenets\.2\.res1"):
+        head.load_state_dict({**state, "refinenets.2.res1.extra": torch.zeros(1)}, strict=True)
 
 
 def _ddp_train(tmp_path: Path, data_root: Path, extra: list[str]) -> subprocess.CompletedProcess:

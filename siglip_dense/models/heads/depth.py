@@ -10,6 +10,7 @@ patch size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +52,15 @@ class ResidualConvUnit(nn.Module):
 
 
 class FeatureFusionBlock(nn.Module):
-    """RefineNet-style fusion: add the refined skip, refine, upsample (to the next level), 1×1 conv."""
+    """RefineNet-style fusion: add the refined skip, refine, upsample (to the next level), 1×1 conv.
 
-    def __init__(self, channels: int, use_bn: bool = False) -> None:
+    ``with_skip=False`` for the top block, which has no skip: DPT builds a skip unit there that never
+    runs, and a parameter without gradient makes DDP fail unless it searches for unused parameters.
+    """
+
+    def __init__(self, channels: int, use_bn: bool = False, with_skip: bool = True) -> None:
         super().__init__()
-        self.res1 = ResidualConvUnit(channels, use_bn)
+        self.res1 = ResidualConvUnit(channels, use_bn) if with_skip else None
         self.res2 = ResidualConvUnit(channels, use_bn)
         self.out_conv = nn.Conv2d(channels, channels, 1)
 
@@ -63,6 +68,8 @@ class FeatureFusionBlock(nn.Module):
         self, x: torch.Tensor, skip: torch.Tensor | None = None, size: Sequence[int] | None = None
     ) -> torch.Tensor:
         if skip is not None:
+            if self.res1 is None:
+                raise ValueError("this fusion block was built without a skip unit (with_skip=False)")
             if skip.shape[-2:] != x.shape[-2:]:
                 x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
             x = x + self.res1(skip)
@@ -70,6 +77,12 @@ class FeatureFusionBlock(nn.Module):
         size = tuple(size) if size is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return self.out_conv(x)
+
+
+def _drop_top_skip_unit(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Checkpoints written while the top fusion block still had its never-run skip unit load as-is."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}refinenets.3.res1.")]:
+        del state_dict[key]
 
 
 class DPTHead(nn.Module):
@@ -117,13 +130,16 @@ class DPTHead(nn.Module):
             ]
         )
         self.layer_rn = nn.ModuleList(nn.Conv2d(c, features, 3, padding=1, bias=False) for c in oc)
-        self.refinenets = nn.ModuleList(FeatureFusionBlock(features, use_bn) for _ in range(4))
+        self.refinenets = nn.ModuleList(
+            FeatureFusionBlock(features, use_bn, with_skip=i < 3) for i in range(4)
+        )
         self.output_conv1 = nn.Conv2d(features, features // 2, 3, padding=1)
         self.output_conv2 = nn.Sequential(
             nn.Conv2d(features // 2, head_channels, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(head_channels, 1, 1),
         )
+        self.register_load_state_dict_pre_hook(_drop_top_skip_unit)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         maps = [features[k] for k in self.in_keys]
