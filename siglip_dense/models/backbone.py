@@ -401,8 +401,10 @@ class SigLIP2Backbone(nn.Module):
         self._frozen_all = False
         self.window_size: int | None = None
         self.global_blocks: tuple[int, ...] = ()
-        self._patch_grid: _PatchGrid | None = None
-        self._patch_grid_hook: Any = None
+        # recorded by every forward, windows or not: a compiled graph reused across two backbones of
+        # one shape (torch does not guard on module hooks) then still records the grid
+        self._patch_grid = _PatchGrid()
+        self.vit.patch_embed.register_forward_hook(self._patch_grid)
 
     # ---- introspection heads and necks read -------------------------------------------------
     @property
@@ -457,6 +459,18 @@ class SigLIP2Backbone(nn.Module):
         self.arch_config = replace(self.arch_config, img_size=tuple(img_size))
 
     # ---- window attention ------------------------------------------------------------------
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``nn.Module.compile`` with timm's position-table resampling left eager (a graph break).
+
+        Its bicubic antialiased backward has no dynamic-shape kernel in torch ("Expected IntList but
+        got GenericList"): training a compiled model at a second input size, or with
+        ``dynamic=True``, would fail inside torch. The resample is one small op before the blocks.
+        """
+        vit = self.vit
+        if "_pos_embed" not in vars(vit):  # once: compiling again keeps the eager wrapper
+            vit._pos_embed = torch.compiler.disable(vit._pos_embed)
+        super().compile(*args, **kwargs)
+
     def set_window_attention(
         self, window_size: int | None, global_blocks: Sequence[int] | None = None
     ) -> None:
@@ -481,15 +495,9 @@ class SigLIP2Backbone(nn.Module):
                 if isinstance(blk, WindowedBlock):
                     del blk.window_size, blk.patch_grid
                     blk.__class__ = Block
-            if self._patch_grid_hook is not None:
-                self._patch_grid_hook.remove()
             self.window_size, self.global_blocks = None, ()
-            self._patch_grid, self._patch_grid_hook = None, None
             return
         global_set = resolve_global_blocks(len(blocks), global_blocks)
-        if self._patch_grid is None:
-            self._patch_grid = _PatchGrid()
-            self._patch_grid_hook = self.vit.patch_embed.register_forward_hook(self._patch_grid)
         for i, blk in enumerate(blocks):
             if i in global_set:
                 if isinstance(blk, WindowedBlock):
