@@ -2,7 +2,8 @@
 
 Each toy validation split has an odd number of images, so a padding DistributedSampler would count
 one image twice: ``tools/eval.py trainer=ddp_sim`` must write the single-process ``metrics.json``.
-A Hydra run under DDP leaves exactly one run directory, and its checkpoint loads in one process.
+A Hydra run under DDP leaves exactly one run directory, and its checkpoint loads and resumes in one
+process.
 """
 
 from __future__ import annotations
@@ -85,6 +86,17 @@ def test_ddp_sim_train_and_eval_equal_single_process(experiment: str, tmp_path: 
     task = load_task(ckpt)
     assert not task.training
     assert all(torch.isfinite(p).all() for p in task.parameters())
+    # ... and resumes training there: one more epoch, optimizer and loop state carried on
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "train.py", f"experiment={experiment}", "trainer=cpu", f"data.root={root}"]
+    cmd += [a for a in COMMON if not a.startswith("trainer.max_epochs=")] + ["trainer.max_epochs=2"]
+    cmd += [*extra, f"ckpt_path={ckpt}", "validate=false", f"hydra.run.dir={resumed}"]
+    run([*cmd, f"paths.log_dir={tmp_path / 'outputs_resumed'}"])
+    before = torch.load(ckpt, map_location="cpu", weights_only=True)
+    after = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (before["epoch"], after["epoch"]) == (0, 1)
+    assert after["global_step"] > before["global_step"] > 0
+    assert after["optimizer_states"][0]["state"], "the optimizer state was carried on"
 
     results, saved = {}, {}
     for trainer in ("ddp_sim", "cpu"):
