@@ -5,12 +5,14 @@ python train.py experiment=ade20k_upernet_so400m16 trainer=gpu data.root=/data/A
 """
 
 import os
+import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from siglip_dense.launch import argv_for_rank  # noqa: E402
 from siglip_dense.train import run_train  # noqa: E402
 
 
@@ -20,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = argv_for_rank(sys.argv, os.environ)  # torchrun / srun: .hydra/ by rank 0 only
     main()

@@ -16,6 +16,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from siglip_dense.evaluate import run_eval  # noqa: E402
+from siglip_dense.launch import argv_for_rank  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
@@ -24,4 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = argv_for_rank(sys.argv, os.environ)  # torchrun / srun: .hydra/ by rank 0 only
     main()
