@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from siglip_dense.models.dense_model import DenseModel
 
-class Segmentor(nn.Module):
+
+class Segmentor(DenseModel):
     """An encoder-decoder segmentor (mmseg's ``EncoderDecoder`` without the loss).
 
     Inputs of any size work: they are zero-padded bottom/right (zero is the mean colour after
@@ -32,25 +34,9 @@ class Segmentor(nn.Module):
         self.head = head
         self.aux_head = aux_head
 
-    @property
-    def size_divisibility(self) -> int:
-        source = self.neck if self.neck is not None else self.backbone
-        return int(getattr(source, "size_divisibility", 1) or 1)
-
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(images)
         return self.neck(feats) if self.neck is not None else feats
-
-    def pad_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Zero-pad bottom/right to ``size_divisibility`` (what ``forward`` feeds the backbone)."""
-        h, w = images.shape[-2:]
-        div = self.size_divisibility
-        pad_h, pad_w = (-h) % div, (-w) % div
-        return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.pad_input(images)
-        return self.decode(self.backbone(x), x.shape[-2:], images.shape[-2:])
 
     def decode(
         self, backbone_feats: dict[str, torch.Tensor], padded_size: Sequence[int], size: Sequence[int]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from siglip_dense.models.dense_model import DenseModel
 from siglip_dense.models.necks import to_stride16_grid
 
 DEPTH_ACTIVATIONS = ("sigmoid", "softplus", "relu")
@@ -234,7 +235,7 @@ class LinearBinsHead(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # backbone → (neck) → head → depth at the input size
 # ---------------------------------------------------------------------------------------------
-class DepthModel(nn.Module):
+class DepthModel(DenseModel):
     """A depth estimator: inputs of any size are zero-padded bottom/right to the patch (or neck)
     multiple, and the depth is upsampled bilinearly to the padded size and cropped back."""
 
@@ -243,22 +244,6 @@ class DepthModel(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.head = head
-
-    @property
-    def size_divisibility(self) -> int:
-        source = self.neck if self.neck is not None else self.backbone
-        return int(getattr(source, "size_divisibility", 1) or 1)
-
-    def pad_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Zero-pad bottom/right to ``size_divisibility`` (what ``forward`` feeds the backbone)."""
-        h, w = images.shape[-2:]
-        div = self.size_divisibility
-        pad_h, pad_w = (-h) % div, (-w) % div
-        return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.pad_input(images)
-        return self.decode(self.backbone(x), x.shape[-2:], images.shape[-2:])
 
     def decode(
         self, backbone_feats: dict[str, torch.Tensor], padded_size: Sequence[int], size: Sequence[int]
