@@ -458,7 +458,6 @@ class SigLIP2Backbone(nn.Module):
         self.vit.set_input_size(img_size=tuple(img_size))
         self.arch_config = replace(self.arch_config, img_size=tuple(img_size))
 
-    # ---- window attention ------------------------------------------------------------------
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """``nn.Module.compile`` with timm's position-table resampling left eager (a graph break).
 
@@ -471,6 +470,7 @@ class SigLIP2Backbone(nn.Module):
             vit._pos_embed = torch.compiler.disable(vit._pos_embed)
         super().compile(*args, **kwargs)
 
+    # ---- window attention ------------------------------------------------------------------
     def set_window_attention(
         self, window_size: int | None, global_blocks: Sequence[int] | None = None
     ) -> None:

@@ -407,7 +407,7 @@ class MultiTask(DenseTask):
         for name, sub in self.sub_tasks.items():
             if isinstance(metrics.get(name), dict):
                 parts.append(
-                    f"== {name} (loss weight {self.loss_weights[name]:g}) ==\n{sub.summarize(_none_to_nan(metrics[name]))}"
+                    f"== {name} (loss weight {self.loss_weights[name]:g}) ==\n{sub.summarize(metrics[name])}"
                 )
         return "\n".join(parts)
 
@@ -462,14 +462,6 @@ class MultiTask(DenseTask):
         super().on_load_meta(meta)
         for name, sub in self.sub_tasks.items():
             sub.on_load_meta((meta.get("tasks") or {}).get(name, {}))
-
-
-def _none_to_nan(metrics: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json writes classes never seen as null; the tables expect NaN there."""
-    return {
-        k: _none_to_nan(v) if isinstance(v, dict) else (float("nan") if v is None else v)
-        for k, v in metrics.items()
-    }
 
 
 def check_task_data(task_names: list[str], data_names: list[str]) -> None:
