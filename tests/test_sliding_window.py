@@ -171,3 +171,79 @@ def test_tta_flip_is_unflipped_and_multiscale_averages_probabilities() -> None:
     torch.testing.assert_close(out, torch.stack(views).mean(0))
     with pytest.raises(ValueError, match="mode"):
         inference_with_tta(conv, image, K, mode="tiles")
+
+
+# -- coverage: every pixel gets a window, whatever the crop / stride / image size ------------------
+@pytest.mark.parametrize(
+    ("size", "crop", "stride"),
+    [
+        ((37, 53), (16, 20), (16, 20)),  # crop equal to the stride: tiles, last one flush
+        ((37, 53), (16, 20), (5, 7)),  # crop larger than the stride: overlaps
+        ((37, 53), (24, 9), (13, 4)),  # non-square crop, non-square stride
+        ((12, 9), (16, 20), (11, 13)),  # crop larger than the image
+        ((16, 53), (16, 20), (16, 20)),  # one side exactly the crop
+    ],
+)
+def test_slide_covers_every_pixel_and_equals_the_window_loop(size, crop, stride) -> None:
+    image = torch.randn(1, 3, *size)
+    model_fn = _positional_model(1)
+    out = slide_inference(model_fn, image, K, crop, stride, batch_size=5)
+    assert torch.isfinite(out).all()
+    np.testing.assert_allclose(
+        out.numpy(), _loop_reference(model_fn, image, crop, stride), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_window_grid_coverage_over_many_settings() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 90, 2))
+        crop = tuple(int(v) for v in rng.integers(1, 40, 2))
+        stride = tuple(int(rng.integers(1, c + 1)) for c in crop)
+        count = np.zeros((h, w), int)
+        for y1, y2, x1, x2 in window_grid(h, w, crop, stride):
+            count[y1:y2, x1:x2] += 1
+        assert count.min() >= 1, (h, w, crop, stride)
+
+
+@pytest.mark.parametrize(
+    ("crop", "stride"), [((256, 256), (341, 341)), ((16, 20), (16, 21)), ((0, 4), (1, 1))]
+)
+def test_stride_larger_than_crop_is_refused_not_nan(crop, stride) -> None:
+    # the issue's case: crop 256 with the default stride 341 left 43,520 of 358,400 pixels NaN
+    image = torch.randn(1, 3, 64, 70)
+    with pytest.raises(ValueError, match="stride"):
+        slide_inference(_conv_model(), image, K, crop, stride)
+    with pytest.raises(ValueError, match="task.eval.stride"):
+        inference_with_tta(_conv_model(), image, K, short_side=None, crop_size=crop, stride=stride)
+
+
+def test_multiscale_flip_covers_every_pixel_and_equals_per_view_loops() -> None:
+    """ms + flip with windows smaller than some views: mean of softmaxed per-view window loops."""
+    image = torch.randn(1, 3, 29, 47)
+    model_fn = _positional_model(2)
+    crop, stride, scales = (12, 18), (9, 11), (0.5, 1.0, 1.75)
+    out = inference_with_tta(
+        model_fn,
+        image,
+        K,
+        short_side=20,
+        max_long_side=400,
+        crop_size=crop,
+        stride=stride,
+        scales=scales,
+        flip=True,
+    )
+    assert out.shape == (1, K, 29, 47) and torch.isfinite(out).all()
+    views = []
+    for s in scales:
+        x = resize_image(image, eval_resize_scale(29, 47, 20 * s, 400 * s))
+        for flip in (False, True):
+            xi = x.flip(-1) if flip else x
+            logits = torch.from_numpy(_loop_reference(model_fn, xi, crop, stride)).float()
+            logits = logits.flip(-1) if flip else logits
+            views.append(
+                F.interpolate(logits, size=(29, 47), mode="bilinear", align_corners=False).softmax(1)
+            )
+    torch.testing.assert_close(out, torch.stack(views).mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 29, 47))

@@ -42,12 +42,44 @@ def _at_size(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def check_window_coverage(
+    crop_size: Sequence[int], stride: Sequence[int], setting: str = "task.eval"
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Validate a sliding-window setting: every pixel of any image must fall in a window.
+
+    Windows start every ``stride`` pixels and the last one is flush with the border (mmseg), so
+    a stride larger than the crop leaves a band of ``stride - crop`` uncovered pixels between
+    neighbours (mmseg asserts coverage for the same reason). Returns ``(crop, stride)`` as int pairs.
+
+    Raises:
+        ValueError: naming ``{setting}.crop_size`` / ``{setting}.stride`` when a value is not a
+            positive pair or a stride exceeds the crop.
+    """
+    crop = tuple(int(c) for c in crop_size)
+    step = tuple(int(s) for s in stride)
+    if len(crop) != 2 or len(step) != 2 or min(crop + step) < 1:
+        raise ValueError(
+            f"{setting}.crop_size={list(crop_size)} and {setting}.stride={list(stride)} must be two "
+            "positive integers (height, width) each"
+        )
+    if step[0] > crop[0] or step[1] > crop[1]:
+        raise ValueError(
+            f"{setting}.stride={list(step)} is larger than {setting}.crop_size={list(crop)}: windows "
+            f"would leave {max(step[0] - crop[0], 0)}-row / {max(step[1] - crop[1], 0)}-column bands "
+            f"of pixels without a prediction. Use a stride <= the crop (mmseg: 2/3 of it, e.g. "
+            f"stride={[max(1, c * 2 // 3) for c in crop]})"
+        )
+    return (crop[0], crop[1]), (step[0], step[1])
+
+
 def window_grid(
     h: int, w: int, crop_size: Sequence[int], stride: Sequence[int]
 ) -> list[tuple[int, int, int, int]]:
-    """mmseg's windows ``(y1, y2, x1, x2)``: the last one flush with the border, all of one size."""
-    crop_h, crop_w = crop_size
-    stride_h, stride_w = stride
+    """mmseg's windows ``(y1, y2, x1, x2)``: the last one flush with the border, all of one size.
+
+    The windows cover every pixel (the setting is checked by :func:`check_window_coverage`).
+    """
+    (crop_h, crop_w), (stride_h, stride_w) = check_window_coverage(crop_size, stride)
     h_grids = max(h - crop_h + stride_h - 1, 0) // stride_h + 1
     w_grids = max(w - crop_w + stride_w - 1, 0) // stride_w + 1
     windows = []
@@ -72,6 +104,7 @@ def slide_inference(
     """Logits B×K×H×W from overlapping windows, summed and divided by the per-pixel window count.
 
     Windows all have the size ``min(crop, image)``, so ``batch_size`` of them run in one forward.
+    Raises ValueError when ``stride`` exceeds ``crop_size`` (pixels would get no window).
     """
     b, _, h, w = image.shape
     windows = window_grid(h, w, crop_size, stride)
@@ -84,6 +117,8 @@ def slide_inference(
         for n, (y1, y2, x1, x2) in enumerate(chunk):
             preds[:, :, y1:y2, x1:x2] += logits[n * b : (n + 1) * b]
             count[:, :, y1:y2, x1:x2] += 1
+    if not bool((count > 0).all()):  # unreachable after check_window_coverage; never return NaN
+        raise RuntimeError(f"sliding windows {crop_size}/{stride} left pixels of a {h}×{w} image uncovered")
     return preds / count
 
 
@@ -116,6 +151,8 @@ def inference_with_tta(
     """
     if mode not in ("slide", "whole"):
         raise ValueError(f"unknown inference mode {mode!r}: use 'slide' or 'whole'")
+    if mode == "slide":
+        check_window_coverage(crop_size, stride)
     h, w = image.shape[-2:]
 
     def infer(x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +176,7 @@ def inference_with_tta(
 
 
 __all__ = [
+    "check_window_coverage",
     "eval_resize_scale",
     "inference_with_tta",
     "resize_image",

@@ -11,7 +11,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from siglip_dense.evaluation.seg_metrics import SegmentationMetric, format_seg_table
-from siglip_dense.evaluation.sliding_window import inference_with_tta, round_crop_to_patch
+from siglip_dense.evaluation.sliding_window import (
+    check_window_coverage,
+    inference_with_tta,
+    round_crop_to_patch,
+)
 from siglip_dense.models.segmentor import Segmentor
 from siglip_dense.tasks.base import DenseTask
 
@@ -77,6 +81,8 @@ class SegmentationTask(DenseTask):
         self.eval_cfg["crop_size"] = list(
             round_crop_to_patch(tuple(self.eval_cfg["crop_size"]), self.backbone.patch_size)
         )
+        if self.eval_cfg["mode"] == "slide":
+            check_window_coverage(self.eval_cfg["crop_size"], self.eval_cfg["stride"])
         self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
         self.last_metrics: dict[str, Any] = {}
         # added to class indices when predictions are written (1 for reduce_zero_label datasets)
@@ -246,7 +252,10 @@ class SegmentationTask(DenseTask):
         unknown = set(tta) - set(DEFAULT_EVAL)
         if unknown:
             raise ValueError(f"unknown tta keys {sorted(unknown)}; known: {sorted(DEFAULT_EVAL)}")
-        self.eval_cfg.update(tta)
+        cfg = {**self.eval_cfg, **tta}
+        if cfg["mode"] == "slide":
+            check_window_coverage(cfg["crop_size"], cfg["stride"], setting="tta")
+        self.eval_cfg = cfg
 
     def summarize(self, metrics: dict[str, Any]) -> str:
         return format_seg_table(metrics, self.class_names)
