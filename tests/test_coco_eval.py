@@ -185,3 +185,60 @@ def test_gather_results_under_an_initialised_process_group(tmp_path: Path) -> No
     finally:
         dist.destroy_process_group()
     assert ids == [5, 6] and merged == per_image[5]
+
+
+def _large_only_gt() -> dict:
+    """Two 200×200 images, large objects only: COCO's APs / APm are undefined (-1)."""
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 200, "width": 200} for i in (1, 2)]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 120, 110], "area": 13200.0, "iscrowd": 0},
+        {"id": 2, "image_id": 2, "category_id": 5, "bbox": [50, 40, 140, 150], "area": 21000.0, "iscrowd": 0},
+    ]
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 3, "name": "a"}, {"id": 5, "name": "b"}],
+    }
+
+
+def _direct_pycocotools(gt: dict, results: list[dict]) -> list[float]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = json.loads(json.dumps(gt))
+        coco.createIndex()
+        if results:
+            dt = coco.loadRes(json.loads(json.dumps(results)))
+        else:  # what pycocotools' own tooling would do with a file of no detections
+            dt = COCO()
+            dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+            dt.createIndex()
+        ev = COCOeval(coco, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return list(ev.stats[:6])
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster_coco_eval"])
+def test_metric_set_does_not_depend_on_detections(evaluator: str) -> None:
+    gt = _large_only_gt()
+    one = [{"image_id": 1, "category_id": 3, "bbox": [12, 10, 118, 110], "score": 0.9}]
+    m_one = evaluate_coco(gt, one, evaluator=evaluator)
+    m_none = evaluate_coco(gt, [], evaluator=evaluator)
+    assert set(m_one) == set(m_none) == {f"bbox_{n}" for n in NAMES}
+    # undefined for both (no small / medium ground truth): None, never 0.0
+    for stats, m in ((_direct_pycocotools(gt, one), m_one), (_direct_pycocotools(gt, []), m_none)):
+        for n, s in zip(NAMES, stats):
+            assert (m[f"bbox_{n}"] is None) == (s < 0), n
+            if s >= 0:
+                assert m[f"bbox_{n}"] == pytest.approx(s, abs=1e-9), n
+    assert m_none["bbox_APs"] is None and m_none["bbox_APm"] is None and m_none["bbox_AP"] == 0.0
+    # nothing scored at all: everything undefined
+    assert set(evaluate_coco(gt, [], image_ids=[]).values()) == {None}
+
+
+def test_ground_truth_without_iscrowd_is_a_clear_error_not_a_keyerror() -> None:
+    gt = _large_only_gt()
+    del gt["annotations"][1]["iscrowd"]
+    with pytest.raises(ValueError, match=r"lack 'iscrowd'.*ids \[2\]"):
+        evaluate_coco(gt, [])

@@ -175,6 +175,31 @@ def _stats_to_metrics(prefix: str, stats: Sequence[float]) -> dict[str, float | 
     return {f"{prefix}_{n}": (None if float(s) < 0 else float(s)) for n, s in zip(STAT_NAMES, stats[:6])}
 
 
+def check_gt_for_eval(coco_gt: Any, iou_types: Sequence[str], source: str = "ground truth") -> None:
+    """The fields ``COCOeval`` reads from every ground-truth annotation, present.
+
+    pycocotools fails with a bare ``KeyError('iscrowd')`` otherwise. Load jsons with
+    :func:`siglip_dense.data.coco.load_coco_json`, which fills ``area``/``iscrowd`` by COCO's rules.
+
+    Raises:
+        ValueError: naming the missing key and the first annotation ids that lack it.
+    """
+    anns = list(coco_gt.dataset.get("annotations", []))
+    needed = ["area", "iscrowd", "bbox"] + (["segmentation"] if "segm" in iou_types else [])
+    for key in needed:
+        bad = [a.get("id") for a in anns if key not in a]
+        if bad:
+            hint = (
+                "evaluate boxes only (a box detector, or data.with_masks=false)"
+                if key == "segmentation"
+                else "load it with siglip_dense.data.coco.load_coco_json, which fills it by COCO's rule"
+            )
+            raise ValueError(
+                f"{source}: {len(bad)} annotation(s) lack '{key}' that COCO evaluation needs "
+                f"(ids {bad[:10]}): {hint}"
+            )
+
+
 def evaluate_coco(
     gt: Any,
     results: list[dict[str, Any]],
@@ -186,8 +211,10 @@ def evaluate_coco(
     """COCO AP metrics (``bbox_AP``, ``bbox_AP50`` ... ``segm_APl``) for ``results`` against ``gt``.
 
     ``image_ids`` restricts scoring to the images that were predicted (``limit_val_batches``, DDP
-    shards); ``None`` scores every ground-truth image. Empty results score 0 (pycocotools cannot
-    load an empty results list). Values that COCO leaves undefined (-1, e.g. no small objects) are None.
+    shards); ``None`` scores every ground-truth image. The key set never depends on the detections:
+    every ``{iou_type}_{AP,AP50,AP75,APs,APm,APl}`` is present, as a fraction, or ``None`` where COCO
+    leaves it undefined (its -1: no ground truth in that area range, or no image scored). Empty
+    results are scored as COCOeval scores a detector that found nothing (0 where ground truth exists).
     """
     evaluator = resolve_evaluator(evaluator)
     coco_gt = load_gt(gt)
@@ -199,14 +226,25 @@ def evaluate_coco(
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"iou type must be one of {IOU_TYPES}, got {iou_type!r}")
+    check_gt_for_eval(coco_gt, iou_types)
+    for iou_type in iou_types:
         if iou_type == "segm" and results and "segmentation" not in results[0]:
             raise ValueError("segm evaluation needs results with a 'segmentation' RLE")
-        if not results or not ids:
-            metrics.update({f"{iou_type}_{n}": 0.0 for n in STAT_NAMES})
+        if not ids:
+            metrics.update({f"{iou_type}_{n}": None for n in STAT_NAMES})
             continue
         stats = _run_eval(coco_gt, results, iou_type, ids, evaluator, verbose)
         metrics.update(_stats_to_metrics(iou_type, stats))
     return metrics
+
+
+def _empty_results(dataset: dict[str, Any]) -> dict[str, Any]:
+    """A detections 'dataset' with no detections (``loadRes`` cannot load an empty list)."""
+    return {
+        "images": list(dataset.get("images", [])),
+        "categories": list(dataset.get("categories", [])),
+        "annotations": [],
+    }
 
 
 def _run_eval(
@@ -221,14 +259,17 @@ def _run_eval(
         if evaluator == "pycocotools":
             from pycocotools.cocoeval import COCOeval
 
-            coco_dt = coco_gt.loadRes(results)
+            if results:
+                coco_dt = coco_gt.loadRes(results)
+            else:
+                coco_dt = load_gt(_empty_results(coco_gt.dataset))
             ev = COCOeval(coco_gt, coco_dt, iou_type)
         else:
             from faster_coco_eval import COCO as FCOCO
             from faster_coco_eval import COCOeval_faster
 
             fgt = FCOCO(copy.deepcopy(coco_gt.dataset))
-            fdt = fgt.loadRes(results)
+            fdt = fgt.loadRes(results) if results else FCOCO(_empty_results(coco_gt.dataset))
             ev = COCOeval_faster(fgt, fdt, iou_type, print_function=print)
         ev.params.imgIds = ids
         ev.evaluate()
@@ -239,6 +280,7 @@ def _run_eval(
 
 __all__ = [
     "EVALUATORS",
+    "check_gt_for_eval",
     "dedup_results",
     "detections_to_coco",
     "encode_masks",

@@ -283,13 +283,14 @@ class DetectionTask(DenseTask):
 
     # -- reporting ----------------------------------------------------------------------------------
     def summarize(self, metrics: dict[str, Any]) -> str:
+        """One line per IoU type; undefined values print as ``null``, as metrics.json writes them."""
         lines = []
         for prefix in ("bbox", "segm"):
-            vals = [metrics.get(f"{prefix}_{k}") for k in METRIC_KEYS]
-            if all(v is None for v in vals):
+            if not any(f"{prefix}_{k}" in metrics for k in METRIC_KEYS):
                 continue
+            vals = [metrics.get(f"{prefix}_{k}") for k in METRIC_KEYS]
             cells = "  ".join(
-                f"{k} {'  n/a' if v is None else f'{100 * v:5.1f}'}" for k, v in zip(METRIC_KEYS, vals)
+                f"{k} {' null' if v is None else f'{100 * v:5.1f}'}" for k, v in zip(METRIC_KEYS, vals)
             )
             lines.append(f"{prefix}: {cells}")
         return "\n".join(lines)
