@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,94 @@ def test_ground_truth_without_iscrowd_is_a_clear_error_not_a_keyerror() -> None:
     del gt["annotations"][1]["iscrowd"]
     with pytest.raises(ValueError, match=r"lack 'iscrowd'.*ids \[2\]"):
         evaluate_coco(gt, [])
+
+
+def _strip_for_repair(src: Path, dst_dir: Path) -> tuple[Path, Path, int]:
+    """The toy val split with the fields COCO tools often omit removed, plus a zero-size box with a mask
+    and one without; images copied so the layout is real."""
+    import shutil
+
+    data = json.loads(src.read_text())
+    for a in data["annotations"]:
+        a.pop("area", None)
+        if not a["iscrowd"]:
+            del a["iscrowd"]
+    with_mask = next(a for a in data["annotations"] if isinstance(a.get("segmentation"), list))
+    with_mask["bbox"] = [with_mask["bbox"][0], with_mask["bbox"][1], 0.0, with_mask["bbox"][3]]
+    no_mask = {**data["annotations"][0], "id": 99999, "bbox": [3.0, 4.0, 5.0, 0.0]}
+    no_mask.pop("segmentation", None)
+    data["annotations"].append(no_mask)
+    del data["images"][0]["height"], data["images"][0]["width"]
+    img_dir = dst_dir / "val2017"
+    shutil.copytree(src.parents[1] / "val2017", img_dir)
+    ann = dst_dir / "annotations" / "instances_val2017.json"
+    ann.parent.mkdir(parents=True)
+    ann.write_text(json.dumps(data))
+    return img_dir, ann, with_mask["id"]
+
+
+def test_json_without_area_and_iscrowd_is_repaired_and_scores_as_pycocotools_on_the_repaired_file(
+    toy_coco_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from siglip_dense.data.coco import CocoDetection, repair_coco_json
+    from siglip_dense.data.transforms import build_det_eval_transform
+
+    img_dir, ann, fixed_id = _strip_for_repair(
+        toy_coco_root / "annotations" / "instances_val2017.json", tmp_path
+    )
+    with pytest.warns(UserWarning) as record:
+        ds = CocoDetection(
+            img_dir, ann, transform=build_det_eval_transform((0.5,) * 3, (0.5,) * 3), with_masks=True
+        )
+    msg = " | ".join(str(w.message) for w in record)
+    assert str(ann) in msg
+    assert "without 'iscrowd' set to 0" in msg
+    assert "without 'area' given the mask area (or box w·h) (ids" in msg
+    assert f"zero-size box given their mask's box (ids [{fixed_id}])" in msg
+    assert "zero-size box and no mask dropped (ids [99999])" in msg
+    assert "1 image record(s) without height/width" in msg
+    repaired = ds.coco.dataset
+    assert all("area" in a and "iscrowd" in a for a in repaired["annotations"])
+    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in repaired["annotations"])
+    # the mask rule: area equals pycocotools' area of the annotation's own mask
+    fixed = next(a for a in repaired["annotations"] if a["id"] == fixed_id)
+    img = ds.coco.imgs[fixed["image_id"]]
+    rle = mask_utils.merge(mask_utils.frPyObjects(fixed["segmentation"], img["height"], img["width"]))
+    assert fixed["area"] == pytest.approx(float(mask_utils.area(rle)))
+    # our evaluation on the dataset's COCO == pycocotools run directly on the repaired json file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        repaired_file = repair_coco_json(ann, tmp_path / "repaired.json", image_dir=img_dir)
+    results = _noisy_predictions(ds.coco, seed=3)
+    ours = evaluate_coco(ds.coco, results, ("bbox", "segm"))
+    res_path = write_coco_results(tmp_path / "res.json", results)
+    for iou_type in ("bbox", "segm"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(repaired_file))
+            ev = COCOeval(gt, gt.loadRes(str(res_path)), iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        for n, s in zip(NAMES, ev.stats[:6]):
+            assert ours[f"{iou_type}_{n}"] == (None if s < 0 else float(s)), (iou_type, n)
+    assert 0.05 < ours["bbox_AP"] < 0.95
+
+
+@pytest.mark.parametrize(
+    ("bbox", "match"),
+    [
+        ([10, 10, 5, -3], r"annotation 5 has bbox \[10, 10, 5, -3\] with a negative width"),
+        ([1, 2, 3], "annotation 5 has bbox"),
+    ],
+)
+def test_unrepairable_boxes_name_the_file_and_annotation(tmp_path: Path, bbox: list, match: str) -> None:
+    from siglip_dense.data.coco import load_coco_json
+    from siglip_dense.data.io import DataError
+
+    gt = _large_only_gt()
+    gt["annotations"][0].update(id=5, bbox=bbox)
+    path = tmp_path / "instances_x.json"
+    path.write_text(json.dumps(gt))
+    with pytest.raises(DataError, match=rf"instances_x\.json: {match}"):
+        load_coco_json(path)

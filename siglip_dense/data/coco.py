@@ -8,18 +8,15 @@ Broken inputs fail with a message that names the file and the offending record.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from siglip_dense.data.datamodule import DenseDataModule, worker_seed
 from siglip_dense.data.io import DataError, read_image
@@ -46,7 +43,22 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot parse COCO annotation file {path}: {exc}") from exc
     validate_coco_dict(data, str(path))
+    repair_coco_dict(data, str(path))
     return data
+
+
+def repair_coco_json(src: str | Path, dst: str | Path, image_dir: str | Path | None = None) -> Path:
+    """Write the json as our loading repairs it, for scoring with other COCO tools.
+
+    ``image_dir`` also fills missing image sizes from the files (as :class:`CocoDetection` does).
+    """
+    data = load_coco_json(src)
+    if image_dir is not None:
+        fill_image_sizes(data, Path(image_dir), str(src))
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(data))
+    return dst
 
 
 def validate_coco_dict(data: Any, source: str = "<dict>") -> None:
@@ -83,6 +95,105 @@ def validate_coco_dict(data: Any, source: str = "<dict>") -> None:
             raise DataError(
                 f"{source}: annotation {ann['id']} refers to image_id {ann['image_id']}, which is not in 'images'"
             )
+
+
+def _segmentation_rle(seg: Any, height: int | None, width: int | None) -> Any:
+    """Polygons / uncompressed / compressed RLE → one compressed RLE (pycocotools).
+
+    Polygons without a recorded image size are rasterised on a canvas that just holds them: the
+    area and the bounding box do not depend on the canvas beyond that.
+    """
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        polys = [p for p in seg if len(p) >= 6]
+        if not polys:
+            return None
+        if not height or not width:
+            height = int(np.ceil(max(max(p[1::2]) for p in polys))) + 1
+            width = int(np.ceil(max(max(p[0::2]) for p in polys))) + 1
+        return mask_utils.merge(mask_utils.frPyObjects(polys, int(height), int(width)))
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        if isinstance(seg["counts"], list):
+            return mask_utils.frPyObjects(seg, *seg["size"])
+        return seg
+    return None
+
+
+def _fmt_ids(ids: list[Any]) -> str:
+    return f"{ids[:10]}{' ...' if len(ids) > 10 else ''}"
+
+
+def repair_coco_dict(data: dict[str, Any], source: str = "<dict>") -> dict[str, list[Any]]:
+    """Apply COCO's well-known rules where a field COCO evaluation needs is missing; fail otherwise.
+
+    In place, each repair counted in one warning that lists the annotation ids:
+    - ``iscrowd`` missing → 0 (detectron2 / torchvision converters);
+    - ``area`` missing → the mask area of ``segmentation`` (pycocotools ``area``), else box w·h;
+    - a zero-width or zero-height box → the mask's bounding box when the annotation has a non-empty
+      ``segmentation``; without one it is dropped (it can never be matched, detectron2 drops empty
+      instances too).
+    Returns ``{repair name: [annotation ids]}``.
+
+    Raises:
+        DataError: naming ``source`` and the annotation id for a bbox that is not four finite numbers
+            or has a negative width / height (``[x1, y1, x2, y2]`` written where COCO wants
+            ``[x, y, w, h]``?).
+    """
+    from pycocotools import mask as mask_utils
+
+    sizes = {img["id"]: (img.get("height"), img.get("width")) for img in data["images"]}
+    repairs: dict[str, list[Any]] = {"iscrowd": [], "area": [], "bbox_from_mask": [], "dropped": []}
+    kept = []
+    for ann in data["annotations"]:
+        box = ann["bbox"]
+        ok = isinstance(box, (list, tuple)) and len(box) == 4
+        if ok:
+            try:
+                box = [float(v) for v in box]
+            except (TypeError, ValueError):
+                ok = False
+        if not ok or not np.isfinite(box).all():
+            raise DataError(
+                f"{source}: annotation {ann['id']} has bbox {ann['bbox']!r}; COCO needs [x, y, w, h]"
+            )
+        if box[2] < 0 or box[3] < 0:
+            raise DataError(
+                f"{source}: annotation {ann['id']} has bbox {ann['bbox']} with a negative width/height; "
+                "COCO boxes are [x, y, w, h] (was [x1, y1, x2, y2] written?)"
+            )
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            repairs["iscrowd"].append(ann["id"])
+        rle = None
+        if ann.get("segmentation") and ("area" not in ann or box[2] == 0 or box[3] == 0):
+            rle = _segmentation_rle(ann["segmentation"], *sizes.get(ann["image_id"], (None, None)))
+        if box[2] == 0 or box[3] == 0:
+            if rle is None or float(mask_utils.area(rle)) <= 0:
+                repairs["dropped"].append(ann["id"])
+                continue
+            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+            repairs["bbox_from_mask"].append(ann["id"])
+        if "area" not in ann:
+            ann["area"] = float(mask_utils.area(rle)) if rle is not None else float(box[2] * box[3])
+            repairs["area"].append(ann["id"])
+        kept.append(ann)
+    data["annotations"] = kept
+    done = {k: v for k, v in repairs.items() if v}
+    if done:
+        what = {
+            "iscrowd": "without 'iscrowd' set to 0",
+            "area": "without 'area' given the mask area (or box w·h)",
+            "bbox_from_mask": "with a zero-size box given their mask's box",
+            "dropped": "with a zero-size box and no mask dropped",
+        }
+        lines = "; ".join(f"{len(v)} annotation(s) {what[k]} (ids {_fmt_ids(v)})" for k, v in done.items())
+        warnings.warn(
+            f"{source}: repaired by COCO's rules: {lines}. Scores equal pycocotools on the repaired "
+            "json (siglip_dense.data.coco.repair_coco_json writes it).",
+            stacklevel=3,
+        )
+    return repairs
 
 
 class CategoryMap:
@@ -136,6 +247,36 @@ def _quiet_coco(data: dict[str, Any]) -> Any:
     return coco
 
 
+def fill_image_sizes(data: dict[str, Any], image_dir: Path, source: str) -> list[Any]:
+    """Image records without ``height``/``width`` get them from the file's header (counted warning).
+
+    COCO's mask evaluation rasterises polygons at the recorded size. Returns the repaired image ids;
+    a file that is missing or unreadable is a DataError naming it.
+    """
+    from PIL import Image
+
+    filled = []
+    for img in data["images"]:
+        if img.get("height") and img.get("width"):
+            continue
+        path = image_dir / img["file_name"]
+        try:
+            with Image.open(path) as im:
+                img["width"], img["height"] = im.size
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"{source}: image {img['id']} has no height/width and {path} cannot be read: {exc}"
+            ) from exc
+        filled.append(img["id"])
+    if filled:
+        warnings.warn(
+            f"{source}: {len(filled)} image record(s) without height/width took them from the files "
+            f"(ids {_fmt_ids(filled)})",
+            stacklevel=3,
+        )
+    return filled
+
+
 class CocoDetection(Dataset):
     """COCO-layout images + instances json → normalised image tensors and torchvision targets.
 
@@ -160,6 +301,7 @@ class CocoDetection(Dataset):
         if not self.image_dir.is_dir():
             raise DataError(f"COCO image directory not found: {self.image_dir}")
         data = load_coco_json(self.ann_file)
+        fill_image_sizes(data, self.image_dir, str(self.ann_file))
         self.coco = _quiet_coco(data)
         self.category_map = category_map or CategoryMap.from_coco(data)
         own = {c["id"] for c in data["categories"]}
@@ -358,8 +500,6 @@ class DetDataModule(DenseDataModule):
             "category_ids": list(self.category_map.category_ids),
         }
 
-
-
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             transform = build_det_train_transform(
@@ -396,6 +536,9 @@ __all__ = [
     "CocoDetection",
     "DetDataModule",
     "collate_det",
+    "fill_image_sizes",
     "load_coco_json",
+    "repair_coco_dict",
+    "repair_coco_json",
     "validate_coco_dict",
 ]
