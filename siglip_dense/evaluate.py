@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -41,12 +42,34 @@ def eval_data_config(cfg: DictConfig, task: DenseTask) -> dict[str, Any]:
     return data
 
 
+def apply_detection_options(cfg: DictConfig, task: DenseTask) -> None:
+    """``category_map`` (checkpoint id → data id) and ``test_protocol``: detection only."""
+    mapping = cfg.get("category_map")
+    protocol = cfg.get("test_protocol")
+    if mapping is None and protocol is None:
+        return
+    if not hasattr(task, "set_category_map"):
+        raise ValueError(
+            f"category_map / test_protocol are detection options; {cfg.ckpt_path} is a {task.task_name} model"
+        )
+    if isinstance(mapping, str):
+        mapping = yaml.safe_load(mapping)
+    elif mapping is not None:
+        mapping = OmegaConf.to_container(mapping, resolve=True)
+    if mapping is not None and not isinstance(mapping, dict):
+        raise ValueError(f"category_map must be a mapping {{checkpoint id: data id}}, got {mapping!r}")
+    task.set_category_map(mapping)
+    if protocol is not None:
+        task.set_test_protocol(str(protocol))
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; writes metrics.json (and predictions) and returns the metrics."""
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
     task = load_task(cfg.ckpt_path)
     datamodule = instantiate(eval_data_config(cfg, task), _convert_="all")
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
+    apply_detection_options(cfg, task)
     task.bind_data(datamodule)
     if cfg.get("tta") is not None:
         tta = cfg.tta if isinstance(cfg.tta, str) else OmegaConf.to_container(cfg.tta, resolve=True)

@@ -195,7 +195,7 @@ def test_train_transform_pads_with_ignore() -> None:
         pad = torch.ones(64, 64, dtype=torch.bool)
         pad[:40, :50] = False
         assert (m[pad] == 255).all() and (m[~pad] == 1).all()
-        assert torch.allclose(img[:, pad], torch.tensor(-1.0))  # fill 0 then normalised (mean=std=0.5)
+        assert torch.allclose(img[:, pad], torch.tensor(0.0))  # the mean colour: 0 after normalising
 
 
 def test_train_transform_keeps_image_and_mask_aligned() -> None:

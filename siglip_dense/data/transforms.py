@@ -1,4 +1,10 @@
-"""mmseg's ADE20K training pipeline in albumentations 2.0.x.
+"""Training / evaluation pipelines (mmseg ADE20K, ViTDet LSJ, BTS depth) in albumentations 2.0.x.
+
+One padding rule for every task, in training and evaluation: images are padded bottom/right
+*after* normalisation with 0, i.e. with the mean colour (MMSeg's ``SegDataPreProcessor`` and
+detectron2's ``ImageList.from_tensors`` pad normalised tensors with 0); segmentation labels with
+the ignore index, depth with 0 (invalid). Evaluation pads with :func:`pad_normalized` (the models'
+``pad_input`` and the detectors' batching do the same).
 
 Every random draw goes through the Compose's own RNG (``py_random`` / ``random_generator``), so
 seeding the Compose (per DataLoader worker and rank, see :func:`seed_transform`) makes augmentation
@@ -14,6 +20,7 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
 IGNORE_INDEX = 255
@@ -171,6 +178,32 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
         return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")
 
 
+def pad_if_needed(min_height: int, min_width: int, fill_mask: float = IGNORE_INDEX) -> A.PadIfNeeded:
+    """Bottom/right pad of a NORMALISED image with 0 (the mean colour), masks with ``fill_mask``."""
+    return A.PadIfNeeded(
+        min_height=int(min_height),
+        min_width=int(min_width),
+        position="top_left",  # pad bottom/right like mmseg / detectron2
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        fill_mask=fill_mask,
+    )
+
+
+def pad_normalized(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Evaluation's side of the padding rule: ``...×H×W`` normalised tensor → ``size``, 0 bottom/right.
+
+    Raises ValueError when the image is larger than ``size``.
+    """
+    h, w = image.shape[-2:]
+    th, tw = int(size[0]), int(size[1])
+    if h > th or w > tw:
+        raise ValueError(f"cannot pad a {h}×{w} image to {th}×{tw}: it is larger")
+    if (h, w) == (th, tw):
+        return image
+    return torch.nn.functional.pad(image, (0, tw - w, 0, th - h), value=0.0)
+
+
 def seed_transform(transform: A.BaseCompose, seed: int) -> None:
     """Seed a Compose with ONE shared numpy + python RNG stream.
 
@@ -191,28 +224,25 @@ def build_seg_train_transform(
     std: Sequence[float] = (0.5, 0.5, 0.5),
     ignore_index: int = IGNORE_INDEX,
     seed: int | None = None,
+    hflip: float = 0.5,
+    photometric: bool = True,
 ) -> A.Compose:
-    """Rescale → cat-max crop → flip → photometric → pad (image 0, mask ignore) → normalise → tensor."""
+    """Rescale → cat-max crop → flip → photometric → normalise → pad (image 0 = mean, mask ignore)
+    → tensor."""
     ch, cw = int(crop_size[0]), int(crop_size[1])
-    transform = A.Compose(
-        [
-            RandomRescale(base_size=base_size, scale_range=scale_range),
-            RandomCropCatMax(ch, cw, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
-            A.HorizontalFlip(p=0.5),
-            PhotoMetricDistortion(),
-            A.PadIfNeeded(
-                min_height=ch,
-                min_width=cw,
-                position="top_left",  # pad bottom/right like mmseg
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=ignore_index,
-            ),
-            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
-            ToTensorV2(),
-        ],
-        seed=seed,
-    )
+    steps: list[Any] = [
+        RandomRescale(base_size=base_size, scale_range=scale_range),
+        RandomCropCatMax(ch, cw, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
+        A.HorizontalFlip(p=float(hflip)),
+    ]
+    if photometric:
+        steps.append(PhotoMetricDistortion())
+    steps += [
+        A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+        pad_if_needed(ch, cw, fill_mask=ignore_index),
+        ToTensorV2(),
+    ]
+    transform = A.Compose(steps, seed=seed)
     if seed is not None:
         seed_transform(transform, seed)
     return transform
@@ -264,7 +294,8 @@ def build_det_train_transform(
     std: Sequence[float] = (0.5, 0.5, 0.5),
     seed: int | None = None,
 ) -> A.Compose:
-    """LSJ: resize to the target × U(0.1, 2.0) → fixed-size crop (pad bottom/right, 0) → flip → normalise.
+    """LSJ: resize to the target × U(0.1, 2.0) → normalise → fixed-size crop (pad bottom/right with 0,
+    the mean colour) → flip.
 
     Call with ``bboxes`` (COCO xywh), ``labels`` and ``ann_idx`` (each box's index into ``masks``):
     albumentations clips boxes and drops those smaller than ``min_area`` or degenerate but keeps every
@@ -276,11 +307,18 @@ def build_det_train_transform(
     transform = A.Compose(
         [
             ResizeScale(target_size=(th, tw), scale_range=scale_range),
+            # normalised before the crop pads it: pads are 0 = the mean colour, as in evaluation
+            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
             A.RandomCrop(
-                th, tw, pad_if_needed=True, pad_position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0
+                th,
+                tw,
+                pad_if_needed=True,
+                pad_position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
             ),
             A.HorizontalFlip(p=hflip),
-            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
             ToTensorV2(),
         ],
         bbox_params=A.BboxParams(
@@ -453,10 +491,12 @@ def build_depth_train_transform(
     std: Sequence[float] = (0.5, 0.5, 0.5),
     seed: int | None = None,
 ) -> A.Compose:
-    """(Resize →) rotate ±``rotate``° → random crop → flip → colour → pad → normalise → tensor.
+    """(Resize →) rotate ±``rotate``° → random crop → flip → colour → normalise → pad → tensor.
 
-    Call it as ``transform(image=rgb_uint8, mask=depth_float32_metres)``. Rotation borders and pads
-    are 0 in both image and depth; crops smaller than ``crop_size`` are padded bottom/right.
+    Call it as ``transform(image=rgb_uint8, mask=depth_float32_metres)``. Crops smaller than
+    ``crop_size`` are padded bottom/right after normalisation (image 0 = the mean colour, depth 0 =
+    invalid), as evaluation pads. Rotation borders are raw 0 in the image (BTS's ``rotate`` fill, before
+    the colour step that needs uint8) and 0 (invalid) in depth.
     """
     ch, cw = int(crop_size[0]), int(crop_size[1])
     steps: list[Any] = []
@@ -480,15 +520,8 @@ def build_depth_train_transform(
     if photometric:
         steps.append(DepthPhotometric())
     steps += [
-        A.PadIfNeeded(
-            min_height=ch,
-            min_width=cw,
-            position="top_left",
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=0,
-        ),
         A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+        pad_if_needed(ch, cw, fill_mask=0),  # image: 0 = mean colour; depth: 0 = invalid
         ToTensorV2(),
     ]
     transform = A.Compose(steps, seed=seed)

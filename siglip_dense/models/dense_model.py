@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from siglip_dense.data.transforms import pad_normalized
 
 
 class DenseModel(nn.Module):
@@ -27,11 +28,11 @@ class DenseModel(nn.Module):
         return int(getattr(source, "size_divisibility", 1) or 1)
 
     def pad_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Zero-pad bottom/right to ``size_divisibility`` (what ``forward`` feeds the backbone)."""
+        """Pad bottom/right to ``size_divisibility`` with 0 = the mean colour (what ``forward`` feeds
+        the backbone); the same rule as the training pipelines' pads (``data.transforms``)."""
         h, w = images.shape[-2:]
         div = self.size_divisibility
-        pad_h, pad_w = (-h) % div, (-w) % div
-        return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+        return pad_normalized(images, (h + (-h) % div, w + (-w) % div))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.pad_input(images)

@@ -216,18 +216,119 @@ class DetectionTask(DenseTask):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         outs = self.detect(batch["image"])
+        out_ids = self.result_category_ids
         for out, meta in zip(outs, batch["meta"]):
             h, w = meta["orig_size"]
             if tuple(out.get("masks", torch.empty(0, 1, h, w)).shape[-2:]) != (h, w):
                 raise RuntimeError(f"masks of {meta['path']} are not at the original size {h}×{w}")
+            if None in out_ids:  # an explicit category map left some model classes unmapped: drop them
+                keep = torch.tensor([out_ids[int(i)] is not None for i in out["labels"]], dtype=torch.bool)
+                out = {k: v[keep.to(v.device)] for k, v in out.items()}
             self._val_results[int(meta["image_id"])] = detections_to_coco(
                 meta["image_id"],
                 out["boxes"],
                 out["scores"],
                 out["labels"],
-                self.category_ids,
+                [c if c is not None else -1 for c in out_ids],
                 out.get("masks") if self.has_masks else None,
                 self.mask_threshold,
+            )
+
+    # -- evaluating on other data: categories and protocol (tools/eval.py) -------------------------------
+    @property
+    def result_category_ids(self) -> list[int | None]:
+        """Per contiguous label, the category id written to results (None: dropped); the model's own
+        ids unless :meth:`set_category_map` mapped them onto another dataset's."""
+        mapped = getattr(self, "_result_category_ids", None)
+        return list(mapped) if mapped is not None else list(self.category_ids)
+
+    def set_category_map(self, mapping: dict[Any, Any] | None) -> None:
+        """Explicit ``{checkpoint category id: data category id}`` for data with other ids.
+
+        Model classes left out of the mapping are not written to results (their detections are
+        dropped, with a warning). Checked against the data by :meth:`bind_data`.
+        """
+        if mapping is None:
+            self._category_mapping = None
+            return
+        try:
+            pairs = {int(k): int(v) for k, v in dict(mapping).items()}
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"category_map must map checkpoint ids to data ids (integers), got {mapping!r}"
+            ) from exc
+        unknown = sorted(set(pairs) - set(self.category_ids))
+        if unknown:
+            raise ValueError(
+                f"category_map keys {unknown} are not category ids of the checkpoint {self.category_ids}"
+            )
+        self._category_mapping = pairs
+
+    def bind_data(self, datamodule: Any) -> None:
+        """Refuse data whose category ids differ from the checkpoint's, unless mapped explicitly.
+
+        Results carry category ids through the checkpoint's label → id table, so a json with other
+        ids would be scored against the wrong classes without any error.
+        """
+        cmap = getattr(datamodule, "category_map", None)
+        if cmap is None:
+            return
+        data_ids = [int(c) for c in cmap.category_ids]
+        source = getattr(datamodule, "val_ann", None) or getattr(datamodule, "root", "the data")
+        mapping = getattr(self, "_category_mapping", None)
+        if mapping is None:
+            only_model = sorted(set(self.category_ids) - set(data_ids))
+            only_data = sorted(set(data_ids) - set(self.category_ids))
+            if only_model or only_data:
+                raise ValueError(
+                    f"the checkpoint's categories differ from those of {source}: ids only in the checkpoint "
+                    f"{only_model}, ids only in the data {only_data} (checkpoint {self.category_ids}, data "
+                    f"{data_ids}). Map them explicitly, e.g. category_map='{{{self.category_ids[0]}: "
+                    f"{data_ids[0]}}}' (checkpoint id: data id)"
+                )
+            names = dict(zip(cmap.category_ids, cmap.names))
+            renamed = [c for c, n in zip(self.category_ids, self.class_names) if names.get(c, n) != n]
+            if renamed:
+                self.warn_once(f"categories {renamed} have other names in {source} than in the checkpoint")
+            self._result_category_ids = None
+            return
+        bad = sorted({v for v in mapping.values()} - set(data_ids))
+        if bad:
+            raise ValueError(f"category_map values {bad} are not category ids of {source} ({data_ids})")
+        self._result_category_ids = [mapping.get(c) for c in self.category_ids]
+        dropped = [c for c in self.category_ids if c not in mapping]
+        uncovered = sorted(set(data_ids) - set(mapping.values()))
+        if dropped:
+            self.warn_once(
+                f"category_map leaves checkpoint categories {dropped} unmapped: their detections are dropped"
+            )
+        if uncovered:
+            self.warn_once(
+                f"no checkpoint category maps to data categories {uncovered}: they score as misses"
+            )
+
+    def set_test_protocol(self, name: str) -> None:
+        """``vitdet`` (square pad to the training size) or ``long_side`` (pad to the divisibility)."""
+        self.model.transform.set_test_protocol(name)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint whose RPN head has another conv count than the rebuilt model: a named error.
+
+        Checkpoints written before ``rpn_conv_depth`` existed have no such key and rebuild with
+        torchvision's single conv, so they load as they were trained.
+        """
+        super().on_load_checkpoint(checkpoint)
+        rpn = getattr(self.model, "rpn", None)
+        state = checkpoint.get("state_dict", {})
+        if rpn is None or not state:
+            return
+        depth = len({k.split(".")[4] for k in state if k.startswith("model.rpn.head.conv.")})
+        built = len(rpn.head.conv)
+        if depth and depth != built:
+            raise ValueError(
+                f"the checkpoint's RPN head has {depth} conv(s), the rebuilt model {built}: set "
+                f"task.detector.rpn_conv_depth={depth} (ViTDet uses 2, torchvision and checkpoints "
+                "written before the option 1)"
             )
 
     def _ground_truth(self) -> Any:

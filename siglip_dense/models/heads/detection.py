@@ -9,8 +9,15 @@ Conventions:
 - inputs are already normalised with the backbone's mean/std (our data pipeline), so torchvision's
   transform gets mean 0 / std 1;
 - in training the images are the pipeline's fixed-size crops (torchvision's resize is skipped); in
-  evaluation torchvision resizes the original image so its longest side is the configured size and
-  maps predictions back to original pixels (ViTDet's test protocol);
+  evaluation the original image is resized so its longest side is the configured size S and, under
+  the default ``test_protocol="vitdet"``, padded bottom/right to the S×S training size (detectron2
+  ViTDet's ``ResizeShortestEdge(S, max_size=S)`` + ``square_pad=S``), so the backbone sees the size
+  it was trained at and its position table is never resampled; ``"long_side"`` pads only to the
+  pyramid's divisibility (torchvision's batching). Predictions are mapped back to original pixels;
+- every pad is 0 on normalised images (the mean colour), the same rule as the training pipeline;
+- the R-CNN RPN head has ``rpn_conv_depth`` 3×3 convs: 2 in ViTDet (detectron2
+  ``StandardRPNHead(conv_dims=[-1, -1])``, what the task configs use), 1 in torchvision (the
+  default here, so checkpoints written before the option existed rebuild as they were trained);
 - the task's labels are contiguous 0..K-1; R-CNNs reserve 0 for background, so the task shifts labels
   by ``detector.label_offset`` (1 for R-CNNs, 0 for RetinaNet / FCOS) on the way in and out;
 - head outputs are fp32 even under bf16 autocast (see :func:`keep_head_outputs_fp32`).
@@ -35,11 +42,14 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from siglip_dense.models.necks import pyramid_size_divisibility
 
 DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
+TEST_PROTOCOLS = ("vitdet", "long_side")
 # anchor size = base · stride · 2^(i / scales_per_octave): detectron2 (R-CNN 32 px at stride 4),
 # RetinaNet (32 px at stride 8, 3 octave scales), FCOS (one point per location, size = stride)
 DEFAULT_ANCHORS: dict[str, dict[str, Any]] = {
@@ -170,6 +180,53 @@ class NominalStrideAnchorGenerator(AnchorGenerator):
         return [flat for _ in range(len(image_list.image_sizes))]
 
 
+def square_pad_size(image_size: int | Sequence[int], size_divisibility: int) -> int:
+    """ViTDet's ``square_pad``: the training size's long side, rounded up to the divisibility."""
+    side = int(max(image_size)) if isinstance(image_size, (list, tuple)) else int(image_size)
+    div = max(int(size_divisibility), 1)
+    return int(math.ceil(side / div) * div)
+
+
+class DetectorTransform(GeneralizedRCNNTransform):
+    """torchvision's detector transform with the test protocol as a named option.
+
+    Resizing is torchvision's (longest side → ``max_size`` at test time when ``min_size ==
+    max_size``). Batching pads bottom/right with 0 (the mean colour on normalised inputs) to a
+    multiple of ``size_divisible``; in evaluation under ``test_protocol="vitdet"`` it pads to
+    ``square_size``² instead (detectron2 ViTDet ``square_pad``). ``test_protocol`` can be switched
+    after construction (``set_test_protocol``): it changes no parameter.
+    """
+
+    def __init__(
+        self, *args: Any, test_protocol: str = "vitdet", square_size: int = 1024, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.square_size = int(square_size)
+        self.test_protocol = check_test_protocol(test_protocol)
+
+    def set_test_protocol(self, name: str) -> None:
+        self.test_protocol = check_test_protocol(name)
+
+    def batch_images(self, images: list[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
+        if self.training or self.test_protocol != "vitdet":
+            return super().batch_images(images, size_divisible)
+        side = max([self.square_size] + [int(s) for im in images for s in im.shape[-2:]])
+        side = int(math.ceil(side / size_divisible) * size_divisible)
+        out = images[0].new_zeros((len(images), images[0].shape[0], side, side))
+        for i, im in enumerate(images):
+            out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"test_protocol={self.test_protocol!r}, square_size={self.square_size}"
+
+
+def check_test_protocol(name: str) -> str:
+    if name not in TEST_PROTOCOLS:
+        raise ValueError(f"detector test_protocol must be one of {TEST_PROTOCOLS}, got {name!r}")
+    return name
+
+
 def _to_float32(module: nn.Module, args: Any, output: Any) -> Any:
     """Forward hook: head outputs (box deltas, logits) leave autocast as fp32.
 
@@ -281,6 +338,8 @@ def build_detector(
     representation_size: int = 1024,
     mask_head_channels: int = 256,
     sampling_ratio: int = 0,
+    rpn_conv_depth: int = 1,
+    test_protocol: str = "vitdet",
     **detector_kwargs: Any,
 ) -> nn.Module:
     """One of ``DETECTORS`` on ``body`` (SigLIP2Backbone) + ``neck``; every level mismatch raises here.
@@ -289,8 +348,14 @@ def build_detector(
     RetinaNet's convolutional P6/P7 after the last one. ``roi_levels``: R-CNN RoI pooling levels
     (default: those with stride ≤ 32, i.e. p2..p5; p6 only feeds the RPN, as in detectron2).
     ``box_head``: ``4conv1fc`` (ViTDet, convs normed by ``head_norm``) or ``2fc`` (torchvision's
-    TwoMLPHead). Remaining kwargs go to the torchvision constructor (score thresholds, sampling sizes).
+    TwoMLPHead). ``rpn_conv_depth``: 3×3 convs in the RPN head (ViTDet 2, torchvision 1).
+    ``test_protocol``: ``vitdet`` (square pad to the training size) or ``long_side`` (pad to the
+    divisibility), see :class:`DetectorTransform`. Remaining kwargs go to the torchvision
+    constructor (score thresholds, sampling sizes).
     """
+    check_test_protocol(test_protocol)
+    if int(rpn_conv_depth) < 1:
+        raise ValueError(f"rpn_conv_depth must be >= 1, got {rpn_conv_depth}")
     if kind not in DETECTORS:
         raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
     detector_kwargs = _drop_other_family_kwargs(kind, detector_kwargs)
@@ -335,6 +400,7 @@ def build_detector(
         model.label_offset = 0
         model.has_masks = False
         model.kind = kind
+        _install_transform(model, common, test_protocol, image_size, backbone.size_divisibility)
         keep_head_outputs_fp32(model)
         return model
 
@@ -353,7 +419,13 @@ def build_detector(
     else:
         raise ValueError(f"box_head must be '4conv1fc' or '2fc', got {box_head!r}")
     predictor = FastRCNNPredictor(representation_size, num_classes + 1)
-    rpn_kwargs = {"rpn_anchor_generator": anchors, "box_roi_pool": box_pool, "box_head": head_module}
+    rpn_head = RPNHead(ch, num_anchors, conv_depth=int(rpn_conv_depth))
+    rpn_kwargs = {
+        "rpn_anchor_generator": anchors,
+        "rpn_head": rpn_head,
+        "box_roi_pool": box_pool,
+        "box_head": head_module,
+    }
     if kind == "faster_rcnn":
         model = FasterRCNN(backbone, None, box_predictor=predictor, **rpn_kwargs, **common, **detector_kwargs)
         model.has_masks = False
@@ -378,12 +450,31 @@ def build_detector(
     # RPN: one objectness/box head shared by all levels — same anchor count per level checked above
     model.label_offset = 1  # R-CNN class 0 is background
     model.kind = kind
+    _install_transform(model, common, test_protocol, image_size, backbone.size_divisibility)
     keep_head_outputs_fp32(model)
     return model
 
 
+def _install_transform(
+    model: nn.Module, common: dict[str, Any], protocol: str, image_size: Sequence[int], div: int
+) -> None:
+    """Replace torchvision's transform by :class:`DetectorTransform` (same settings, no parameters)."""
+    model.transform = DetectorTransform(
+        common["min_size"],
+        common["max_size"],
+        common["image_mean"],
+        common["image_std"],
+        size_divisible=common["size_divisible"],
+        _skip_resize=common["_skip_resize"],
+        test_protocol=protocol,
+        square_size=square_pad_size(image_size, div),
+    )
+
+
 __all__ = [
     "DETECTORS",
+    "TEST_PROTOCOLS",
+    "DetectorTransform",
     "NominalStrideAnchorGenerator",
     "PyramidBackbone",
     "anchor_sizes_for",
@@ -391,4 +482,5 @@ __all__ = [
     "build_detector",
     "keep_head_outputs_fp32",
     "norm_layer",
+    "square_pad_size",
 ]
