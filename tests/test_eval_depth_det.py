@@ -191,3 +191,116 @@ def test_detector_backbone_and_neck_start_a_new_dataset(det_run: tuple[Path, Pat
     own = task.state_dict()
     for name in loaded:
         torch.testing.assert_close(own[name], src[name])
+
+
+# -- detection on other data: categories, old checkpoints, stable metric set ---------------------------
+def _renumbered_copy(root: Path, dst: Path, shift: int = 10) -> Path:
+    """The same toy COCO data with every category id moved by ``shift`` (another dataset's ids)."""
+    import shutil
+
+    for split in ("train2017", "val2017"):
+        shutil.copytree(root / split, dst / split)
+        data = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+        for c in data["categories"]:
+            c["id"] += shift
+        for a in data["annotations"]:
+            a["category_id"] += shift
+        (dst / "annotations").mkdir(parents=True, exist_ok=True)
+        (dst / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_category_mismatch_exits_nonzero_naming_ids_unless_mapped(
+    det_run: tuple[Path, Path], tmp_path: Path, hydra_cleanup: None
+) -> None:
+    run_dir, root = det_run
+    ckpt = best_ckpt(run_dir)
+    other = _renumbered_copy(root, tmp_path / "other")
+    cmd = [
+        sys.executable,
+        "tools/eval.py",
+        f"ckpt_path={ckpt}",
+        f"data.root={other}",
+        "data.num_workers=0",
+        f"output_dir={tmp_path / 'refused'}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "ids only in the checkpoint [1, 3, 5, 7, 9]" in err, err[-2000:]
+    assert "ids only in the data [11, 13, 15, 17, 19]" in err, err[-2000:]
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+    # an explicit map scores the renumbered data exactly as the original ids score the original data
+    same = run_eval(eval_cfg(ckpt, tmp_path / "same", tmp_path))
+    mapped = run_eval(
+        eval_cfg(
+            ckpt,
+            tmp_path / "mapped",
+            tmp_path,
+            f"data.root={other}",
+            "category_map={1: 11, 3: 13, 5: 15, 7: 17, 9: 19}",
+        )
+    )
+    assert mapped == same
+    results = json.loads((tmp_path / "mapped" / "coco_results.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {11, 13, 15, 17, 19}
+    # a partial map drops the unmapped classes' detections (and says so)
+    with pytest.warns(UserWarning, match=r"leaves checkpoint categories \[5, 7, 9\] unmapped"):
+        run_eval(
+            eval_cfg(ckpt, tmp_path / "part", tmp_path, f"data.root={other}", "category_map={1: 11, 3: 13}")
+        )
+    part = json.loads((tmp_path / "part" / "coco_results.json").read_text())
+    assert {r["category_id"] for r in part} <= {11, 13}
+    with pytest.raises(ValueError, match=r"category_map values \[99\] are not category ids"):
+        run_eval(eval_cfg(ckpt, tmp_path / "bad", tmp_path, f"data.root={other}", "category_map={1: 99}"))
+
+
+def test_checkpoint_with_a_one_conv_rpn_loads_and_evaluates(
+    det_run: tuple[Path, Path], tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """Checkpoints written before rpn_conv_depth existed (torchvision's 1-conv RPN) still evaluate;
+    a conv count that contradicts the stored config is an error naming the setting."""
+    import torch
+
+    from siglip_dense.checkpoints import load_task
+
+    run_dir, _ = det_run
+    raw = torch.load(best_ckpt(run_dir), map_location="cpu", weights_only=True)
+    assert "model.rpn.head.conv.1.0.weight" in raw["state_dict"]  # the recipes' ViTDet RPN: 2 convs
+    raw["state_dict"] = {
+        k: v for k, v in raw["state_dict"].items() if not k.startswith("model.rpn.head.conv.1.")
+    }
+    contradicting = tmp_path / "contradicting.ckpt"
+    torch.save(raw, contradicting)
+    with pytest.raises(ValueError, match=r"RPN head has 1 conv\(s\).*rpn_conv_depth=1"):
+        load_task(contradicting)
+    raw["hyper_parameters"]["detector"].pop("rpn_conv_depth")
+    raw["hyper_parameters"]["detector"].pop("test_protocol")
+    old = tmp_path / "epoch_old.ckpt"
+    torch.save(raw, old)
+    task = load_task(old)
+    assert len(task.model.rpn.head.conv) == 1
+    torch.testing.assert_close(
+        task.model.rpn.head.conv[0][0].weight, raw["state_dict"]["model.rpn.head.conv.0.0.weight"]
+    )
+    metrics = run_eval(eval_cfg(old, tmp_path / "old", tmp_path))
+    assert set(metrics) == set(json.loads((run_dir / "metrics.json").read_text()))
+
+
+def test_console_summary_and_metrics_json_read_the_same(det_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from siglip_dense.checkpoints import load_task
+    from siglip_dense.evaluation.coco_eval import evaluate_coco
+
+    task = load_task(best_ckpt(det_run[0]))
+    gt = json.loads((det_run[1] / "annotations" / "instances_val2017.json").read_text())
+    gt["annotations"] = [a for a in gt["annotations"] if a["area"] > 32**2 or a["iscrowd"]]  # no small ones
+    metrics = evaluate_coco(gt, [], ("bbox", "segm"))
+    text = task.summarize(metrics)
+    written = json.loads(json.dumps(metrics))
+    for prefix in ("bbox", "segm"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(prefix))
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            value = written[f"{prefix}_{name}"]
+            shown = line.split(f"{name} ", 1)[1].split()[0]
+            assert shown == ("null" if value is None else f"{100 * value:.1f}"), (prefix, name, shown)
+    assert written["bbox_APs"] is None and written["bbox_AP"] == 0.0
