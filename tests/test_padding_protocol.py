@@ -8,6 +8,7 @@ backbone for the same image (captured with a forward pre-hook); detectron2 ViTDe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,3 +163,20 @@ def test_rpn_head_conv_depth() -> None:
     assert len(two.rpn.head.conv) == 2
     one = build_detector("faster_rcnn", _tiny(), _p6_neck(), num_classes=3, image_size=64, box_head="2fc")
     assert len(one.rpn.head.conv) == 1  # torchvision's default (checkpoints written before the option)
+
+
+@pytest.mark.parametrize("size", ["b16", "l16", "so400m14", "so400m16", "g16"])
+def test_coco_vitdet_recipes_evaluate_with_vitdet_protocol(
+    size: str, tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """The square pad is the backbone's own size, so the position table is used as built."""
+    from siglip_dense.models.heads.detection import square_pad_size
+    from siglip_dense.models.necks import pyramid_size_divisibility
+    from tests.conftest import compose_train_cfg
+
+    cfg = compose_train_cfg([f"experiment=coco_maskrcnn_vitdet_{size}"], tmp_path)
+    det = cfg.task.detector
+    assert det.rpn_conv_depth == 2 and det.test_protocol == "vitdet"
+    patch = 14 if size.endswith("14") else 16
+    div = pyramid_size_divisibility(patch, 64)
+    assert square_pad_size(cfg.task.image_size, div) == cfg.backbone.img_size == cfg.data.image_size
