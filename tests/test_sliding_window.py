@@ -247,3 +247,18 @@ def test_multiscale_flip_covers_every_pixel_and_equals_per_view_loops() -> None:
             )
     torch.testing.assert_close(out, torch.stack(views).mean(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.sum(1), torch.ones(1, 29, 47))
+
+
+def test_segmentation_task_refuses_a_gapped_window_setting_at_construction() -> None:
+    from siglip_dense.tasks.segmentation import SegmentationTask
+
+    backbone = {"_target_": "siglip_dense.models.build_backbone", "arch": "tiny", "out_indices": [5]}
+    head = {"_target_": "siglip_dense.models.heads.segmentation.LinearHead", "in_keys": None}
+    with pytest.raises(ValueError, match=r"task.eval.stride=\[341, 341\] is larger than task.eval.crop_size"):
+        SegmentationTask(backbone, head, num_classes=K, eval={"crop_size": [256, 256]})
+    task = SegmentationTask(
+        backbone, head, num_classes=K, eval={"crop_size": [256, 256], "stride": [170, 170]}
+    )
+    with pytest.raises(ValueError, match=r"tta.stride=\[300, 300\]"):
+        task.set_tta({"stride": [300, 300]})
+    assert task.eval_cfg["stride"] == [170, 170]  # a refused tta leaves the protocol unchanged
