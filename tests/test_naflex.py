@@ -7,6 +7,7 @@ import torch
 from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
 from siglip_dense.data.naflex import naflex_resize, naflex_target_size, pad_to_batch
+from siglip_dense.evaluation.naflex import check_naflex_eval
 
 # (H, W, patch, budget): landscape, portrait, square, extreme ratios, tiny, huge, upsampling
 SIZE_CASES = [
@@ -65,3 +66,10 @@ def test_target_size_equals_transformers_on_random_sizes() -> None:
         assert naflex_target_size(h, w, patch, budget) == get_image_size_for_max_num_patches(
             h, w, patch, budget
         ), (h, w, patch, budget)
+
+
+def test_naflex_eval_config_errors_name_the_key() -> None:
+    with pytest.raises(ValueError, match=r"eval.scales=\[1.0, 1.5\]"):
+        check_naflex_eval({"mode": "naflex", "max_num_patches": 64, "scales": [1.0, 1.5]})
+    with pytest.raises(ValueError, match="eval.max_num_patches"):
+        check_naflex_eval({"mode": "naflex", "max_num_patches": 0, "scales": [1.0]})
