@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import albumentations as A
+import numpy as np
 import pytest
 import torch
 from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
-from siglip_dense.data.naflex import naflex_resize, naflex_target_size, pad_to_batch
+from siglip_dense.data.naflex import (
+    NaFlexRescale,
+    build_naflex_seg_train_transform,
+    naflex_resize,
+    naflex_target_size,
+    pad_to_batch,
+)
 from siglip_dense.evaluation.naflex import check_naflex_eval
 
 # (H, W, patch, budget): landscape, portrait, square, extreme ratios, tiny, huge, upsampling
@@ -73,3 +81,15 @@ def test_naflex_eval_config_errors_name_the_key() -> None:
         check_naflex_eval({"mode": "naflex", "max_num_patches": 64, "scales": [1.0, 1.5]})
     with pytest.raises(ValueError, match="eval.max_num_patches"):
         check_naflex_eval({"mode": "naflex", "max_num_patches": 0, "scales": [1.0]})
+
+
+def test_train_transform_rescales_around_the_naflex_size() -> None:
+    image = np.zeros((300, 500, 3), np.uint8)
+    mask = np.zeros((300, 500), np.uint8)
+    fixed = NaFlexRescale(16, 256, scale_range=(1.0, 1.0))
+    out = A.Compose([fixed])(image=image, mask=mask)
+    assert (
+        out["image"].shape[:2] == out["mask"].shape == get_image_size_for_max_num_patches(300, 500, 16, 256)
+    )
+    crops = build_naflex_seg_train_transform((128, 128), 16, 64, seed=0)(image=image, mask=mask)
+    assert tuple(crops["image"].shape) == (3, 128, 128) and tuple(crops["mask"].shape) == (128, 128)

@@ -176,6 +176,7 @@ class SegmentationTask(DenseTask):
     @torch.no_grad()
     def infer_naflex(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """K×H×W logits per C×H×W image: one NaFlex batch at native aspect ratios (eval.mode=naflex)."""
+        check_naflex_eval(self.eval_cfg)  # set_tta may have changed it since __init__
         return naflex_inference(
             lambda x, grid: self.model(x, grid_sizes=grid)["logits"],
             [x.to(self.device) for x in images],
