@@ -220,7 +220,11 @@ class NaFlexSegDataModule(SegDataModule):
         if crop_size is None:
             side = math.isqrt(self.max_num_patches) * self.patch_size
             crop_size = (side, side)
-        kwargs.pop("base_size", None)  # the NaFlex size replaces mmseg's fixed base size
+        if "base_size" in kwargs:
+            raise ValueError(
+                "data.base_size is not used by NaFlexSegDataModule: each image's NaFlex size "
+                "(data.max_num_patches) is the scale that data.scale_range jitters"
+            )
         super().__init__(root, crop_size=crop_size, **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
