@@ -167,9 +167,10 @@ def build_naflex_seg_train_transform(
 ) -> A.Compose:
     """NaFlex rescale → cat-max crop → flip → photometric → pad (0 / ignore) → normalise → tensor.
 
-    Why random crops rather than whole NaFlex-resized images: SigLIP 2's own dense evaluations
-    (segmentation, depth, normals probes) train on fixed-size inputs, and mmseg's crop recipe is
-    what ADE20K numbers are trained with. A crop never distorts the aspect ratio (what NaFlex exists
+    Why random crops rather than whole NaFlex-resized images: SigLIP 2 reports its dense probes
+    (segmentation, depth, normals) with fixed-size inputs, timm's NaFlex loader also trains on random
+    resized crops (then fits them to the patch budget), and mmseg's crop recipe is what ADE20K
+    numbers are trained with. A crop never distorts the aspect ratio (what NaFlex exists
     to keep), the NaFlex backbone takes a square grid like any other, and fixed-size batches keep the
     heads' BatchNorm statistics and throughput of the standard recipe. The crop side is chosen so a
     crop holds about ``max_num_patches`` patches, and the rescale is centred on each image's NaFlex
