@@ -34,6 +34,7 @@ from siglip_dense.models.backbone import (
     ArchConfig,
     arch_config_of,
     create_vit,
+    resample_pos_embed,
 )
 
 FORMAT_NAME = "siglip_dense"
@@ -428,12 +429,12 @@ def _from_transformers(
     }
     table = take("embeddings.position_embedding.weight")
     own_grid = _grid_of(int(table.shape[0]), path)
+    # the table stays at its own grid: every input grid is resampled from it, as transformers does
+    out["pos_embed"] = table[None]
     if naflex:
         grid = _grid_for(img_size, patch) or (own_grid, own_grid)
-        out["pos_embed"] = resize_naflex_pos_embed(table, grid)
     else:
         grid = (own_grid, own_grid)
-        out["pos_embed"] = table[None]
     for i in range(depth):
         s, t = f"encoder.layers.{i}.", f"blocks.{i}."
         for n in ("weight", "bias"):
@@ -483,6 +484,8 @@ def _from_transformers(
         norm_eps=float(vcfg.get("layer_norm_eps", 1e-6)),
         act_layer=_act(vcfg.get("hidden_act")),
         has_head=has_head,
+        pos_resample="naflex" if naflex else "transformers",
+        pos_grid=(own_grid, own_grid) if grid != (own_grid, own_grid) else None,
     )
     return LoadedCheckpoint(out, cfg, "transformers", path, dropped, guessed)
 
@@ -658,7 +661,7 @@ def _pos_grid(pos: Tensor, arch: ArchConfig) -> list[int] | None:
     if pos.ndim != 3:
         return None
     n = int(pos.shape[1])
-    gh, gw = (int(s) // arch.patch_size for s in arch.img_size)
+    gh, gw = arch.table_grid()
     if gh * gw == n:
         return [gh, gw]
     side = math.isqrt(n)
@@ -666,9 +669,8 @@ def _pos_grid(pos: Tensor, arch: ArchConfig) -> list[int] | None:
 
 
 def load_into_vit(vit: torch.nn.Module, loaded: LoadedCheckpoint, strict: bool = True) -> LoadReport:
-    """Copy a translated checkpoint into a timm ViT, resampling the position table to its grid."""
-    from timm.layers import resample_abs_pos_embed
-
+    """Copy a translated checkpoint into a timm ViT, resampling the position table to its grid
+    by the source's rule (``loaded.arch.pos_resample``)."""
     target = vit.state_dict()
     has_pool = getattr(vit, "attn_pool", None) is not None
     new_sd: dict[str, Tensor] = {}
@@ -683,9 +685,8 @@ def load_into_vit(vit: torch.nn.Module, loaded: LoadedCheckpoint, strict: bool =
         if v.shape != target[k].shape:
             old_grid = _pos_grid(v, loaded.arch) if k == "pos_embed" else None
             if old_grid is not None and v.shape[-1] == target[k].shape[-1]:
-                v = resample_abs_pos_embed(
-                    v, new_size=list(vit.patch_embed.grid_size), old_size=old_grid, num_prefix_tokens=0
-                )
+                new_grid = list(vit.patch_embed.grid_size)
+                v = resample_pos_embed(v, old_grid, new_grid, loaded.arch.pos_resample)
                 report.reshaped.append(f"{k} {tuple(loaded.state_dict[k].shape)}->{tuple(v.shape)}")
             else:
                 report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}")
