@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, _create_vision_transformer
+from timm.models.vision_transformer import _cfg as _vit_cfg
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -52,10 +53,12 @@ VARIANTS: dict[str, str] = {
 }
 
 
-# timm's register_model reads this module-level table for the pretrained_cfg (mean/std, size)
+# timm's register_model reads this module-level table for the pretrained_cfg. timm's own ``_cfg``
+# fills every field timm's model tests and tools read (first_conv, classifier, fixed_input_size,
+# crop_pct, interpolation, pool_size); we set what differs, as timm's SigLIP entries do.
 default_cfgs = generate_default_cfgs(
     {
-        "vit_tiny_patch16_siglip_128": dict(
+        "vit_tiny_patch16_siglip_128": _vit_cfg(
             mean=SIGLIP_MEAN, std=SIGLIP_STD, input_size=(3, 128, 128), num_classes=0, license="apache-2.0"
         )
     }
