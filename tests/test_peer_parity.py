@@ -303,3 +303,22 @@ def test_big_vision_naflex_npz(tmp_path: Path) -> None:
             spatial_shapes=torch.tensor([[5, 7]]),
         ).last_hidden_state
         assert _diff(bb.forward_features(img[None]), theirs) <= TOL
+
+
+def test_converted_birder_keeps_its_rule(birder_files: dict[str, Path], tmp_path: Path) -> None:
+    """tools/convert_weights.py -> our format: the birder rule travels with the weights."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_weights", Path(__file__).parents[1] / "tools/convert_weights.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "birder.safetensors"
+    assert tool.main([str(birder_files["pt"]), str(out)]) == 0
+    bb = build_backbone(checkpoint=out, verbose=False).eval()
+    assert bb.pos_resample == "birder" and bb.arch_config.act_layer == "gelu"
+    ref = _birder_reference(birder_files["pt"])
+    x = torch.randn(1, 3, 98, 98)
+    with torch.no_grad():
+        assert _diff(bb.forward_features(x), ref.forward_features(x)) <= TOL
