@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from siglip_dense.data.naflex import naflex_target_size, pad_to_batch
 from siglip_dense.tasks.segmentation import SegmentationTask
@@ -80,3 +81,22 @@ def test_naflex_forward_is_zero_outside_each_grid(tmp_path: Path, hydra_cleanup:
     assert logits[0, :, :64, :160].abs().sum() > 0
     with pytest.raises(ValueError, match=r"grid_sizes\[1\] = \(9, 3\)"):
         task.model(batch, grid_sizes=torch.tensor([[4, 10], [9, 3]]))
+
+
+def test_naflex_single_image_equals_plain_whole_inference(tmp_path: Path, hydra_cleanup: None) -> None:
+    """One image whose NaFlex size needs no padding: resize, plain forward, resize back (mmseg whole)."""
+    task = _naflex_task(tmp_path)
+    image = torch.randn(3, 250, 250, generator=torch.Generator().manual_seed(2))
+    size = naflex_target_size(250, 250, 16, 64)
+    assert size == (128, 128) and size[0] % task.model.size_divisibility == 0
+    x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        expected = F.interpolate(task(x), size=(250, 250), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(task.infer_naflex([image])[0], expected, rtol=0, atol=1e-5)
+
+
+def test_naflex_refuses_multi_scale_tta(tmp_path: Path, hydra_cleanup: None) -> None:
+    task = _naflex_task(tmp_path)
+    task.set_tta("ms_flip")
+    with pytest.raises(ValueError, match="eval.scales"):
+        task.infer_naflex([torch.randn(3, 64, 64)])
