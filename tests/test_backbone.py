@@ -177,3 +177,62 @@ def test_unknown_arch() -> None:
         build_backbone("not_a_model")
     with pytest.raises(ValueError, match="needs an arch"):
         build_backbone()
+
+
+@pytest.mark.parametrize(("remainder", "grid"), [("pad", (5, 7)), ("drop", (4, 6))])
+def test_patch_remainder(remainder: str, grid: tuple[int, int]) -> None:
+    bb = tiny_backbone(patch_remainder=remainder).eval()
+    x = torch.randn(1, 3, 70, 100)  # 4·16 + 6, 6·16 + 4
+    with torch.no_grad():
+        assert bb(x)["blocks.2"].shape[-2:] == grid
+        assert bb.forward_features(x).shape[1] == grid[0] * grid[1]
+        if remainder == "drop":  # the remainder pixels are not seen at all
+            torch.testing.assert_close(bb.forward_features(x[..., :64, :96]), bb.forward_features(x))
+    with pytest.raises(ValueError, match="patch_remainder"):
+        tiny_backbone(patch_remainder="crop")
+
+
+def test_drop_smaller_than_a_patch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="smaller than one 16-px patch"):
+        tiny_backbone(patch_remainder="drop")(torch.randn(1, 3, 10, 64))
+
+
+def test_pos_resample_rules_follow_their_formulas() -> None:
+    """Each rule is F.interpolate with the source's mode/antialias (timm: resample_abs_pos_embed)."""
+    from siglip_dense.models.backbone import POS_RESAMPLE, resample_pos_embed
+
+    table = torch.randn(1, 16, 8)
+    grid = table.reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
+    for name, spec in POS_RESAMPLE.items():
+        got = resample_pos_embed(table, (4, 4), (3, 6), name)
+        if name == "timm":
+            want = resample_abs_pos_embed(table, new_size=[3, 6], old_size=[4, 4], num_prefix_tokens=0)
+        else:
+            want = torch.nn.functional.interpolate(
+                grid, size=(3, 6), mode=spec.mode, align_corners=False, antialias=spec.antialias
+            )
+            want = want.permute(0, 2, 3, 1).reshape(1, 18, 8)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+        assert resample_pos_embed(table, (4, 4), (4, 4), name) is table
+
+
+def test_source_rule_keeps_the_original_table_through_set_input_size() -> None:
+    cfg = tiny_cfg()
+    cfg.pos_resample = "transformers"
+    bb = build_backbone(arch_config=cfg, img_size=96, verbose=False)
+    assert bb.img_size == (96, 96) and bb.pos_grid == (4, 4) and bb.vit.pos_embed.shape[1] == 16
+    assert bb.arch_config.pos_grid == (4, 4) and bb.arch_config.img_size == (96, 96)
+    again = build_backbone(arch_config=bb.arch_config.to_dict(), verbose=False)
+    assert again.pos_grid == (4, 4) and again.img_size == (96, 96) and again.pos_resample == "transformers"
+    # timm's rule resamples the stored table once (as timm.create_model(img_size=...) does)
+    timm_bb = build_backbone(arch_config=tiny_cfg(), img_size=96, verbose=False)
+    assert timm_bb.pos_grid == (6, 6) and timm_bb.vit.pos_embed.shape[1] == 36
+
+
+def test_old_arch_config_dicts_default_to_timm_rule() -> None:
+    d = tiny_cfg().to_dict()
+    del d["pos_resample"], d["pos_grid"]
+    assert ArchConfig.from_dict(d).pos_resample == "timm"
+    d["pos_resample"] = "nearest"
+    with pytest.raises(ValueError, match="pos_resample"):
+        ArchConfig.from_dict(d)

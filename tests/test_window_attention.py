@@ -166,6 +166,35 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(grads[1][n], g, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "sizes",
+    [((128, 192), (192, 128)), ((128, 192), (144, 112))],
+    ids=["transposed-8x12-12x8", "unequal-tokens-96-63"],
+)
+def test_grad_checkpointing_two_grids_before_one_backward(sizes: tuple) -> None:
+    """Each forward's recompute uses its own grid, even after a forward at another grid ran."""
+    torch.manual_seed(0)
+    kw = dict(img_size=128, out_indices=[2, 5], window_size=4)
+    plain = build_backbone("tiny", **kw)
+    ckpt = build_backbone("tiny", grad_checkpointing=True, **kw)
+    ckpt.load_state_dict(plain.state_dict(), strict=True)
+    xs = [torch.randn(2, 3, *hw) for hw in sizes]
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        loss = 0
+        for i, x in enumerate(xs):  # both forwards first (multi-task / accumulation), one backward
+            out = model(x)
+            loss = loss + (i + 1) * (out["blocks.2"].square().sum() + out["blocks.5"].sum())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert g is not None and torch.isfinite(g).all() and g.abs().max() > 0, n
+        # relative to each gradient's scale: small gradients must match as closely as large ones
+        torch.testing.assert_close(grads[1][n], g, atol=1e-5 * g.abs().max().item(), rtol=1e-4, msg=n)
+
+
 def test_dynamic_sizes_and_forward_features() -> None:
     _, win = _pair(window_size=4, out_indices=[1, 5])
     for size in ((144, 144), (100, 60), (128, 128)):  # 9x9, 7x4 (input padded to the patch), 8x8

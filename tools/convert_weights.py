@@ -2,9 +2,11 @@
 
     python tools/convert_weights.py SRC OUT.safetensors [--img-size N]
 
-SRC: a transformers ``save_pretrained`` directory, a timm / open_clip / transformers weight file, a
-big_vision ``.npz``, or a hub id already in the local Hugging Face cache (nothing is downloaded).
-The output loads with ``build_backbone(checkpoint=OUT.safetensors)`` without any other file.
+SRC: a transformers ``save_pretrained`` directory, a timm / open_clip / transformers / birder
+(``.pt`` or ``.safetensors``) weight file, a big_vision ``.npz`` (fixed-resolution or NaFlex), or a
+hub id already in the local Hugging Face cache (nothing is downloaded). The output loads with
+``build_backbone(checkpoint=OUT.safetensors)`` without any other file, and keeps the source's
+position-table rule (``pos_resample``): transformers, NaFlex and birder tables stay at their own grid.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         "--img-size",
         type=int,
         default=None,
-        help="NaFlex (Siglip2) checkpoints: resize the position table for this square input size",
+        help="NaFlex (Siglip2) checkpoints: the square input size to record (the table is kept as is)",
     )
     args = parser.parse_args(argv)
     if args.out.suffix != ".safetensors":
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"arch {a.arch or 'custom'}: embed_dim={a.embed_dim} depth={a.depth} heads={a.num_heads} "
         f"mlp={a.mlp_dim} patch={a.patch_size} img_size={tuple(a.img_size)} eps={a.norm_eps} "
-        f"act={a.act_layer} head={a.has_head}"
+        f"act={a.act_layer} head={a.has_head} pos_resample={a.pos_resample}"
     )
     if loaded.guessed:
         print(f"guessed (not in the checkpoint): {', '.join(sorted(loaded.guessed))}")

@@ -17,10 +17,12 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm
+from timm.layers import LayerNorm, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, _create_vision_transformer
+from timm.models.vision_transformer import _cfg as _vit_cfg
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -51,10 +53,12 @@ VARIANTS: dict[str, str] = {
 }
 
 
-# timm's register_model reads this module-level table for the pretrained_cfg (mean/std, size)
+# timm's register_model reads this module-level table for the pretrained_cfg. timm's own ``_cfg``
+# fills every field timm's model tests and tools read (first_conv, classifier, fixed_input_size,
+# crop_pct, interpolation, pool_size); we set what differs, as timm's SigLIP entries do.
 default_cfgs = generate_default_cfgs(
     {
-        "vit_tiny_patch16_siglip_128": dict(
+        "vit_tiny_patch16_siglip_128": _vit_cfg(
             mean=SIGLIP_MEAN, std=SIGLIP_STD, input_size=(3, 128, 128), num_classes=0, license="apache-2.0"
         )
     }
@@ -89,6 +93,58 @@ def resolve_arch(arch: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class PosResample:
+    """One source's rule for resampling the position table to another patch grid.
+
+    ``from_original``: the table stays at the source's own grid and every input grid is resampled
+    from it (transformers, birder, NaFlex); otherwise ``set_input_size`` resamples the stored table
+    once and inputs of other sizes are resampled from that (timm's ``dynamic_img_size``).
+    """
+
+    mode: str  # F.interpolate mode, align_corners=False
+    antialias: bool
+    from_original: bool
+    source: str
+
+
+# The sources' conventions, checked against their code (see README "Position tables"):
+POS_RESAMPLE: dict[str, PosResample] = {
+    # timm.layers.resample_abs_pos_embed; open_clip's SigLIP towers are timm trunks
+    "timm": PosResample("bicubic", True, False, "timm / open_clip"),
+    # SiglipVisionEmbeddings.interpolate_pos_encoding
+    "transformers": PosResample("bicubic", False, True, "transformers SiglipVisionModel"),
+    # Siglip2VisionEmbeddings.resize_positional_embeddings, per image (big_vision NaFlex the same)
+    "naflex": PosResample("bilinear", True, True, "transformers Siglip2VisionModel / big_vision NaFlex"),
+    # birder ViT._get_pos_embed -> adjust_position_embedding(antialias=pos_embed_antialias=False)
+    "birder": PosResample("bicubic", False, True, "birder ViT"),
+}
+
+
+def resample_pos_embed(
+    table: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int], convention: str = "timm"
+) -> torch.Tensor:
+    """Resample a [1, h·w, C] position table (no prefix tokens) from ``old_grid`` to ``new_grid``.
+
+    ``convention`` is a key of :data:`POS_RESAMPLE`. Computed in float32 and cast back (as timm,
+    transformers' NaFlex and birder do). The same grid returns the table itself.
+    """
+    old_grid, new_grid = (int(old_grid[0]), int(old_grid[1])), (int(new_grid[0]), int(new_grid[1]))
+    if old_grid == new_grid:
+        return table
+    spec = POS_RESAMPLE[convention]
+    if convention == "timm":
+        return resample_abs_pos_embed(
+            table, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0
+        )
+    x = table.float().reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=new_grid, mode=spec.mode, align_corners=False, antialias=spec.antialias)
+    return x.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(table.dtype)
+
+
+PATCH_REMAINDERS = ("pad", "drop")
+
+
 @dataclass
 class ArchConfig:
     """The hyper-parameters that decide a ViT's tensor shapes and numerics.
@@ -109,16 +165,32 @@ class ArchConfig:
     arch: str | None = None  # timm name when one matches the shapes
     mean: tuple[float, ...] = SIGLIP_MEAN
     std: tuple[float, ...] = SIGLIP_STD
+    # how the position table is resampled to another grid: the source's own rule (POS_RESAMPLE)
+    pos_resample: str = "timm"
+    # the grid of the stored position table when it is kept at the source's original grid (every
+    # convention but timm's resamples from the original table); None: the grid of img_size
+    pos_grid: tuple[int, int] | None = None
+
+    def table_grid(self) -> tuple[int, int]:
+        """The (h, w) grid of the stored position table."""
+        if self.pos_grid is not None:
+            return (int(self.pos_grid[0]), int(self.pos_grid[1]))
+        return (int(self.img_size[0]) // self.patch_size, int(self.img_size[1]) // self.patch_size)
 
     def timm_kwargs(self) -> dict[str, Any]:
-        """kwargs that make any timm SigLIP definition produce exactly these shapes and numerics."""
+        """kwargs that make any timm SigLIP definition produce exactly these shapes and numerics.
+
+        timm's ``img_size`` is the size of the stored position table's grid (the model's own input
+        size is set afterwards with ``set_input_size``).
+        """
+        gh, gw = self.table_grid()
         return dict(
             embed_dim=self.embed_dim,
             depth=self.depth,
             num_heads=self.num_heads,
             mlp_ratio=mlp_ratio_for(self.embed_dim, self.mlp_dim),
             patch_size=self.patch_size,
-            img_size=tuple(self.img_size),
+            img_size=(gh * self.patch_size, gw * self.patch_size),
             act_layer=self.act_layer,
             norm_layer=functools.partial(LayerNorm, eps=self.norm_eps),
         )
@@ -127,6 +199,7 @@ class ArchConfig:
         d = asdict(self)
         d["img_size"] = list(self.img_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["pos_grid"] = list(self.pos_grid) if self.pos_grid is not None else None
         return d
 
     @classmethod
@@ -137,6 +210,12 @@ class ArchConfig:
         for k in ("mean", "std"):
             if k in d:
                 d[k] = tuple(d[k])
+        if d.get("pos_grid") is not None:
+            d["pos_grid"] = tuple(int(v) for v in d["pos_grid"])
+        if d.get("pos_resample", "timm") not in POS_RESAMPLE:
+            raise ValueError(
+                f"arch_config pos_resample {d['pos_resample']!r} is not one of {', '.join(POS_RESAMPLE)}"
+            )
         return cls(**d)
 
     def same_shapes(self, other: ArchConfig) -> bool:
@@ -267,13 +346,13 @@ VITDET_GLOBAL_BLOCKS: dict[int, tuple[int, ...]] = {
 
 
 class _PatchGrid:
-    """The h×w patch grid of the current forward, shared by the windowed blocks of one ViT.
+    """The h×w patch grid of the last forward that went through timm's own entry points.
 
-    Registered as a forward hook on ``patch_embed``, so every entry point (``forward_intermediates``,
-    ``forward_features``, the ViT's own ``forward``) records the grid of its input before the blocks
-    run. A plain object, not a module: it adds no state-dict keys. Under gradient checkpointing the
-    blocks re-read it when recomputing in backward, so run backward before a forward at another size
-    (as every training step does); a token count that doesn't match the grid raises.
+    Registered as a forward hook on ``patch_embed``. :class:`SigLIP2Backbone` passes each forward's
+    grid to the windowed blocks as an argument (so gradient checkpointing recomputes every forward
+    with its own grid); this record is only the fallback for calls into the timm ViT directly
+    (``backbone.vit.forward_features``) or into a block alone. A plain object, not a module: it adds
+    no state-dict keys.
     """
 
     def __init__(self) -> None:
@@ -313,21 +392,27 @@ class WindowedBlock(Block):
     patch_grid: _PatchGrid
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        """``grid``: the h×w patch grid of ``x`` (B×h·w×C); None reads the grid timm's patch_embed
+        recorded last (only right when no other forward ran since, e.g. not under checkpointing)."""
         if attn_mask is not None or is_causal:
             raise NotImplementedError("window attention does not take an attention mask or is_causal")
-        x = x + self.drop_path1(self.ls1(self._window_attn(self.norm1(x))))
+        x = x + self.drop_path1(self.ls1(self._window_attn(self.norm1(x), grid)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
-    def _window_attn(self, x: torch.Tensor) -> torch.Tensor:
+    def _window_attn(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         B, N, C = x.shape
-        hw = self.patch_grid.hw
+        hw = self.patch_grid.hw if grid is None else tuple(grid)
         if hw is None or hw[0] * hw[1] != N:
             raise RuntimeError(
-                f"window attention: {N} tokens do not match the recorded patch grid {hw}; the grid is "
-                "recorded by patch_embed in the same forward (no prefix tokens are supported)"
+                f"window attention: {N} tokens do not match the patch grid {hw} (given, or recorded by "
+                "patch_embed when not given; no prefix tokens are supported)"
             )
         h, w = hw
         ws = self.window_size
@@ -344,6 +429,17 @@ class WindowedBlock(Block):
         x = self.attn(_window_partition(x, ws), attn_mask=mask)
         x = _window_unpartition(x, ws, B, h + ph, w + pw)[:, :h, :w]
         return x.reshape(B, N, C)
+
+
+def _call_block(
+    blk: nn.Module, x: torch.Tensor, grid: tuple[int, int], key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """One block with this forward's grid / key mask as arguments (checkpoint-safe: no shared state)."""
+    if isinstance(blk, WindowedBlock):
+        return blk(x, grid=grid)
+    if key_mask is not None:
+        return blk(x, attn_mask=key_mask)
+    return blk(x)
 
 
 def resolve_global_blocks(depth: int, global_blocks: Sequence[int] | None) -> tuple[int, ...]:
@@ -372,11 +468,12 @@ def resolve_global_blocks(depth: int, global_blocks: Sequence[int] | None) -> tu
 class SigLIP2Backbone(nn.Module):
     """A SigLIP (2) ViT that returns NCHW feature maps of chosen blocks.
 
-    ``forward(x)`` -> ``{"blocks.<i>": B×C×h×w}`` for ``out_indices`` (through timm's
-    ``forward_intermediates``); ``forward_features(x)`` -> final normed tokens B×N×C, equal to
-    transformers' ``last_hidden_state``. Inputs of any size work: the position table is resampled per
-    forward (``dynamic_img_size``) unless ``set_input_size`` fixed it, and inputs are padded to the
-    patch size (``dynamic_img_pad``).
+    ``forward(x)`` -> ``{"blocks.<i>": B×C×h×w}`` for ``out_indices``; ``forward_features(x)`` -> final
+    normed tokens B×N×C, equal to transformers' ``last_hidden_state``. timm owns the modules; the
+    forward loop is ours so that per-image grids (NaFlex batches), the source's position-table rule
+    (``arch_config.pos_resample``) and window attention's grid reach every block as arguments. Inputs
+    of any size work: the position table is resampled per forward, and a size that is not a multiple
+    of the patch is padded (``patch_remainder="pad"``) or cropped (``"drop"``, as the sources do).
     """
 
     def __init__(
@@ -385,8 +482,17 @@ class SigLIP2Backbone(nn.Module):
         arch_config: ArchConfig,
         out_indices: Sequence[int] | int = (-1,),
         norm_intermediates: bool = True,
+        patch_remainder: str = "pad",
     ) -> None:
         super().__init__()
+        if patch_remainder not in PATCH_REMAINDERS:
+            raise ValueError(f"patch_remainder must be one of {PATCH_REMAINDERS}, got {patch_remainder!r}")
+        if arch_config.pos_resample not in POS_RESAMPLE:
+            raise ValueError(
+                f"pos_resample {arch_config.pos_resample!r} is not one of {', '.join(POS_RESAMPLE)}"
+            )
+        if vit.num_prefix_tokens:
+            raise ValueError("SigLIP2Backbone needs a ViT without prefix (class/register) tokens")
         self.vit = vit
         self.arch_config = arch_config
         self.arch = arch_config.arch or "custom"
@@ -395,16 +501,22 @@ class SigLIP2Backbone(nn.Module):
         self.num_layers = len(vit.blocks)
         self.out_indices = _normalize_indices(out_indices, self.num_layers)
         self.norm_intermediates = norm_intermediates
+        self.patch_remainder = patch_remainder
         self.mean = tuple(arch_config.mean)
         self.std = tuple(arch_config.std)
         self._frozen_blocks = 0
         self._frozen_all = False
         self.window_size: int | None = None
         self.global_blocks: tuple[int, ...] = ()
-        # recorded by every forward, windows or not: a compiled graph reused across two backbones of
-        # one shape (torch does not guard on module hooks) then still records the grid
+        # the grid of the stored position table (vit.pos_embed); the input size may differ
+        self.pos_grid: tuple[int, int] = tuple(int(g) for g in vit.patch_embed.grid_size)
+        self._resample_pos = resample_pos_embed
+        # fallback grid record for calls into timm's own ViT entry points (see _PatchGrid)
         self._patch_grid = _PatchGrid()
         self.vit.patch_embed.register_forward_hook(self._patch_grid)
+        own = tuple(int(s) for s in arch_config.img_size)
+        if own != tuple(vit.patch_embed.img_size):
+            self._set_patch_embed_size(own)
 
     # ---- introspection heads and necks read -------------------------------------------------
     @property
@@ -428,21 +540,47 @@ class SigLIP2Backbone(nn.Module):
         """Inputs that are a multiple of this give feature maps without padding."""
         return self.patch_size
 
-    # ---- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.vit.forward_intermediates(
-            x,
-            indices=list(self.out_indices),
-            norm=self.norm_intermediates,
-            output_fmt="NCHW",
-            intermediates_only=True,
-            stop_early=True,
-        )
-        return dict(zip(self.out_keys, feats))
+    @property
+    def pos_resample(self) -> str:
+        """The source's position-table rule (a key of :data:`POS_RESAMPLE`)."""
+        return self.arch_config.pos_resample
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final normed patch tokens B×N×C (transformers' ``last_hidden_state``)."""
-        return self.vit.forward_features(x)
+    # ---- forward ---------------------------------------------------------------------------
+    def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of an H×W input under ``patch_remainder`` (ceil for pad, floor for drop)."""
+        p = self.patch_size
+        if self.patch_remainder == "drop":
+            return height // p, width // p
+        return -(-height // p), -(-width // p)
+
+    def forward(self, x: torch.Tensor, grid_sizes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Maps of ``out_indices``: ``{"blocks.<i>": B×C×h×w}``, (h, w) = :meth:`feature_grid` of x.
+
+        ``grid_sizes`` (LongTensor B×2, optional): a NaFlex batch, image i's patch grid (h_i, w_i) in
+        the top-left h_i·p × w_i·p pixels of x (the rest is padding). Each image gets its own
+        position table (resampled from the checkpoint's table by the source's rule), padded tokens
+        are masked out as attention keys, so each image's maps equal running it alone; maps are zero
+        outside each image's grid. Raises ValueError for grids larger than x, NotImplementedError
+        with window attention.
+        """
+        x, hw, key_mask, valid = self._embed(x, grid_sizes)
+        _, taken = self._run_blocks(x, hw, key_mask, max(self.out_indices), self.out_indices)
+        maps = {}
+        for i in self.out_indices:
+            tokens = self.vit.norm(taken[i]) if self.norm_intermediates else taken[i]
+            if valid is not None:
+                tokens = tokens * valid
+            B, _, C = tokens.shape
+            maps[f"blocks.{i}"] = tokens.reshape(B, hw[0], hw[1], C).permute(0, 3, 1, 2)
+        return maps
+
+    def forward_features(self, x: torch.Tensor, grid_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed patch tokens B×N×C (transformers' ``last_hidden_state``), row-major over
+        the (padded) grid; with ``grid_sizes`` (see :meth:`forward`) padded tokens are zero."""
+        tokens, hw, key_mask, valid = self._embed(x, grid_sizes)
+        tokens, _ = self._run_blocks(tokens, hw, key_mask, self.num_layers - 1)
+        x = self.vit.norm(tokens)
+        return x * valid if valid is not None else x
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The MAP-head embedding (transformers' ``pooler_output``); needs ``keep_head=True``."""
@@ -450,23 +588,132 @@ class SigLIP2Backbone(nn.Module):
             raise RuntimeError("this backbone was built without its MAP head: pass keep_head=True")
         return self.vit.forward_head(self.forward_features(x), pre_logits=True)
 
+    def _embed(
+        self, x: torch.Tensor, grid_sizes: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None, torch.Tensor | None]:
+        """Patch + position embedding: (tokens B×N×C, grid, key mask B×1×1×N or None, valid B×N×1)."""
+        if x.ndim != 4:
+            raise ValueError(f"SigLIP2Backbone expects B×C×H×W images, got shape {tuple(x.shape)}")
+        if self.patch_remainder == "drop":
+            gh, gw = self.feature_grid(*x.shape[-2:])
+            if gh == 0 or gw == 0:
+                raise ValueError(
+                    f"input {tuple(x.shape[-2:])} is smaller than one {self.patch_size}-px patch"
+                )
+            x = x[..., : gh * self.patch_size, : gw * self.patch_size]
+        tokens = self.vit.patch_embed(x)
+        if tokens.ndim == 3:  # built with dynamic_img_size=False: B×N×C on its fixed grid
+            B, _, C = tokens.shape
+            tokens = tokens.view(B, *self.vit.patch_embed.grid_size, C)
+        B, gh, gw, C = tokens.shape
+        key_mask = valid = None
+        if grid_sizes is None:
+            pos = self._pos_table((gh, gw)).view(1, gh, gw, C)
+        else:
+            if self.window_size:
+                raise NotImplementedError(
+                    "window attention with per-image grids (grid_sizes) is not supported: build the "
+                    "backbone with window_size=None for NaFlex batches"
+                )
+            grids = self._check_grid_sizes(grid_sizes, B, (gh, gw))
+            pos = tokens.new_zeros(B, gh, gw, C)
+            for g in sorted(set(grids)):
+                table = self._pos_table(g).view(g[0], g[1], C).to(pos.dtype)
+                for i in (i for i, gi in enumerate(grids) if gi == g):
+                    pos[i, : g[0], : g[1]] = table
+            inside = torch.zeros(B, gh, gw, dtype=torch.bool, device=tokens.device)
+            for i, (h, w) in enumerate(grids):
+                inside[i, :h, :w] = True
+            inside = inside.view(B, gh * gw)
+            valid = inside[..., None].to(tokens.dtype)
+            key_mask = inside[:, None, None, :]  # SDPA bool convention: True = may be attended to
+        x = (tokens + pos).view(B, gh * gw, C)
+        x = self.vit.norm_pre(self.vit.patch_drop(self.vit.pos_drop(x)))
+        return x, (gh, gw), key_mask, valid
+
+    @staticmethod
+    def _check_grid_sizes(
+        grid_sizes: torch.Tensor, batch: int, grid: tuple[int, int]
+    ) -> list[tuple[int, int]]:
+        gs = torch.as_tensor(grid_sizes)
+        if gs.shape != (batch, 2):
+            raise ValueError(
+                f"grid_sizes must be a B×2 tensor of (h, w) patch grids, B={batch}: got {tuple(gs.shape)}"
+            )
+        grids = [(int(h), int(w)) for h, w in gs.tolist()]
+        for h, w in grids:
+            if not (0 < h <= grid[0] and 0 < w <= grid[1]):
+                raise ValueError(
+                    f"grid_sizes entry ({h}, {w}) does not fit the input's {grid[0]}×{grid[1]} patch grid"
+                )
+        return grids
+
+    def _pos_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """[1, h·w, C] position table for ``grid`` by the source's rule, from the stored table."""
+        return self._resample_pos(self.vit.pos_embed, self.pos_grid, grid, self.arch_config.pos_resample)
+
+    def _run_blocks(
+        self,
+        x: torch.Tensor,
+        hw: tuple[int, int],
+        key_mask: torch.Tensor | None,
+        last: int,
+        take: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Blocks 0..last: (tokens after ``last``, {i: tokens after block i for i in take}).
+
+        Under gradient checkpointing, each block's grid and mask are *arguments* of the checkpointed
+        call, so the recompute in backward uses this forward's grid even when other forwards (other
+        sizes) ran in between.
+        """
+        ckpt = self.vit.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        taken = {}
+        for i, blk in enumerate(self.vit.blocks[: last + 1]):
+            if ckpt:
+                x = checkpoint(_call_block, blk, x, hw, key_mask, use_reentrant=False)
+            else:
+                x = _call_block(blk, x, hw, key_mask)
+            if i in take:
+                taken[i] = x
+        return x, taken
+
     # ---- sizes -----------------------------------------------------------------------------
     def set_input_size(self, img_size: int | Sequence[int]) -> None:
-        """Resample the position table once for a fixed fine-tuning size (cheaper, compile-friendly)."""
+        """The input size the model is built for.
+
+        timm's rule resamples the stored position table once to it (cheaper per step and
+        compile-friendly, as ``timm.create_model(img_size=...)``); the other sources keep their
+        original table and resample from it for every input grid.
+        """
         if isinstance(img_size, int):
             img_size = (img_size, img_size)
-        self.vit.set_input_size(img_size=tuple(img_size))
-        self.arch_config = replace(self.arch_config, img_size=tuple(img_size))
+        img_size = tuple(int(s) for s in img_size)
+        if POS_RESAMPLE[self.arch_config.pos_resample].from_original:
+            self._set_patch_embed_size(img_size)
+        else:
+            self.vit.set_input_size(img_size=img_size)
+            self.pos_grid = tuple(int(g) for g in self.vit.patch_embed.grid_size)
+        pos_grid = None if self.pos_grid == self._grid_of(img_size) else self.pos_grid
+        self.arch_config = replace(self.arch_config, img_size=img_size, pos_grid=pos_grid)
+
+    def _grid_of(self, img_size: Sequence[int]) -> tuple[int, int]:
+        return int(img_size[0]) // self.patch_size, int(img_size[1]) // self.patch_size
+
+    def _set_patch_embed_size(self, img_size: tuple[int, int]) -> None:
+        """Set the input size without touching the position table (kept at ``self.pos_grid``)."""
+        self.vit.patch_embed.set_input_size(img_size=img_size)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
-        """``nn.Module.compile`` with timm's position-table resampling left eager (a graph break).
+        """``nn.Module.compile`` with the position-table resample left eager (a graph break).
 
-        Its bicubic antialiased backward has no dynamic-shape kernel in torch ("Expected IntList but
-        got GenericList"): training a compiled model at a second input size, or with
+        timm's bicubic antialiased backward has no dynamic-shape kernel in torch ("Expected IntList
+        but got GenericList"): training a compiled model at a second input size, or with
         ``dynamic=True``, would fail inside torch. The resample is one small op before the blocks.
         """
-        vit = self.vit
-        if "_pos_embed" not in vars(vit):  # once: compiling again keeps the eager wrapper
+        if "_resample_pos_eager" not in vars(self):  # once: compiling again keeps the eager wrapper
+            self._resample_pos_eager = True
+            self._resample_pos = torch.compiler.disable(resample_pos_embed)
+            vit = self.vit
             vit._pos_embed = torch.compiler.disable(vit._pos_embed)
         super().compile(*args, **kwargs)
 
@@ -585,6 +832,7 @@ def build_backbone(
     arch_config: ArchConfig | dict[str, Any] | None = None,
     window_size: int | None = None,
     global_blocks: Sequence[int] | None = None,
+    patch_remainder: str = "pad",
     **timm_kwargs: Any,
 ) -> SigLIP2Backbone:
     """Build a SigLIP (2) backbone, optionally from a checkpoint of any supported format.
@@ -606,6 +854,13 @@ def build_backbone(
             None or 0: global attention everywhere (default). Same parameters and state-dict keys.
         global_blocks: blocks that keep global attention when ``window_size`` is set (negative count
             from the end); None takes ViTDet's default for the depth (``VITDET_GLOBAL_BLOCKS``).
+        patch_remainder: an input side that is not a multiple of the patch is zero-padded up
+            (``"pad"``, the default for dense tasks: every pixel is seen) or its last pixels are
+            dropped (``"drop"``, what transformers, timm, open_clip and birder do: 384 px at patch 14
+            -> 27 patches).
+
+    The position table is resampled the way the checkpoint's source does it (``pos_resample`` in
+    the architecture config, kept in our checkpoints): see :data:`POS_RESAMPLE`.
     """
     if arch_config is not None:
         cfg = arch_config if isinstance(arch_config, ArchConfig) else ArchConfig.from_dict(arch_config)
@@ -642,8 +897,18 @@ def build_backbone(
         if verbose:
             print(report)
     # what was built is the truth (timm_kwargs such as patch_size may override the arch)
-    cfg = replace(arch_config_of_vit(vit), arch=cfg.arch, mean=cfg.mean, std=cfg.std)
-    backbone = SigLIP2Backbone(vit, cfg, out_indices=out_indices, norm_intermediates=norm_intermediates)
+    built = arch_config_of_vit(vit)
+    keep = dict(arch=cfg.arch, mean=cfg.mean, std=cfg.std, pos_resample=cfg.pos_resample)
+    if cfg.pos_grid is not None and built.patch_size == cfg.patch_size:
+        keep.update(img_size=tuple(cfg.img_size), pos_grid=tuple(cfg.pos_grid))
+    cfg = replace(built, **keep)
+    backbone = SigLIP2Backbone(
+        vit,
+        cfg,
+        out_indices=out_indices,
+        norm_intermediates=norm_intermediates,
+        patch_remainder=patch_remainder,
+    )
     if img_size is not None:
         backbone.set_input_size(img_size)
     if window_size:
@@ -658,8 +923,11 @@ def build_backbone(
 
 
 __all__ = [
+    "PATCH_REMAINDERS",
+    "POS_RESAMPLE",
     "SIGLIP_MEAN",
     "SIGLIP_STD",
+    "PosResample",
     "VARIANTS",
     "ArchConfig",
     "VITDET_GLOBAL_BLOCKS",
@@ -670,6 +938,7 @@ __all__ = [
     "build_backbone",
     "create_vit",
     "match_timm_arch",
+    "resample_pos_embed",
     "resolve_arch",
     "resolve_global_blocks",
 ]

@@ -34,7 +34,13 @@ class DenseModel(nn.Module):
         div = self.size_divisibility
         return pad_normalized(images, (h + (-h) % div, w + (-w) % div))
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, grid_sizes: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if grid_sizes is not None:  # a NaFlex batch: per-image grids (siglip_dense.models.naflex)
+            from siglip_dense.models.naflex import naflex_forward
+
+            return naflex_forward(self, images, grid_sizes)
         x = self.pad_input(images)
         return self.decode(self.backbone(x), x.shape[-2:], images.shape[-2:])
 

@@ -12,6 +12,7 @@ Torch pickles load with ``weights_only=True``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from siglip_dense.models.backbone import (
     ArchConfig,
     arch_config_of,
     create_vit,
+    resample_pos_embed,
 )
 
 FORMAT_NAME = "siglip_dense"
@@ -49,6 +51,7 @@ _DIR_WEIGHT_NAMES = (
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TIMM_ANCHOR = "patch_embed.proj.weight"
 _HF_ANCHOR = "embeddings.patch_embedding.weight"
+_BIRDER_ANCHOR = "encoder.block.0.mlp.0.weight"
 
 
 class CheckpointError(ValueError):
@@ -173,7 +176,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
             break
         if obj and all(isinstance(v, Tensor) for v in obj.values()):
             return obj
-        for key in ("state_dict", "model", "module", "model_ema", "state_dict_ema", "params"):
+        for key in ("state_dict", "state", "model", "module", "model_ema", "state_dict_ema", "params"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
@@ -186,7 +189,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{path}: no tensor state dict found; top-level keys: {_first(keys)}")
 
 
-def _read_torch(path: Path) -> dict[str, Tensor]:
+def _read_torch(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A torch pickle's tensors, and birder's container metadata (as its safetensors stores it)."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -202,13 +206,18 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}"
         ) from None
-    return _unwrap(obj, path)
+    meta: dict[str, str] = {}
+    if isinstance(obj, dict) and "birder_version" in obj:  # birder's checkpoint_model container
+        for key in ("birder_version", "task", "signature", "config", "rgb_stats"):
+            if key in obj:
+                meta[key] = obj[key] if isinstance(obj[key], str) else json.dumps(obj[key])
+    return _unwrap(obj, path), meta
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    return _read_torch(path), {}
+    return _read_torch(path)
 
 
 def _read_hf_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
@@ -287,7 +296,10 @@ def _timm_arch(sd: dict[str, Tensor], path: Path, hints: dict[str, Any]) -> tupl
     if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
         raise CheckpointError(f"{path}: timm-style keys without transformer blocks: {_first(sd)}")
     mlp_dim = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
-    if "pos_embed" in sd:
+    given = tuple(int(v) for v in hints["img_size"]) if hints.get("img_size") else None
+    if "pos_embed" in sd and given and (given[0] // patch) * (given[1] // patch) == sd["pos_embed"].shape[1]:
+        img_size = given  # a non-square table whose size the checkpoint states (birder's signature)
+    elif "pos_embed" in sd:
         grid = _grid_of(int(sd["pos_embed"].shape[1]), path)
         img_size = (grid * patch, grid * patch)
     else:
@@ -428,12 +440,12 @@ def _from_transformers(
     }
     table = take("embeddings.position_embedding.weight")
     own_grid = _grid_of(int(table.shape[0]), path)
+    # the table stays at its own grid: every input grid is resampled from it, as transformers does
+    out["pos_embed"] = table[None]
     if naflex:
         grid = _grid_for(img_size, patch) or (own_grid, own_grid)
-        out["pos_embed"] = resize_naflex_pos_embed(table, grid)
     else:
         grid = (own_grid, own_grid)
-        out["pos_embed"] = table[None]
     for i in range(depth):
         s, t = f"encoder.layers.{i}.", f"blocks.{i}."
         for n in ("weight", "bias"):
@@ -483,12 +495,124 @@ def _from_transformers(
         norm_eps=float(vcfg.get("layer_norm_eps", 1e-6)),
         act_layer=_act(vcfg.get("hidden_act")),
         has_head=has_head,
+        pos_resample="naflex" if naflex else "transformers",
+        pos_grid=(own_grid, own_grid) if grid != (own_grid, own_grid) else None,
     )
     return LoadedCheckpoint(out, cfg, "transformers", path, dropped, guessed)
 
 
+# birder ViT -> timm: encoder.block.N -> blocks.N; its FFN is nn.Sequential(fc1, act, drop, fc2, drop)
+_BIRDER_RENAMES = (
+    (re.compile(r"^conv_proj\."), "patch_embed.proj."),
+    (re.compile(r"^pos_embedding$"), "pos_embed"),
+    (re.compile(r"^encoder\.block\.(\d+)\."), r"blocks.\1."),
+    (re.compile(r"\.mlp\.0\."), ".mlp.fc1."),
+    (re.compile(r"\.mlp\.3\."), ".mlp.fc2."),
+)
+# birder config keys whose non-default values SigLIP2Backbone cannot reproduce
+_BIRDER_DEFAULTS: dict[str, Any] = {
+    "pre_norm": False,
+    "post_norm": True,
+    "norm_layer_type": "LayerNorm",
+    "mlp_layer_type": "FFN",
+    "qk_norm": False,
+    "attn_norm": False,
+    "layer_scale_init_value": None,
+    "num_reg_tokens": 0,
+    "class_token": False,
+    "stem_type": "patchify",
+    "pos_embed_interpolation_mode": "bicubic",
+    "pos_embed_antialias": False,
+}
+
+
+def _meta_json(meta: dict[str, str], key: str, path: Path) -> Any:
+    if not meta.get(key):
+        return None
+    try:
+        return json.loads(meta[key])
+    except ValueError:
+        raise CheckpointError(f"{path}: birder metadata {key!r} is not JSON") from None
+
+
+def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> LoadedCheckpoint:
+    """birder ``vit_*`` (e.g. ``vit_so400m_p14_ap``): ``.pt`` ``{"state": ...}`` or ``.safetensors``.
+
+    Keys from birder's ``ViT`` (net/vit.py); exact GELU unless its config names another activation;
+    the position table is resampled as birder's ``_get_pos_embed`` does (bicubic, no antialias).
+    """
+    config = _meta_json(meta, "config", path) or {}
+    odd = {k: config[k] for k, v in _BIRDER_DEFAULTS.items() if k in config and config[k] != v}
+    if odd:
+        raise CheckpointError(
+            f"{path}: birder config {odd} is not a SigLIP-shaped ViT this backbone reproduces"
+        )
+    if any(k in sd for k in ("class_token", "reg_tokens")):
+        raise CheckpointError(f"{path}: birder ViT with class/register tokens is not SigLIP-shaped")
+    out: dict[str, Tensor] = {}
+    dropped: list[str] = []
+    for key, value in sd.items():
+        if key.startswith(("classifier.", "embedding_norm.")):
+            dropped.append(key)
+            continue
+        new = key
+        for rx, repl in _BIRDER_RENAMES:
+            new = rx.sub(repl, new)
+        out[new] = value
+    signature = _meta_json(meta, "signature", path) or {}
+    try:
+        h, w = (int(v) for v in signature["inputs"][0]["data_shape"][2:4])
+    except (KeyError, IndexError, TypeError, ValueError):
+        h = w = None
+    hints: dict[str, Any] = {
+        "act_layer": config.get("act_layer_type") or "gelu",  # birder's FFN default: nn.GELU (exact)
+        "norm_eps": float(config.get("norm_layer_eps", 1e-6)),
+    }
+    if "num_heads" in config:
+        hints["num_heads"] = int(config["num_heads"])
+    stats = _meta_json(meta, "rgb_stats", path) or {}
+    if stats.get("mean") and stats.get("std"):
+        hints["mean"], hints["std"] = tuple(stats["mean"]), tuple(stats["std"])
+    if "pos_embed" in out and h and w:
+        patch = int(out[_TIMM_ANCHOR].shape[-1])
+        if (h // patch) * (w // patch) != out["pos_embed"].shape[1]:
+            raise CheckpointError(
+                f"{path}: birder signature size {h}×{w} does not match its {out['pos_embed'].shape[1]}-token table"
+            )
+        hints["img_size"] = (h, w)
+    if _TIMM_ANCHOR not in out:
+        raise CheckpointError(f"{path}: birder checkpoint without conv_proj.weight: {_first(sd)}")
+    cfg, guessed = _timm_arch(out, path, hints)
+    cfg.pos_resample = "birder"
+    return LoadedCheckpoint(out, cfg, "birder", path, dropped, guessed)
+
+
+def _naflex_npz_as_fixed(path: Path, prefix: str, patch: int, channels: int) -> io.BytesIO:
+    """A big_vision NaFlex archive rewritten in the fixed-resolution layout timm's loader reads.
+
+    NaFlex embeds patches with a Dense layer over (p, p, C)-flattened pixels, kernel (p·p·C, D), and
+    stores its position table as an (n, n, D) grid; the conv layout is kernel (p, p, C, D) and
+    table (1, n·n, D). Same numbers, other shapes (an in-memory copy of the archive).
+    """
+    import numpy as np
+
+    with np.load(str(path), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    kernel = arrays[f"{prefix}embedding/kernel"]
+    arrays[f"{prefix}embedding/kernel"] = kernel.reshape(patch, patch, channels, kernel.shape[-1])
+    pos = arrays[f"{prefix}pos_embedding"]
+    if pos.ndim == 3:
+        arrays[f"{prefix}pos_embedding"] = pos.reshape(1, pos.shape[0] * pos.shape[1], pos.shape[2])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    buf.seek(0)
+    return buf
+
+
 def _read_big_vision(path: Path) -> LoadedCheckpoint:
-    """big_vision ``.npz``: infer the arch from array shapes, then let timm's own loader map it."""
+    """big_vision ``.npz`` (fixed-resolution or NaFlex): infer the arch from array shapes, then let
+    timm's own loader map it. NaFlex keeps its original table and big_vision's per-grid rule
+    (bilinear + antialias, as transformers' Siglip2)."""
     import numpy as np
     from timm.models.vision_transformer import _load_weights
 
@@ -497,13 +621,25 @@ def _read_big_vision(path: Path) -> LoadedCheckpoint:
             shapes = {k: npz[k].shape for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable .npz archive (truncated or corrupt?): {e}") from None
-    hits = [k for k in shapes if k.endswith("embedding/kernel") and len(shapes[k]) == 4]
+    hits = [k for k in shapes if k.endswith("embedding/kernel") and k.count("/") <= 3]
+    hits = [k for k in hits if len(shapes[k]) in (2, 4) and "Transformer/" not in k and "MAPHead" not in k]
     if not hits:
         raise CheckpointError(
             f"{path}: no big_vision image tower (…embedding/kernel) in keys: {_first(shapes)}"
         )
     prefix = min((k[: -len("embedding/kernel")] for k in hits), key=len)
-    patch, _, _, embed_dim = shapes[f"{prefix}embedding/kernel"]
+    kernel = shapes[f"{prefix}embedding/kernel"]
+    naflex = len(kernel) == 2
+    if naflex:  # Dense over (p, p, C)-flattened patches: (p·p·C, D)
+        channels = 3
+        patch = math.isqrt(kernel[0] // channels)
+        if patch * patch * channels != kernel[0]:
+            raise CheckpointError(
+                f"{path}: NaFlex {prefix}embedding/kernel of shape {kernel} is not (p·p·3, D) for a square patch"
+            )
+        embed_dim = kernel[1]
+    else:
+        patch, _, channels, embed_dim = kernel
     stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"
     if stacked in shapes:
         depth = shapes[stacked][0]
@@ -514,10 +650,14 @@ def _read_big_vision(path: Path) -> LoadedCheckpoint:
     try:
         heads = shapes[f"{blk}MultiHeadDotProductAttention_0/query/kernel"][lead + 1]
         mlp_dim = shapes[f"{blk}MlpBlock_0/Dense_0/kernel"][lead + 1]
-        num_pos = shapes[f"{prefix}pos_embedding"][-2]
+        pos_shape = shapes[f"{prefix}pos_embedding"]
     except KeyError as e:
         raise CheckpointError(f"{path}: big_vision layout without {e.args[0]!r}") from None
-    grid = _grid_of(int(num_pos), path)
+    if naflex and len(pos_shape) == 3 and pos_shape[0] != 1:
+        grid = (int(pos_shape[0]), int(pos_shape[1]))  # NaFlex stores the (n, n, D) grid
+    else:
+        side = _grid_of(int(pos_shape[-2]), path)
+        grid = (side, side)
     has_head = f"{prefix}MAPHead_0/probe" in shapes
     cfg = ArchConfig(
         embed_dim=int(embed_dim),
@@ -525,13 +665,15 @@ def _read_big_vision(path: Path) -> LoadedCheckpoint:
         num_heads=int(heads),
         mlp_dim=int(mlp_dim),
         patch_size=int(patch),
-        img_size=(grid * int(patch), grid * int(patch)),
+        img_size=(grid[0] * int(patch), grid[1] * int(patch)),
         has_head=has_head,
+        pos_resample="naflex" if naflex else "timm",
     )
     vit = create_vit(cfg, keep_head=has_head, dynamic_img_size=False, dynamic_img_pad=False)
+    source = _naflex_npz_as_fixed(path, prefix, int(patch), channels) if naflex else str(path)
     try:
         with torch.no_grad():
-            _load_weights(vit, str(path), prefix=prefix)
+            _load_weights(vit, source, prefix=prefix)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: timm's big_vision loader failed (prefix {prefix!r}): {e}") from None
     sd = {k: v.detach().clone() for k, v in vit.state_dict().items()}
@@ -562,13 +704,16 @@ def _from_tensors(
         # our export states its arch exactly (its grid may be non-square): no shape inference
         _, kept, dropped = _strip_prefix(sd, _TIMM_ANCHOR)
         return LoadedCheckpoint(kept, ArchConfig.from_dict(ours), FORMAT_NAME, path, dropped)
+    if "birder_version" in meta or any(k.endswith(_BIRDER_ANCHOR) for k in sd):
+        return _from_birder(sd, meta, path)
     if any(k.endswith(_HF_ANCHOR) and "text_model" not in k for k in sd):
         return _from_transformers(sd, path, config, img_size)
     if any(k.endswith(_TIMM_ANCHOR) for k in sd):
         return _from_timm_keys(sd, path, _timm_hints(config), "timm")
     raise CheckpointError(
         f"{path}: no SigLIP vision tower found (expected timm '{_TIMM_ANCHOR}', open_clip "
-        f"'visual.trunk.{_TIMM_ANCHOR}' or transformers '...{_HF_ANCHOR}'); first keys: {_first(sd)}"
+        f"'visual.trunk.{_TIMM_ANCHOR}', transformers '...{_HF_ANCHOR}' or birder '{_BIRDER_ANCHOR}'); "
+        f"first keys: {_first(sd)}"
     )
 
 
@@ -658,7 +803,7 @@ def _pos_grid(pos: Tensor, arch: ArchConfig) -> list[int] | None:
     if pos.ndim != 3:
         return None
     n = int(pos.shape[1])
-    gh, gw = (int(s) // arch.patch_size for s in arch.img_size)
+    gh, gw = arch.table_grid()
     if gh * gw == n:
         return [gh, gw]
     side = math.isqrt(n)
@@ -666,9 +811,8 @@ def _pos_grid(pos: Tensor, arch: ArchConfig) -> list[int] | None:
 
 
 def load_into_vit(vit: torch.nn.Module, loaded: LoadedCheckpoint, strict: bool = True) -> LoadReport:
-    """Copy a translated checkpoint into a timm ViT, resampling the position table to its grid."""
-    from timm.layers import resample_abs_pos_embed
-
+    """Copy a translated checkpoint into a timm ViT, resampling the position table to its grid
+    by the source's rule (``loaded.arch.pos_resample``)."""
     target = vit.state_dict()
     has_pool = getattr(vit, "attn_pool", None) is not None
     new_sd: dict[str, Tensor] = {}
@@ -683,9 +827,8 @@ def load_into_vit(vit: torch.nn.Module, loaded: LoadedCheckpoint, strict: bool =
         if v.shape != target[k].shape:
             old_grid = _pos_grid(v, loaded.arch) if k == "pos_embed" else None
             if old_grid is not None and v.shape[-1] == target[k].shape[-1]:
-                v = resample_abs_pos_embed(
-                    v, new_size=list(vit.patch_embed.grid_size), old_size=old_grid, num_prefix_tokens=0
-                )
+                new_grid = list(vit.patch_embed.grid_size)
+                v = resample_pos_embed(v, old_grid, new_grid, loaded.arch.pos_resample)
                 report.reshaped.append(f"{k} {tuple(loaded.state_dict[k].shape)}->{tuple(v.shape)}")
             else:
                 report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from siglip_dense.evaluation.naflex import check_naflex_eval, naflex_inference
 from siglip_dense.evaluation.seg_metrics import SegmentationMetric, format_seg_table
 from siglip_dense.evaluation.sliding_window import (
     check_window_coverage,
@@ -27,6 +28,7 @@ DEFAULT_EVAL = {
     "stride": [341, 341],
     "scales": [1.0],
     "flip": False,
+    "max_num_patches": 1024,  # mode=naflex: each image's patch budget (siglip_dense.evaluation.naflex)
 }
 
 TTA_PRESETS: dict[str, dict[str, Any]] = {
@@ -83,6 +85,7 @@ class SegmentationTask(DenseTask):
         )
         if self.eval_cfg["mode"] == "slide":
             check_window_coverage(self.eval_cfg["crop_size"], self.eval_cfg["stride"])
+        check_naflex_eval(self.eval_cfg)
         self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
         self.last_metrics: dict[str, Any] = {}
         # added to class indices when predictions are written (1 for reduce_zero_label datasets)
@@ -161,6 +164,8 @@ class SegmentationTask(DenseTask):
     def infer(self, image: torch.Tensor) -> torch.Tensor:
         """Logits at the original size for one normalised image batch, by the configured protocol."""
         cfg = self.eval_cfg
+        if cfg["mode"] == "naflex":
+            return torch.stack(self.infer_naflex(list(image)))
         return inference_with_tta(
             self.forward,
             image,
@@ -174,13 +179,29 @@ class SegmentationTask(DenseTask):
             mode=cfg["mode"],
         )
 
+    @torch.no_grad()
+    def infer_naflex(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """K×H×W logits per C×H×W image: one NaFlex batch at native aspect ratios (eval.mode=naflex)."""
+        check_naflex_eval(self.eval_cfg)  # set_tta may have changed it since __init__
+        return naflex_inference(
+            lambda x, grid: self.model(x, grid_sizes=grid)["logits"],
+            [x.to(self.device) for x in images],
+            self.backbone.patch_size,
+            int(self.eval_cfg["max_num_patches"]),
+            flip=bool(self.eval_cfg["flip"]),
+        )
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images, masks = batch["image"], batch["mask"]
         if isinstance(images, torch.Tensor):
             images, masks = list(images), list(masks)
         metas = batch.get("meta") or [{} for _ in images]
-        for image, mask, meta in zip(images, masks, metas):
-            pred = self.infer(image[None].to(self.device)).argmax(1)
+        naflex = self.infer_naflex(images) if self.eval_cfg["mode"] == "naflex" else None
+        for n, (image, mask, meta) in enumerate(zip(images, masks, metas)):
+            if naflex is not None:
+                pred = naflex[n].argmax(0)[None]
+            else:
+                pred = self.infer(image[None].to(self.device)).argmax(1)
             self.val_metric.update(pred, mask[None].to(self.device).long())
             if self.predictions_dir is not None:
                 self.write_prediction(pred[0], meta)
