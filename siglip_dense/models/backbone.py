@@ -108,7 +108,7 @@ class PosResample:
     source: str
 
 
-# The sources' conventions, checked against their code (see README "Position tables"):
+# The sources' conventions, checked against their code (README "Equal to the source at every size"):
 POS_RESAMPLE: dict[str, PosResample] = {
     # timm.layers.resample_abs_pos_embed; open_clip's SigLIP towers are timm trunks
     "timm": PosResample("bicubic", True, False, "timm / open_clip"),
