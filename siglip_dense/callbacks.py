@@ -1,0 +1,95 @@
+"""Checkpointing that keeps ``last.ckpt`` equal to the latest training state.
+
+Lightning 2.6's ``ModelCheckpoint(save_top_k=k, monitor=..., save_last=True)`` rewrites ``last.ckpt``
+only when a top-k save happens at the same step, so a run whose metric stops improving leaves
+``last.ckpt`` at its best step, and the steps after the last validation are never saved.
+:class:`LastCheckpoint` is a second, metric-free checkpoint callback beside the best-k one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``<dirpath>/last.ckpt`` after every validation and epoch, at the end of training and on SIGTERM.
+
+    Each write replaces the file atomically (a temporary file renamed over it), so a run killed
+    while writing keeps the previous ``last.ckpt``. On SIGTERM Lightning stops at the next batch
+    boundary (``SIGTERMException``); the state saved there resumes exactly. Other exceptions may
+    leave a step half done and save nothing. List it after the best-k ``ModelCheckpoint`` (Lightning
+    keeps the order of checkpoint callbacks), so the saved file carries that callback's updated state.
+    """
+
+    def __init__(self, dirpath: str | Path | None = None) -> None:
+        super().__init__(
+            dirpath=dirpath, monitor=None, save_top_k=0, save_last=True, enable_version_counter=False
+        )
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Save ``last.ckpt`` unless this step was saved already, or outside ``fit``."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.save_now(trainer)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if "://" in str(filepath):  # remote file systems: Lightning's own write
+            super()._save_checkpoint(trainer, filepath)
+            return
+        tmp = f"{filepath}.tmp"
+        super()._save_checkpoint(trainer, tmp)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("LastCheckpoint")
+        self._last_checkpoint_saved = filepath
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dirpath": self.dirpath, "last_model_path": self.last_model_path}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath") == self.dirpath:
+            self.last_model_path = state_dict.get("last_model_path", self.last_model_path)
+
+
+class RestoreLoaderStates(L.Callback):
+    """Loads the training loaders' saved positions when Lightning skipped it (Lightning issue #20550).
+
+    A task whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (our schedules
+    do) makes Lightning build the train loader before the checkpoint is restored; its later
+    ``setup_data`` then returns early and the stateful loaders' states in the checkpoint are never
+    loaded: a mid-epoch resume would restart the epoch's data. At ``on_train_start`` (after the
+    restore, before the first batch) this loads the pending states and re-creates the batch iterator,
+    as Lightning's own resume path does. A no-op when nothing is pending (fresh runs, or a Lightning
+    that loaded them itself).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop
+        pending = getattr(loop, "_combined_loader_states_to_load", None)
+        if not (loop.restarting and pending and loop._data_fetcher is not None):
+            return
+        loop._load_combined_loader_states()
+        iter(loop._data_fetcher)
+
+
+__all__ = ["LastCheckpoint", "RestoreLoaderStates"]
