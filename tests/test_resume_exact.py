@@ -187,7 +187,11 @@ def test_ddp_sim_resume_from_mid_epoch_checkpoint_is_bit_identical(toy_root: Pat
     """2 gloo processes: the step-4 (mid-epoch) checkpoint of a run resumes to that run's final weights."""
     base = [*base_overrides(toy_root), "trainer=ddp_sim", "data.batch_size=2"]  # 24 / 2 ranks / 2 = 6 steps
     every_val = ["+callbacks.every_val._target_=lightning.pytorch.callbacks.ModelCheckpoint"]
-    every_val += ["+callbacks.every_val.save_top_k=-1", "+callbacks.every_val.filename=step{step}"]
+    every_val += [
+        "+callbacks.every_val.save_top_k=-1",
+        "+callbacks.every_val.filename='step{step}'",
+        "+callbacks.every_val.auto_insert_metric_name=false",
+    ]
     straight = tmp_path / "straight"
     proc = train_py([*base, *every_val, *record(tmp_path / "straight_batches"), f"hydra.run.dir={straight}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
