@@ -9,10 +9,13 @@ only when a top-k save happens at the same step, so a run whose metric stops imp
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -92,4 +95,44 @@ class RestoreLoaderStates(L.Callback):
         iter(loop._data_fetcher)
 
 
-__all__ = ["LastCheckpoint", "RestoreLoaderStates"]
+class GracefulRequeue(L.Callback):
+    """SLURM pre-emption: Lightning's requeue, moved from inside the signal handler to a batch boundary.
+
+    With Lightning's ``SLURMEnvironment(auto_requeue=True)`` (detected under ``sbatch``/``srun``), the
+    requeue signal (SIGUSR1 unless configured, ``#SBATCH --signal=SIGUSR1@90``) makes Lightning save
+    ``hpc_ckpt_<n>.ckpt`` in the run directory and ``scontrol requeue`` the job, from inside the
+    signal handler, i.e. mid-step. This callback replaces that handler (at ``on_train_start``, after
+    Lightning installed it) with one that only asks the loop to stop, the way SIGTERM does; at the
+    batch boundary (``on_exception`` with ``SIGTERMException``) it runs Lightning's handler, so the
+    HPC checkpoint (which a requeued job in the same run directory resumes from by itself) and
+    ``last.ckpt`` hold the same exactly resumable state. :attr:`signum` records the signal.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._requeue: Any = None
+        self._trainer: L.Trainer | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None):
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer, self._requeue = trainer, signal.getsignal(env.requeue_signal)
+        if callable(self._requeue):
+            signal.signal(env.requeue_signal, self._defer)
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        self.signum = int(signum)
+        assert self._trainer is not None
+        self._trainer._signal_connector.received_sigterm = True  # stop at the next batch boundary
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if self.signum is not None and isinstance(exception, SIGTERMException) and callable(self._requeue):
+            self._requeue(self.signum, None)  # Lightning: hpc_ckpt_<n>.ckpt + scontrol requeue
+
+
+__all__ = ["GracefulRequeue", "LastCheckpoint", "RestoreLoaderStates"]

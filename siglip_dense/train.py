@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from siglip_dense.callbacks import RestoreLoaderStates
+from siglip_dense.callbacks import GracefulRequeue, RestoreLoaderStates
 
 PACKAGES = ("siglip-dense", "torch", "torchvision", "lightning", "timm", "hydra-core", "albumentations")
 
@@ -138,7 +138,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     task.data_config = OmegaConf.to_container(cfg.data, resolve=True)
 
-    callbacks = [*build_callbacks(cfg, out_dir), RestoreLoaderStates()]  # exact mid-epoch resume
+    requeue = GracefulRequeue()  # SLURM pre-emption: Lightning's requeue, at a batch boundary
+    callbacks = [*build_callbacks(cfg, out_dir), RestoreLoaderStates(), requeue]
     loggers = build_loggers(cfg, out_dir)
     trainer: L.Trainer = instantiate(
         trainer_config(cfg.trainer, task),
@@ -153,7 +154,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         try:
             trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except SIGTERMException as exc:
-            raise SystemExit(stopped_by_signal(trainer, out_dir)) from exc
+            raise SystemExit(stopped_by_signal(trainer, out_dir, requeue.signum)) from exc
 
     metrics: dict[str, Any] = {}
     if cfg.get("validate", True) and not trainer.fast_dev_run:
@@ -186,17 +187,20 @@ def end_process_group(trainer: L.Trainer, launch_env: dict[str, str | None]) -> 
             os.environ[key] = value
 
 
-def stopped_by_signal(trainer: L.Trainer, out_dir: Path) -> int:
-    """Report a SIGTERM'd fit and return its exit status, 128 + SIGTERM: a scheduler must not read success.
+def stopped_by_signal(trainer: L.Trainer, out_dir: Path, signum: int | None = None) -> int:
+    """Report a fit stopped by a signal; returns the exit status 128 + signal (SIGTERM unless given).
 
-    Lightning stopped at a batch boundary and ``LastCheckpoint`` saved the state there.
+    Lightning stopped at a batch boundary and ``LastCheckpoint`` saved the state there. A non-zero
+    status, so a scheduler does not read the run as finished.
     """
+    signum = int(signum or signal.SIGTERM)
     last = out_dir / "checkpoints" / "last.ckpt"
     rank_zero_info(
-        f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; state saved in {last}."
-        f" Resume exactly with: python train.py <same arguments> ckpt_path={last}"
+        f"Stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
+        f"{trainer.global_step}; state saved in {last}. Resume exactly with: "
+        f"python train.py <same arguments> ckpt_path={last}"
     )
-    return 128 + int(signal.SIGTERM)
+    return 128 + signum
 
 
 def _has_best(trainer: L.Trainer) -> bool:

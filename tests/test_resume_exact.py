@@ -211,31 +211,39 @@ def test_ddp_sim_resume_from_mid_epoch_checkpoint_is_bit_identical(toy_root: Pat
     assert_same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
 
 
+def signal_at_step_5(args: list[str], marker: Path, signum: int, env: dict[str, str]) -> tuple[int, str]:
+    """Runs train.py, sends ``signum`` while it pauses after step 5; returns (exit status, output)."""
+    pause = [f"+callbacks.pause._target_={__name__}.PauseAt", "+callbacks.pause.step=5"]
+    pause.append(f"+callbacks.pause.marker={marker}")
+    cmd = [sys.executable, "train.py", *args, *pause]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not marker.exists():
+            proc.kill()
+            pytest.fail(f"train.py did not reach step 5: {proc.communicate()[0][-3000:]}")
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out
+
+
 @pytest.mark.slow
 def test_sigterm_saves_exits_nonzero_and_resumes_in_the_same_run_dir(
     straight: Path, toy_root: Path, tmp_path: Path
 ) -> None:
     """train.py SIGTERM'd after step 5 (mid-epoch): exit 128+15, last.ckpt at step 5; resuming with only
     ckpt_path continues in the same run directory and ends bit-identical to the uninterrupted run."""
-    outputs, marker = tmp_path / "outputs", tmp_path / "at_step_5"
+    outputs = tmp_path / "outputs"
     run = outputs / "toy_seg" / "runs" / "first"
     base = [*base_overrides(toy_root), f"paths.log_dir={outputs}"]
-    pause = [f"+callbacks.pause._target_={__name__}.PauseAt", "+callbacks.pause.step=5"]
-    pause.append(f"+callbacks.pause.marker={marker}")
-    cmd = [sys.executable, "train.py", *base, *pause, f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), (proc.poll(), proc.stdout.read() if proc.poll() is not None else "")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    status, out = signal_at_step_5([*base, f"hydra.run.dir={run}"], tmp_path / "marker", signal.SIGTERM, ENV)
+    assert status == 128 + signal.SIGTERM, out[-3000:]
     last = run / "checkpoints" / "last.ckpt"
     ckpt = load(last)
     assert (ckpt["epoch"], ckpt["global_step"]) == (0, 5)
@@ -247,3 +255,26 @@ def test_sigterm_saves_exits_nonzero_and_resumes_in_the_same_run_dir(
     assert "dirpath has changed" not in resumed.stdout + resumed.stderr
     assert load(last)["global_step"] == MAX_STEPS
     assert_same_weights(straight / "checkpoints" / "last.ckpt", last)
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_saves_at_a_batch_boundary_and_requeues(toy_root: Path, tmp_path: Path) -> None:
+    """Under SLURM (Lightning's SLURMEnvironment, auto-requeue): SIGUSR1 after step 5 gives Lightning's
+    hpc checkpoint and last.ckpt with the same step-5 state, one `scontrol requeue <job>`, exit 128+10."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # SLURM's command-line client, recording what it is asked
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    slurm |= {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    env = {**ENV, **slurm, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}"}
+    run = tmp_path / "run"
+    args = [*base_overrides(toy_root), f"hydra.run.dir={run}"]
+    status, out = signal_at_step_5(args, tmp_path / "marker", signal.SIGUSR1, env)
+    assert status == 128 + signal.SIGUSR1, out[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    hpc, last = load(run / "hpc_ckpt_1.ckpt"), load(run / "checkpoints" / "last.ckpt")
+    assert hpc["global_step"] == last["global_step"] == 5
+    assert hpc["loops"] == last["loops"]
+    assert all(torch.equal(v, last["state_dict"][k]) for k, v in hpc["state_dict"].items())
