@@ -158,7 +158,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     if cfg.get("validate", True) and not trainer.fast_dev_run:
-        ckpt = "best" if _has_best(trainer) else None
+        # the best-k callback's file (by path: "best" warns that there are two ModelCheckpoints)
+        ckpt = trainer.checkpoint_callback.best_model_path if _has_best(trainer) else None
         trainer.validate(task, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
         metrics = dict(task.last_metrics)
         if trainer.is_global_zero:
