@@ -149,6 +149,20 @@ def test_last_ckpt_is_the_final_state_when_the_metric_stops_improving(straight: 
 
 
 @pytest.mark.slow
+def test_last_ckpt_with_epoch_validation_is_the_last_epoch(toy_root: Path, tmp_path: Path) -> None:
+    """The issue's case: validation once per epoch, 3 epochs of 2 steps, best at epoch 0."""
+    overrides = [
+        o for o in base_overrides(toy_root) if "val_check_interval" not in o and "max_steps" not in o
+    ]
+    overrides += ["trainer.max_steps=-1", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1"]
+    train([*overrides, "+trainer.limit_train_batches=2"], tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    last = load(ckpts / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_killed_mid_epoch_resumes_bit_identical(
     straight: Path, toy_root: Path, tmp_path: Path, workers: int
