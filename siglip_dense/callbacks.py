@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -75,23 +76,32 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class RestoreLoaderStates(L.Callback):
-    """Loads the training loaders' saved positions when Lightning skipped it (Lightning issue #20550).
+    """Puts the training loaders where a resumed fit must start; Lightning misses it in two cases.
 
-    A task whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (our schedules
-    do) makes Lightning build the train loader before the checkpoint is restored; its later
-    ``setup_data`` then returns early and the stateful loaders' states in the checkpoint are never
-    loaded: a mid-epoch resume would restart the epoch's data. At ``on_train_start`` (after the
-    restore, before the first batch) this loads the pending states and re-creates the batch iterator,
-    as Lightning's own resume path does. A no-op when nothing is pending (fresh runs, or a Lightning
-    that loaded them itself).
+    1. A task whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (our
+       schedules do) makes Lightning build and iterate the train loader before the checkpoint is
+       restored; its later ``setup_data`` returns early, so the stateful loaders' states in the
+       checkpoint are never loaded (Lightning issue #20550) and a mid-epoch resume would restart the
+       epoch's data. Here the pending states are loaded.
+    2. Resuming from a checkpoint written at ``on_train_epoch_end`` (no validation at that epoch's
+       end), Lightning loads no loader state and keeps that early iterator, whose workers already
+       drew indices with the sampler's initial epoch. Here the samplers get the epoch about to run.
+
+    In both cases the batch iterator is then re-created, at ``on_train_start`` (after the restore,
+    before the first batch), as Lightning's own resume path does. Fresh runs: nothing to do.
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop
-        pending = getattr(loop, "_combined_loader_states_to_load", None)
-        if not (loop.restarting and pending and loop._data_fetcher is not None):
+        if not loop.is_resuming or loop._data_fetcher is None or loop._combined_loader is None:
             return
-        loop._load_combined_loader_states()
+        if loop.restarting and loop._combined_loader_states_to_load:
+            loop._load_combined_loader_states()
+        elif not loop.restarting:
+            for loader in loop._combined_loader.flattened:
+                _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
+        else:
+            return
         iter(loop._data_fetcher)
 
 

@@ -191,6 +191,30 @@ def test_killed_mid_epoch_resumes_bit_identical(
     assert_same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
 
 
+@pytest.mark.slow
+def test_resume_from_an_epoch_end_without_validation_with_workers(toy_root: Path, tmp_path: Path) -> None:
+    """Validation every 2nd epoch: epoch 0's last.ckpt is written at on_train_epoch_end (Lightning then
+    loads no loader state); killed in epoch 1 and resumed with 2 workers, epoch 1 gets epoch 1's order."""
+    overrides = [
+        o for o in base_overrides(toy_root, 2) if "val_check_interval" not in o and "max_steps" not in o
+    ]
+    overrides += ["trainer.max_steps=-1", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"]
+    overrides += ["+trainer.limit_train_batches=2"]
+    train([*overrides, *record(tmp_path / "straight_batches")], tmp_path / "straight")
+    kill = [f"+callbacks.kill._target_={__name__}.KillAt", "+callbacks.kill.step=3"]
+    with pytest.raises(RuntimeError, match="killed"):
+        train([*overrides, *kill], tmp_path / "killed")
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert load(last)["global_step"] == 2
+    train([*overrides, f"ckpt_path={last}", *record(tmp_path / "resumed_batches")], tmp_path / "resumed")
+    reference, after = steps_seen(tmp_path / "straight_batches"), steps_seen(tmp_path / "resumed_batches")
+    assert after == {s: reference[s] for s in range(2, 6)}
+    assert_same_weights(
+        tmp_path / "straight" / "checkpoints" / "last.ckpt",
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt",
+    )
+
+
 def train_py(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "train.py", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
