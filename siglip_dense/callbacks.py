@@ -1,9 +1,11 @@
-"""Checkpointing that keeps ``last.ckpt`` equal to the latest training state.
+"""Callbacks train.py adds for trustworthy resumes: last.ckpt, loader positions, SLURM pre-emption.
 
 Lightning 2.6's ``ModelCheckpoint(save_top_k=k, monitor=..., save_last=True)`` rewrites ``last.ckpt``
 only when a top-k save happens at the same step, so a run whose metric stops improving leaves
 ``last.ckpt`` at its best step, and the steps after the last validation are never saved.
 :class:`LastCheckpoint` is a second, metric-free checkpoint callback beside the best-k one.
+:class:`RestoreLoaderStates` puts the training loaders at the checkpoint's position where Lightning
+misses it; :class:`GracefulRequeue` moves Lightning's SLURM requeue to a batch boundary.
 """
 
 from __future__ import annotations
