@@ -12,7 +12,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from siglip_dense.launch import argv_for_rank  # noqa: E402
+from siglip_dense.launch import argv_for_rank, argv_resuming_in_run_dir  # noqa: E402
 from siglip_dense.train import run_train  # noqa: E402
 
 
@@ -23,4 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = argv_for_rank(sys.argv, os.environ)  # torchrun / srun: .hydra/ by rank 0 only
+    sys.argv = argv_resuming_in_run_dir(sys.argv)  # ckpt_path=<run>/checkpoints/...: continue in <run>
     main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -14,9 +15,13 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
+
+from siglip_dense.callbacks import GracefulRequeue, RestoreLoaderStates
 
 PACKAGES = ("siglip-dense", "torch", "torchvision", "lightning", "timm", "hydra-core", "albumentations")
 
@@ -52,11 +57,11 @@ def save_run_info(cfg: DictConfig, out_dir: Path) -> None:
 
 def build_callbacks(cfg: DictConfig, out_dir: Path) -> list[L.Callback]:
     callbacks = []
-    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+    for cb_cfg in (cfg.get("callbacks") or {}).values():
         if cb_cfg is None or "_target_" not in cb_cfg:
             continue
         extra: dict[str, Any] = {}
-        if name == "model_checkpoint":
+        if issubclass(get_class(cb_cfg._target_), ModelCheckpoint):
             extra["dirpath"] = str(out_dir / "checkpoints")
         callbacks.append(instantiate(cb_cfg, **extra))
     return callbacks
@@ -133,7 +138,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     task.data_config = OmegaConf.to_container(cfg.data, resolve=True)
 
-    callbacks = build_callbacks(cfg, out_dir)
+    requeue = GracefulRequeue()  # SLURM pre-emption: Lightning's requeue, at a batch boundary
+    callbacks = [*build_callbacks(cfg, out_dir), RestoreLoaderStates(), requeue]
     loggers = build_loggers(cfg, out_dir)
     trainer: L.Trainer = instantiate(
         trainer_config(cfg.trainer, task),
@@ -145,11 +151,15 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     pin_hydra_job_for_ddp_children()
 
     if cfg.get("train", True):
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException as exc:
+            raise SystemExit(stopped_by_signal(trainer, out_dir, requeue.signum)) from exc
 
     metrics: dict[str, Any] = {}
     if cfg.get("validate", True) and not trainer.fast_dev_run:
-        ckpt = "best" if _has_best(trainer) else None
+        # the best-k callback's file (by path: "best" warns that there are two ModelCheckpoints)
+        ckpt = trainer.checkpoint_callback.best_model_path if _has_best(trainer) else None
         trainer.validate(task, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
         metrics = dict(task.last_metrics)
         if trainer.is_global_zero:
@@ -176,6 +186,22 @@ def end_process_group(trainer: L.Trainer, launch_env: dict[str, str | None]) -> 
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def stopped_by_signal(trainer: L.Trainer, out_dir: Path, signum: int | None = None) -> int:
+    """Report a fit stopped by a signal; returns the exit status 128 + signal (SIGTERM unless given).
+
+    Lightning stopped at a batch boundary and ``LastCheckpoint`` saved the state there. A non-zero
+    status, so a scheduler does not read the run as finished.
+    """
+    signum = int(signum or signal.SIGTERM)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    rank_zero_info(
+        f"Stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
+        f"{trainer.global_step}; state saved in {last}. Resume exactly with: "
+        f"python train.py <same arguments> ckpt_path={last}"
+    )
+    return 128 + signum
 
 
 def _has_best(trainer: L.Trainer) -> bool:

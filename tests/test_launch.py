@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from siglip_dense.launch import argv_for_rank, external_rank
+from siglip_dense.launch import argv_for_rank, argv_resuming_in_run_dir, external_rank, run_dir_of_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
@@ -44,6 +44,32 @@ def test_argv_for_rank_keeps_rank0_and_given_keys() -> None:
         *given,
         "hydra.output_subdir=null",
     ]
+
+
+def test_resuming_from_a_run_checkpoint_continues_in_its_run_dir(tmp_path: Path) -> None:
+    run = tmp_path / "outputs" / "toy_seg" / "runs" / "2026-01-01_00-00-00"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run_info.json").write_text("{}")
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"")
+    argv = ["train.py", "experiment=toy_seg", f"ckpt_path={last}"]
+    assert argv_resuming_in_run_dir(argv) == [*argv, f"hydra.run.dir='{run.resolve()}'"]
+    quoted = ["train.py", f"ckpt_path='{last}'"]
+    assert argv_resuming_in_run_dir(quoted)[-1] == f"hydra.run.dir='{run.resolve()}'"
+    # the user's run dir wins; no checkpoint, a keyword or a checkpoint outside a run: unchanged
+    for argv in (
+        ["train.py", f"ckpt_path={last}", "hydra.run.dir=/elsewhere"],
+        ["train.py", "experiment=toy_seg"],
+        ["train.py", "ckpt_path=null"],
+        ["train.py", "ckpt_path=last"],
+        ["train.py", f"ckpt_path={run / 'checkpoints' / 'missing.ckpt'}"],
+    ):
+        assert argv_resuming_in_run_dir(argv) == argv
+    loose = tmp_path / "downloads" / "checkpoints" / "model.ckpt"  # no run record beside it
+    loose.parent.mkdir(parents=True)
+    loose.write_bytes(b"")
+    assert run_dir_of_checkpoint(loose) is None
+    assert run_dir_of_checkpoint(last) == run.resolve()
 
 
 def test_torchrun_two_ranks_share_one_run_directory(tmp_path: Path, toy_data_root: Path) -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from siglip_dense.data.ade20k import IGNORE_INDEX, SegFolderDataset, load_class_names
 from siglip_dense.data.toy import ensure_toy_data_unless_present
@@ -37,53 +39,146 @@ def collate_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def worker_seed(initial_seed: int, worker_id: int, rank: int) -> int:
-    """A 63-bit augmentation seed distinct per (DataLoader base seed, worker, global rank)."""
+    """A 63-bit seed distinct per (base seed, worker, global rank)."""
     base = int(initial_seed) - int(worker_id)
     ss = np.random.SeedSequence([base & 0xFFFFFFFF, base >> 32 & 0xFFFFFFFF, int(worker_id), int(rank)])
     return int(ss.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def seed_worker(worker_id: int, rank: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: reseed the worker's albumentations Compose (it has its own RNG).
+def _mix(*words: int) -> int:
+    """A 63-bit seed from non-negative integers (numpy's SeedSequence: well mixed, no collisions by sum)."""
+    entropy = []
+    for w in words:
+        w = int(w) % 2**64
+        entropy += [w & 0xFFFFFFFF, w >> 32]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
-    ``torch.initial_seed()`` differs per worker and per epoch (non-persistent workers) but not per rank
-    when every rank ran the same ``seed_everything``, hence ``rank``. Lightning's own worker init (which
-    it skips when a loader brings one) is called too, so numpy/random/torch are also seeded per worker.
+
+def augmentation_seed(run_seed: int, epoch: int, pass_index: int, index: int) -> int:
+    """The augmentation seed of one training sample: a function of (run seed, epoch, pass, dataset index).
+
+    It does not depend on the DataLoader worker, the number of workers, the rank or where iteration
+    (re)started, so a resumed run augments every sample exactly as the uninterrupted run did.
+    ``pass_index`` counts re-iterations of a loader within one epoch (a multi-task loader cycling a
+    shorter dataset), which get fresh draws.
+    """
+    return _mix(run_seed, epoch, pass_index, index)
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: OpenCV single-threaded, numpy/random/torch seeded per worker and rank.
+
+    Training augmentation does not come from these streams: every sample reseeds its transform
+    (:class:`PerSampleSeeded`). Lightning's own worker init (which it skips when a loader brings one)
+    does the numpy/random/torch seeding.
     """
     import cv2
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
     cv2.setNumThreads(0)  # OpenCV threads × workers oversubscribe the CPU
-    seed = worker_seed(torch.initial_seed(), worker_id, rank)
     pl_worker_init_function(worker_id, rank)
-    info = get_worker_info()
-    dataset = info.dataset if info is not None else None
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_state"):
-        seed_transform(transform, seed)
 
 
-class ReseedingRandomSampler(RandomSampler):
-    """A RandomSampler that also reseeds the in-process augmentation at the start of every epoch.
+class SeededIndex(NamedTuple):
+    """What :class:`ResumableDistributedSampler` yields: a dataset index and its augmentation seed."""
 
-    With ``num_workers=0`` the transforms run in this process with one RNG stream for the whole run;
-    a run resumed from a checkpoint would restart that stream. Drawing the epoch's augmentation seed
-    from torch's global RNG (restored on resume, see DenseTask) makes a resumed run augment exactly as
-    an uninterrupted one. Worker processes reseed themselves (``seed_worker``), so this is harmless
-    there.
+    index: int
+    seed: int
+
+
+class PerSampleSeeded(Dataset):
+    """Training view of a dataset: seeds its albumentations transform from the sample's key, then loads it.
+
+    albumentations' Compose has its own RNG; seeding it per sample (instead of per worker stream)
+    makes the augmentation of each sample independent of workers and of resume points. A plain
+    integer key loads the sample with the transform's current RNG state.
     """
 
-    def __init__(self, data_source: Any, rank: int = 0, seed: int = 0) -> None:
-        super().__init__(data_source)
-        self.rank, self.seed = rank, seed
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
 
-    def __iter__(self) -> Iterator[int]:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        transform = getattr(self.data_source, "transform", None)
-        if get_worker_info() is None and transform is not None and hasattr(transform, "set_random_state"):
-            mixed = np.random.SeedSequence([seed, self.seed & 0xFFFFFFFF, self.rank]).generate_state(1)[0]
-            seed_transform(transform, int(mixed))
-        yield from super().__iter__()
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: SeededIndex | int) -> Any:
+        if isinstance(key, SeededIndex):
+            transform = getattr(self.dataset, "transform", None)
+            if transform is not None and hasattr(transform, "set_random_state"):
+                seed_transform(transform, key.seed)
+            key = key.index
+        return self.dataset[key]
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """Shuffled training order, split across ranks, that resumes mid-epoch (``state_dict``/``load_state_dict``).
+
+    A ``DistributedSampler`` so that Lightning keeps it under DDP (it replaces any other sampler with a
+    plain ``DistributedSampler``); with ``num_replicas=1`` it is the single-process sampler too. The
+    order of epoch ``e`` is a permutation seeded by (seed, e, pass), padded and split by rank as torch's
+    ``DistributedSampler`` does; each yielded :class:`SeededIndex` carries the sample's augmentation seed.
+
+    The state (epoch, completed passes, samples yielded in the current pass) is read by torchdata's
+    ``StatefulDataLoader`` when it snapshots (Lightning stores that in checkpoints). Loading it resumes
+    right after the last sample of the saved position. When Lightning resumes from an epoch-end
+    checkpoint (the datamodule's :attr:`at_epoch_end` probe, asked at load time) the next pass is
+    epoch ``e + 1`` from its start instead, also when the epoch was cut short by
+    ``limit_train_batches``.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
+        self.passes = 0  # passes completed in this epoch
+        self.yielded = 0  # samples yielded by the pass in progress
+        self.at_epoch_end: Callable[[], bool] = lambda: False
+        self._resume_from: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch, self.passes, self.yielded, self._resume_from = int(epoch), 0, 0, None
+
+    def order(self, epoch: int, pass_index: int) -> list[int]:
+        """This rank's dataset indices for one pass (padded to equal length across ranks)."""
+        g = torch.Generator()
+        g.manual_seed(_mix(self.seed, epoch, pass_index))
+        indices = torch.randperm(len(self.dataset), generator=g).tolist()  # type: ignore[arg-type]
+        padding = self.total_size - len(indices)
+        if padding > 0:
+            indices += (indices * math.ceil(padding / len(indices)))[:padding]
+        return indices[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[SeededIndex]:  # type: ignore[override]
+        epoch, pass_index = self.epoch, self.passes
+        start, self._resume_from = self._resume_from or 0, None
+        self.yielded = start
+        for index in self.order(epoch, pass_index)[start:]:
+            self.yielded += 1
+            yield SeededIndex(index, augmentation_seed(self.seed, epoch, pass_index, index))
+        self.passes, self.yielded = pass_index + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "passes": self.passes,
+            "yielded": self.yielded,
+            "num_replicas": self.num_replicas,
+            "dataset_len": len(self.dataset),  # type: ignore[arg-type]
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``; raises ValueError when the data or world size changed mid-epoch."""
+        if self.at_epoch_end():
+            self.epoch, self.passes, self.yielded, self._resume_from = int(state["epoch"]) + 1, 0, 0, None
+            return
+        saved = (int(state["num_replicas"]), int(state["dataset_len"]))
+        now = (self.num_replicas, len(self.dataset))  # type: ignore[arg-type]
+        if saved != now:
+            raise ValueError(
+                f"cannot resume mid-epoch: the checkpoint was written with {saved[0]} process(es) over "
+                f"{saved[1]} training samples, this run has {now[0]} over {now[1]}. Resume with the same "
+                "number of processes and data, or from an end-of-epoch checkpoint."
+            )
+        self.epoch, self.passes = int(state["epoch"]), int(state["passes"])
+        self.yielded = self._resume_from = int(state["yielded"])
 
 
 def eval_sampler(dataset: Any) -> Sampler | None:
@@ -106,8 +201,9 @@ class DenseDataModule(L.LightningDataModule):
 
     Subclasses set ``train_dataset`` / ``val_dataset`` in ``setup`` and the attributes read here
     (``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``), and name their collate functions.
-    Training batches come from ``ReseedingRandomSampler`` (exact resume); evaluation splits across
-    ranks without repeats (``eval_sampler``).
+    Training batches come from a torchdata ``StatefulDataLoader`` over a
+    :class:`ResumableDistributedSampler` with per-sample augmentation seeds (exact resume, also
+    mid-epoch and under DDP); evaluation splits across ranks without repeats (``eval_sampler``).
     """
 
     collate_train: Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -126,34 +222,68 @@ class DenseDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.global_rank) if trainer is not None else 0
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def _resuming_at_epoch_end(self) -> bool:
+        """Whether Lightning is restoring a fit from a checkpoint written after an epoch's last batch."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return False
+        loop = trainer.fit_loop
+        return bool(loop.restarting and loop.epoch_loop.batch_progress.is_last_batch)
+
+    def _loader_kwargs(self, rank: int) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+            "worker_init_fn": functools.partial(seed_worker, rank=rank),
+            # the loader's base seed comes from here, not from torch's global RNG (whose state a
+            # checkpoint restores): iterating a loader never shifts the model's random stream
+            "generator": torch.Generator().manual_seed(worker_seed(self.run_seed, 0, rank)),
+        }
+
+    def _train_loader(self, dataset: Dataset) -> StatefulDataLoader:
         rank = self._global_rank()
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            sampler=ReseedingRandomSampler(dataset, rank=rank, seed=self.run_seed)
-            if train
-            else eval_sampler(dataset),
+        sampler = ResumableDistributedSampler(
+            dataset,  # type: ignore[arg-type]
+            num_replicas=self._world_size(),
+            rank=rank,
+            seed=self.run_seed,
+        )
+        sampler.at_epoch_end = self._resuming_at_epoch_end
+        return StatefulDataLoader(
+            PerSampleSeeded(dataset),
+            batch_size=self.batch_size,
+            sampler=sampler,
             # a dataset smaller than one batch would otherwise train on nothing, silently
-            drop_last=train and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=functools.partial(seed_worker, rank=rank),
-            collate_fn=type(self).collate_train if train else type(self).collate_eval,
+            drop_last=len(sampler) >= self.batch_size,
+            collate_fn=type(self).collate_train,
+            **self._loader_kwargs(rank),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.val_batch_size,
+            sampler=eval_sampler(dataset),
+            collate_fn=type(self).collate_eval,
+            **self._loader_kwargs(self._global_rank()),
+        )
+
+    def train_dataloader(self) -> StatefulDataLoader:
         if self.train_dataset is None:
             self.setup("fit")
         assert self.train_dataset is not None
-        return self._loader(self.train_dataset, train=True)
+        return self._train_loader(self.train_dataset)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:
             self.setup("validate")
         assert self.val_dataset is not None
-        return self._loader(self.val_dataset, train=False)
+        return self._eval_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -1,0 +1,318 @@
+"""Exact resume from any checkpoint the framework writes, and last.ckpt as the latest state.
+
+The reference is always the uninterrupted run with the same settings: a resumed run must see the same
+images with the same augmentation at every step and end with bit-identical weights (CPU). toy_seg at
+6 steps per epoch, validating (and so checkpointing) every 4 steps: the step-4 checkpoint is mid-epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from siglip_dense.data.toy import ensure_toy_data
+from siglip_dense.train import run_train
+from tests.conftest import compose_train_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+MAX_STEPS = 10  # not a multiple of the validation interval: the last 2 steps follow no validation
+
+
+def base_overrides(root: Path, workers: int = 0) -> list[str]:
+    return [
+        "experiment=toy_seg",
+        f"data.root={root}",
+        "data.toy=false",
+        f"data.num_workers={workers}",
+        "data.batch_size=4",  # 24 images: 6 steps per epoch
+        "data.crop_size=[64,64]",
+        "data.base_size=[256,96]",
+        f"trainer.max_steps={MAX_STEPS}",
+        "+trainer.val_check_interval=4",
+        "trainer.check_val_every_n_epoch=null",
+        "+trainer.limit_val_batches=1",
+        # the best-k callback monitors the global step, lowest best: the metric never improves after
+        # the first validation, so best-k saves only at step 4 (what used to freeze last.ckpt there)
+        "monitor=step",
+        "monitor_mode=min",
+        "num_vis=0",
+        "validate=false",
+    ]
+
+
+class RecordBatches(L.Callback):
+    """Appends each training step's image stems and a hash of each augmented crop to a per-rank file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        samples = [
+            [meta["stem"], hashlib.sha1(img.numpy().tobytes()).hexdigest()[:16]]
+            for meta, img in zip(batch["meta"], batch["image"])
+        ]
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "samples": samples}) + "\n")
+
+
+class KillAt(L.Callback):
+    """Dies before training step ``step`` (an error, like a crash: nothing is saved at that point)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+class PauseAt(L.Callback):
+    """After step ``step``, touches ``marker`` and waits (≤ 60 s) for a SIGTERM: it lands mid-epoch there."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step != self.step:
+            return
+        self.marker.touch()
+        deadline = time.monotonic() + 60
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def record(path: Path) -> list[str]:
+    return [f"+callbacks.record._target_={__name__}.RecordBatches", f"+callbacks.record.path={path}"]
+
+
+def steps_seen(path: Path, rank: int = 0) -> dict[int, list[list[str]]]:
+    rows = [json.loads(line) for line in Path(f"{path}.rank{rank}").read_text().splitlines()]
+    return {r["step"]: r["samples"] for r in rows}
+
+
+def load(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load(a)["state_dict"], load(b)["state_dict"]
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def train(overrides: list[str], run_dir: Path) -> None:
+    try:
+        run_train(compose_train_cfg(overrides, run_dir))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_toy_data(tmp_path_factory.mktemp("exact") / "toy_seg", num_train=24, num_val=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def straight(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted single-process run (its batches recorded in ``<run>/batches.rank0``)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train([*base_overrides(toy_root), *record(run.parent / "batches")], run)
+    return run
+
+
+@pytest.mark.slow
+def test_last_ckpt_is_the_final_state_when_the_metric_stops_improving(straight: Path) -> None:
+    last = load(straight / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, MAX_STEPS)  # 6 steps/epoch: epoch 1, step 10
+    assert last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 4
+    best = sorted(p.name for p in (straight / "checkpoints").glob("epoch_*.ckpt"))
+    assert best == ["epoch_000.ckpt"]
+    assert load(straight / "checkpoints" / best[0])["global_step"] == 4  # the only "improvement"
+
+
+@pytest.mark.slow
+def test_last_ckpt_with_epoch_validation_is_the_last_epoch(toy_root: Path, tmp_path: Path) -> None:
+    """The issue's case: validation once per epoch, 3 epochs of 2 steps, best at epoch 0."""
+    overrides = [
+        o for o in base_overrides(toy_root) if "val_check_interval" not in o and "max_steps" not in o
+    ]
+    overrides += ["trainer.max_steps=-1", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1"]
+    train([*overrides, "+trainer.limit_train_batches=2"], tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    last = load(ckpts / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_mid_epoch_resumes_bit_identical(
+    straight: Path, toy_root: Path, tmp_path: Path, workers: int
+) -> None:
+    """Killed before step 5 (epoch 0 has 6): last.ckpt is the mid-epoch step-4 state; resuming it
+    (with 0 or 2 loader workers: augmentation must not depend on them) reproduces the straight run."""
+    base = base_overrides(toy_root, workers)
+    killed = tmp_path / "killed"
+    kill = [f"+callbacks.kill._target_={__name__}.KillAt", "+callbacks.kill.step=5"]
+    with pytest.raises(RuntimeError, match="killed"):
+        train([*base, *kill, *record(tmp_path / "killed_batches")], killed)
+    ckpt = load(killed / "checkpoints" / "last.ckpt")
+    assert (ckpt["epoch"], ckpt["global_step"]) == (0, 4)
+    assert not ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"]
+
+    resumed = tmp_path / "resumed"
+    last = killed / "checkpoints" / "last.ckpt"
+    train([*base, f"ckpt_path={last}", *record(tmp_path / "resumed_batches")], resumed)
+
+    reference = steps_seen(straight.parent / "batches")
+    before, after = steps_seen(tmp_path / "killed_batches"), steps_seen(tmp_path / "resumed_batches")
+    assert sorted(after) == list(range(4, MAX_STEPS))
+    assert {s: before[s] for s in range(4)} == {s: reference[s] for s in range(4)}
+    assert after == {s: reference[s] for s in range(4, MAX_STEPS)}  # same images, same crops
+    assert load(resumed / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
+    assert_same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_resume_from_an_epoch_end_without_validation_with_workers(toy_root: Path, tmp_path: Path) -> None:
+    """Validation every 2nd epoch: epoch 0's last.ckpt is written at on_train_epoch_end (Lightning then
+    loads no loader state); killed in epoch 1 and resumed with 2 workers, epoch 1 gets epoch 1's order."""
+    overrides = [
+        o for o in base_overrides(toy_root, 2) if "val_check_interval" not in o and "max_steps" not in o
+    ]
+    overrides += ["trainer.max_steps=-1", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"]
+    overrides += ["+trainer.limit_train_batches=2"]
+    train([*overrides, *record(tmp_path / "straight_batches")], tmp_path / "straight")
+    kill = [f"+callbacks.kill._target_={__name__}.KillAt", "+callbacks.kill.step=3"]
+    with pytest.raises(RuntimeError, match="killed"):
+        train([*overrides, *kill], tmp_path / "killed")
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert load(last)["global_step"] == 2
+    train([*overrides, f"ckpt_path={last}", *record(tmp_path / "resumed_batches")], tmp_path / "resumed")
+    reference, after = steps_seen(tmp_path / "straight_batches"), steps_seen(tmp_path / "resumed_batches")
+    assert after == {s: reference[s] for s in range(2, 6)}
+    assert_same_weights(
+        tmp_path / "straight" / "checkpoints" / "last.ckpt",
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt",
+    )
+
+
+def train_py(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.mark.slow
+def test_ddp_sim_resume_from_mid_epoch_checkpoint_is_bit_identical(toy_root: Path, tmp_path: Path) -> None:
+    """2 gloo processes: the step-4 (mid-epoch) checkpoint of a run resumes to that run's final weights."""
+    base = [*base_overrides(toy_root), "trainer=ddp_sim", "data.batch_size=2"]  # 24 / 2 ranks / 2 = 6 steps
+    every_val = ["+callbacks.every_val._target_=lightning.pytorch.callbacks.ModelCheckpoint"]
+    every_val += [
+        "+callbacks.every_val.save_top_k=-1",
+        "+callbacks.every_val.filename='step{step}'",
+        "+callbacks.every_val.auto_insert_metric_name=false",
+    ]
+    straight = tmp_path / "straight"
+    proc = train_py([*base, *every_val, *record(tmp_path / "straight_batches"), f"hydra.run.dir={straight}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step4 = straight / "checkpoints" / "step4.ckpt"
+    assert load(step4)["epoch"] == 0
+
+    resumed = tmp_path / "resumed"
+    args = [*base, f"ckpt_path={step4}", *record(tmp_path / "resumed_batches"), f"hydra.run.dir={resumed}"]
+    proc = train_py(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        reference, after = (
+            steps_seen(tmp_path / "straight_batches", rank),
+            steps_seen(tmp_path / "resumed_batches", rank),
+        )
+        assert after == {s: reference[s] for s in range(4, MAX_STEPS)}, f"rank {rank}"
+    assert_same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+
+
+def signal_at_step_5(args: list[str], marker: Path, signum: int, env: dict[str, str]) -> tuple[int, str]:
+    """Runs train.py, sends ``signum`` while it pauses after step 5; returns (exit status, output)."""
+    pause = [f"+callbacks.pause._target_={__name__}.PauseAt", "+callbacks.pause.step=5"]
+    pause.append(f"+callbacks.pause.marker={marker}")
+    cmd = [sys.executable, "train.py", *args, *pause]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not marker.exists():
+            proc.kill()
+            pytest.fail(f"train.py did not reach step 5: {proc.communicate()[0][-3000:]}")
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_nonzero_and_resumes_in_the_same_run_dir(
+    straight: Path, toy_root: Path, tmp_path: Path
+) -> None:
+    """train.py SIGTERM'd after step 5 (mid-epoch): exit 128+15, last.ckpt at step 5; resuming with only
+    ckpt_path continues in the same run directory and ends bit-identical to the uninterrupted run."""
+    outputs = tmp_path / "outputs"
+    run = outputs / "toy_seg" / "runs" / "first"
+    base = [*base_overrides(toy_root), f"paths.log_dir={outputs}"]
+    status, out = signal_at_step_5([*base, f"hydra.run.dir={run}"], tmp_path / "marker", signal.SIGTERM, ENV)
+    assert status == 128 + signal.SIGTERM, out[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = load(last)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (0, 5)
+    assert "Resume exactly with" in out
+
+    resumed = train_py([*base, f"ckpt_path={last}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [p.name for p in (outputs / "toy_seg" / "runs").iterdir()] == ["first"]  # no second run dir
+    assert "dirpath has changed" not in resumed.stdout + resumed.stderr
+    assert load(last)["global_step"] == MAX_STEPS
+    assert_same_weights(straight / "checkpoints" / "last.ckpt", last)
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_saves_at_a_batch_boundary_and_requeues(toy_root: Path, tmp_path: Path) -> None:
+    """Under SLURM (Lightning's SLURMEnvironment, auto-requeue): SIGUSR1 after step 5 gives Lightning's
+    hpc checkpoint and last.ckpt with the same step-5 state, one `scontrol requeue <job>`, exit 128+10."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # SLURM's command-line client, recording what it is asked
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    slurm |= {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    env = {**ENV, **slurm, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}"}
+    run = tmp_path / "run"
+    args = [*base_overrides(toy_root), f"hydra.run.dir={run}"]
+    status, out = signal_at_step_5(args, tmp_path / "marker", signal.SIGUSR1, env)
+    assert status == 128 + signal.SIGUSR1, out[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    hpc, last = load(run / "hpc_ckpt_1.ckpt"), load(run / "checkpoints" / "last.ckpt")
+    assert hpc["global_step"] == last["global_step"] == 5
+    assert hpc["loops"] == last["loops"]
+    assert all(torch.equal(v, last["state_dict"][k]) for k, v in hpc["state_dict"].items())
