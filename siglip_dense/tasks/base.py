@@ -266,7 +266,6 @@ class DenseTask(L.LightningModule):
         freeze_backbone: bool = False,
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **_: Any,
     ) -> None:
         super().__init__()
         self.optimizer_cfg = dict(optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-4})

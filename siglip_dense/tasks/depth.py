@@ -87,7 +87,6 @@ class DepthTask(DenseTask):
         eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()

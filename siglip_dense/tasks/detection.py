@@ -53,7 +53,6 @@ class DetectionTask(DenseTask):
         vis_score_threshold: float = 0.5,
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()

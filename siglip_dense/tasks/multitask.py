@@ -151,7 +151,6 @@ class MultiTask(DenseTask):
         freeze_backbone: bool = False,
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()

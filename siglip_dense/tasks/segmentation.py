@@ -62,7 +62,6 @@ class SegmentationTask(DenseTask):
         eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()
