@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, get_worker_info
 
 from siglip_dense.data.ade20k import IGNORE_INDEX, SegFolderDataset, load_class_names
-from siglip_dense.data.toy import ensure_toy_data_unless_present
+from siglip_dense.data.scan import resolve_root, scan_datamodule
 from siglip_dense.data.transforms import build_seg_eval_transform, build_seg_train_transform, seed_transform
 
 
@@ -174,9 +174,10 @@ class SegDataModule(DenseDataModule):
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | None,
         dataset: str = "ade20k",
         toy: bool = False,
+        toy_root: str | Path | None = None,
         train_split: str = "training",
         val_split: str = "validation",
         crop_size: Sequence[int] = (512, 512),
@@ -192,13 +193,13 @@ class SegDataModule(DenseDataModule):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         seed: int | None = None,
+        scan: bool = True,
     ) -> None:
         super().__init__()
         if dataset not in ("ade20k", "folder"):
             raise ValueError(f"dataset must be 'ade20k' or 'folder', got {dataset!r}")
-        self.root = Path(root)
-        if toy:
-            ensure_toy_data_unless_present(self.root, layout="ade20k")
+        self.root = resolve_root(root, "ade20k" if dataset == "ade20k" else "seg_folder", toy, toy_root)
+        self.scan = bool(scan)
         self.dataset = dataset
         self.toy = toy
         self.train_split, self.val_split = train_split, val_split
@@ -250,3 +251,4 @@ class SegDataModule(DenseDataModule):
             )
             self.train_dataset = self._dataset(self.train_split, transform)
         self.val_dataset = self._dataset(self.val_split, build_seg_eval_transform(self.mean, self.std))
+        scan_datamodule(self, stage)
