@@ -160,11 +160,19 @@ class InitReport:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a Lightning checkpoint (``model.*`` keys) or an exported safetensors file."""
+    """Model weights from any artefact the project writes, keys as stored.
+
+    A Lightning checkpoint (``state_dict``, keys ``model.*``), a ``tools/export.py`` directory (its
+    ``model.safetensors``) or that exported ``model.safetensors`` (keys without ``model.``).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"init_from checkpoint not found: {path}")
     if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"init_from {path} is a directory without model.safetensors: not an export"
+            )
         path = path / "model.safetensors"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -183,6 +191,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def filter_prefixes(
     filter_name: str, backbone_prefix: str = "model.backbone.", neck_prefix: str = "model.neck."
 ) -> tuple[str, ...]:
+    """This model's key prefixes that ``init_from_filter`` selects."""
     if filter_name not in INIT_FILTERS:
         raise ValueError(f"init_from_filter must be one of {INIT_FILTERS}, got {filter_name!r}")
     if filter_name == "backbone":
@@ -192,24 +201,73 @@ def filter_prefixes(
     return ("",)
 
 
+def find_source_prefix(src: dict[str, torch.Tensor], rel_keys: list[str], own_prefix: str) -> str | None:
+    """Where the source keeps a component whose keys (relative to it) are ``rel_keys``.
+
+    Tasks keep the backbone under different prefixes (``model.backbone.``, detection's
+    ``model.backbone.body.``, an export's ``backbone.``): every source prefix ``P`` under which a few
+    anchor keys appear is a candidate; the one holding most of ``rel_keys`` wins (ties: this model's
+    own prefix, else the shortest). ``None``: the source has no such component.
+    """
+    candidates: set[str] = set()
+    for anchor in rel_keys[:3]:
+        for key in src:
+            if key.endswith(anchor) and (len(key) == len(anchor) or key[-len(anchor) - 1] == "."):
+                candidates.add(key[: len(key) - len(anchor)])
+    if not candidates:
+        return None
+    score = {p: sum(p + k in src for k in rel_keys) for p in candidates}
+    return max(candidates, key=lambda p: (score[p], p == own_prefix, -len(p)))
+
+
+def source_layout(src: dict[str, torch.Tensor]) -> list[str]:
+    """The first two key levels of a state dict (error messages show what a file holds)."""
+    return sorted({".".join(k.split(".")[:2]) + "." for k in src})[:12]
+
+
 def init_from_checkpoint(
-    module: nn.Module, path: str | Path, filter_name: str = "all", prefixes: tuple[str, ...] | None = None
+    module: nn.Module,
+    path: str | Path,
+    filter_name: str = "all",
+    components: dict[str, nn.Module] | None = None,
 ) -> InitReport:
-    """Copy matching tensors from ``path`` into ``module``: filtered, non-strict, and reported."""
+    """Copy the tensors ``filter_name`` selects from ``path`` into ``module``: mapped, checked, reported.
+
+    ``components`` maps this module's key prefixes (``"model.backbone."``) to the sub-modules the
+    filter asks for; each is found in the source under whatever prefix it has there (a Lightning
+    checkpoint, an export, another task's layout). ``None``: the whole module, as named.
+
+    Raises:
+        ValueError: nothing the filter asks for is in the file (naming it and the prefixes).
+    """
     src = read_state_dict(path)
-    prefixes = prefixes or filter_prefixes(filter_name)
+    components = components if components is not None else {"": module}
     own = module.state_dict()
     report = InitReport(source=str(path))
-    to_load = {}
-    for k, v in src.items():
-        if not k.startswith(prefixes) or k not in own:
-            report.skipped.append(k)
-        elif own[k].shape != v.shape:
-            report.mismatched.append(f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}")
-        else:
-            to_load[k] = v
+    to_load: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    looked: list[str] = []
+    for own_prefix, component in components.items():
+        rel_keys = list(component.state_dict())
+        src_prefix = find_source_prefix(src, rel_keys, own_prefix)
+        looked.append(f"'{own_prefix or '<all>'}' (keys such as '{rel_keys[0] if rel_keys else '?'}')")
+        for rel in rel_keys:
+            name, key = own_prefix + rel, (src_prefix or "") + rel
+            if src_prefix is None or key not in src:
+                report.missing.append(name)
+            elif own[name].shape != src[key].shape:
+                report.mismatched.append(f"{name} {tuple(src[key].shape)} -> {tuple(own[name].shape)}")
+                used.add(key)
+            else:
+                to_load[name] = src[key]
+                used.add(key)
     report.loaded = sorted(to_load)
-    report.missing = sorted(k for k in own if k not in to_load and k.startswith(prefixes))
+    report.skipped = sorted(k for k in src if k not in used)
+    if not to_load:
+        raise ValueError(
+            f"init_from {path} (init_from_filter={filter_name}) matches no tensor of this model: looked for "
+            f"{', '.join(looked)} under any prefix; the file holds {source_layout(src)}"
+        )
     module.load_state_dict(to_load, strict=False)
     return report
 
@@ -289,12 +347,25 @@ class DenseTask(L.LightningModule):
             self.model.backbone.freeze(None)
         if init_from:
             self.check_init_source(init_from)
-            prefixes = filter_prefixes(
-                init_from_filter, f"model.{self.backbone_prefix}", f"model.{self.neck_prefix}"
+            report = init_from_checkpoint(
+                self, init_from, init_from_filter, self.init_components(init_from_filter)
             )
-            report = init_from_checkpoint(self, init_from, init_from_filter, prefixes)
             print(report)
             self.init_report = report
+
+    def init_components(self, filter_name: str) -> dict[str, nn.Module]:
+        """This model's parts ``init_from_filter`` selects, by their key prefix in this module."""
+        prefixes = filter_prefixes(filter_name, f"model.{self.backbone_prefix}", f"model.{self.neck_prefix}")
+        out = {}
+        for prefix in prefixes:
+            if prefix == "":
+                out["model."] = self.model
+                continue
+            try:
+                out[prefix] = self.get_submodule(prefix.rstrip("."))
+            except AttributeError:
+                continue  # no neck here (neck=none, or each multi-task head keeps its own)
+        return out
 
     def check_init_source(self, path: str | Path) -> None:
         """Refuse weights trained on another backbone variant (the message names both)."""
