@@ -180,3 +180,66 @@ def test_segmentation_backbone_starts_a_detector(tmp_path: Path) -> None:
     theirs = seg.backbone.state_dict()
     assert set(det.init_report.loaded) == {f"model.backbone.body.{k}" for k in own}
     assert all(torch.equal(own[k], theirs[k]) for k in own)
+
+
+# -- weight decay groups: the same under FSDP as in one process -----------------------------------------
+def _groups_by_name(task: DenseTask, optimizer: torch.optim.Optimizer) -> dict[str, tuple[float, float]]:
+    from siglip_dense.tasks.base import original_name
+
+    names = {id(p): original_name(n) for n, p in task.model.named_parameters()}
+    return {
+        names[id(p)]: (g["weight_decay"], g["lr_scale"]) for g in optimizer.param_groups for p in g["params"]
+    }
+
+
+def _fsdp_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -> None:
+    """One rank: wrap as Lightning's FSDPStrategy does (use_orig_params, a unit per timm Block), then
+    call configure_optimizers on the wrapped model, as the strategy does after wrapping."""
+    import json
+
+    import torch.distributed as dist
+    from timm.models.vision_transformer import Block
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        task = _task(Path(run_dir), "toy_seg")
+        task.scheduler_cfg["total_steps"] = 10
+        FullyShardedDataParallel(
+            task,
+            use_orig_params=True,
+            auto_wrap_policy=ModuleWrapPolicy({Block}),
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            device_id=torch.device("cpu"),
+        )
+        flat = sum(p.ndim == 1 for p in task.model.parameters())
+        groups = _groups_by_name(task, task.configure_optimizers()["optimizer"])
+        if rank == 0:
+            Path(out).write_text(json.dumps({"groups": groups, "flat": flat}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_weight_decay_groups_equal_single_process(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    task = _task(tmp_path, "toy_seg")
+    task.scheduler_cfg["total_steps"] = 10
+    single = _groups_by_name(task, task.configure_optimizers()["optimizer"])
+    assert {wd for wd, _ in single.values()} == {0.0, 0.01}  # both kinds present
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp.json"
+    mp.spawn(_fsdp_worker, args=(2, port, str(tmp_path), str(out)), nprocs=2, join=True)
+    result = json.loads(out.read_text())
+    assert result["flat"] == len(single)  # every parameter really is a flattened 1-D view under FSDP
+    assert {k: tuple(v) for k, v in result["groups"].items()} == single

@@ -38,27 +38,39 @@ def param_groups_layer_decay(
     layer_decay: float = 1.0,
     backbone_prefix: str = "backbone.",
     no_decay_names: Iterable[str] = (),
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups with BEiT-style layer-wise lr decay on the backbone.
 
     A backbone parameter at depth ``i`` (0 = embeddings, L+1 = final norm) gets
     ``lr_scale = layer_decay ** (L + 1 - i)``; necks and heads get 1. Norms, biases, position
     embeddings (any parameter with ndim <= 1, plus ``no_decay_names``) get no weight decay.
+
+    Groups are decided by each parameter's original name (wrapper segments such as FSDP's
+    ``_fsdp_wrapped_module.`` removed) and, given ``shapes`` (recorded before any wrapping), its
+    original shape: FSDP with ``use_orig_params`` hands ``configure_optimizers`` flattened 1-D
+    views, which ``p.ndim`` would all call no-decay.
     """
     skip = set(no_decay_names)
-    if backbone is not None:
+    if backbone is not None and shapes is not None:
+        # timm's named exclusions only: the backbone's own ``ndim <= 1`` rule reads the (possibly
+        # flattened) live parameters; the recorded shapes below apply that rule instead
+        skip |= {f"{backbone_prefix}vit.{n}" for n in backbone.vit.no_weight_decay()}
+    elif backbone is not None:
         skip |= {backbone_prefix + n for n in backbone.no_weight_decay()}
     num_layers = backbone.num_layers if backbone is not None else 0
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
+    for wrapped_name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = original_name(wrapped_name)
         if backbone is not None and name.startswith(backbone_prefix):
             lid = backbone.layer_id(name[len(backbone_prefix) :])
             scale = layer_decay ** (num_layers + 1 - lid)
         else:
             scale = 1.0
-        no_decay = p.ndim <= 1 or name in skip
+        ndim = len(shapes[name]) if shapes is not None and name in shapes else p.ndim
+        no_decay = ndim <= 1 or name in skip
         key = (scale, no_decay)
         if key not in groups:
             groups[key] = {
@@ -70,6 +82,17 @@ def param_groups_layer_decay(
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return list(groups.values())
+
+
+# segments that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def original_name(name: str) -> str:
+    """A parameter's name as the unwrapped module has it."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +366,8 @@ class DenseTask(L.LightningModule):
 
     def finish_init(self, freeze_backbone: bool, init_from: str | None, init_from_filter: str) -> None:
         """Call at the end of a subclass __init__, once ``self.model`` exists."""
+        # original shapes, before any strategy wraps or flattens parameters (optimizer groups use them)
+        self.param_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         if freeze_backbone:
             self.model.backbone.freeze(None)
         if init_from:
@@ -513,7 +538,12 @@ class DenseTask(L.LightningModule):
         opt_cfg = dict(self.optimizer_cfg)
         weight_decay = float(opt_cfg.pop("weight_decay", 0.05))
         groups = param_groups_layer_decay(
-            self.model, self.backbone, weight_decay, self.layer_decay, backbone_prefix=self.backbone_prefix
+            self.model,
+            self.backbone,
+            weight_decay,
+            self.layer_decay,
+            backbone_prefix=self.backbone_prefix,
+            shapes=getattr(self, "param_shapes", None),
         )
         if not groups:
             raise ValueError("no trainable parameters: everything is frozen")
