@@ -559,6 +559,51 @@ class DenseTask(L.LightningModule):
         scheduler = instantiate(sch)(optimizer, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- training without host syncs ----------------------------------------------------------------
+    def check_batch(self, batch: Any) -> None:
+        """Validate a training batch on the host, before it moves to the device (no GPU sync)."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self._trainer
+        if trainer is not None and trainer.training:
+            self.check_batch(batch)
+        return batch
+
+    def track_finite(self, name: str, loss: torch.Tensor) -> None:
+        """Record, on the device, the first step whose ``name`` loss is not finite (no host sync).
+
+        :meth:`raise_if_not_finite` reads it at the logging interval, where Lightning syncs anyway.
+        """
+        bad = ~torch.isfinite(loss.detach())
+        first = getattr(self, "_first_nonfinite", {})
+        self._first_nonfinite = first
+        seen = first.get(name)
+        step = torch.full((), self.global_step, dtype=torch.long, device=loss.device)
+        none = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first[name] = torch.where(
+            bad & ((seen if seen is not None else none) < 0), step, seen if seen is not None else none
+        )
+
+    def raise_if_not_finite(self) -> None:
+        """One host read of the recorded flags; raises naming the loss and the step."""
+        for name, step in getattr(self, "_first_nonfinite", {}).items():
+            s = int(step)
+            if s >= 0:
+                raise FloatingPointError(
+                    f"non-finite {name} loss at step {s}: lower the lr, enable gradient clipping "
+                    "(trainer.gradient_clip_val) or check the data"
+                )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self._trainer
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) if trainer is not None else 1
+        last = trainer is not None and trainer.is_last_batch
+        if (self.global_step % every == 0) or last:
+            self.raise_if_not_finite()
+
+    def on_train_end(self) -> None:
+        self.raise_if_not_finite()
+
     # -- results a run writes (train.py and tools/eval.py call these) -------------------------------
     def summarize(self, metrics: dict[str, Any]) -> str:
         """A readable summary of final metrics for the console."""
