@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.test_task_base import _task
+from tests.test_task_base import _multitask, _task
 
 SYNC_OPS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.equal"}
 OURS = str(Path(__file__).resolve().parents[1] / "siglip_dense")
@@ -88,17 +88,7 @@ def test_training_step_has_no_host_sync(experiment: str, tmp_path: Path) -> None
 
 
 def test_multitask_training_step_has_no_host_sync(tmp_path: Path) -> None:
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from tests.conftest import compose_train_cfg
-
-    cfg = compose_train_cfg(["experiment=toy_multitask"], tmp_path / "run")
-    GlobalHydra.instance().clear()
-    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
-    task_cfg["tasks_kwargs"] = {"seg": {"num_classes": 3, "class_names": ["a", "b", "c"]}, "depth": {}}
-    task = instantiate(task_cfg, _recursive_=False, _convert_="all").train()
+    task = _multitask(tmp_path).train()
     batch = {"seg": _seg_batch(), "depth": _depth_batch()}
     task.check_batch(batch)
     recorder = SyncRecorder()

@@ -243,3 +243,41 @@ def test_fsdp_weight_decay_groups_equal_single_process(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["flat"] == len(single)  # every parameter really is a flattened 1-D view under FSDP
     assert {k: tuple(v) for k, v in result["groups"].items()} == single
+
+
+def _multitask(tmp_path: Path, **extra: Any) -> DenseTask:
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_train_cfg
+
+    cfg = compose_train_cfg(["experiment=toy_multitask"], tmp_path / "run")
+    GlobalHydra.instance().clear()
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    task_cfg["tasks_kwargs"] = {"seg": {"num_classes": 3, "class_names": ["a", "b", "c"]}, "depth": {}}
+    task_cfg.update(extra)
+    return instantiate(task_cfg, _recursive_=False, _convert_="all")
+
+
+def test_multitask_backbone_starts_a_detector_and_back(tmp_path: Path) -> None:
+    """multi-task (``model.backbone.``) <-> detection (``model.backbone.body.``)."""
+    torch.manual_seed(0)
+    mt = _multitask(tmp_path)
+    det = _task(
+        tmp_path,
+        "toy_det",
+        category_ids=[1, 2, 3],
+        init_from=str(_lightning_checkpoint(mt, tmp_path / "mt.ckpt")),
+        init_from_filter="backbone",
+    )
+    theirs, own = mt.backbone.state_dict(), det.backbone.state_dict()
+    assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
+    torch.manual_seed(1)
+    back = _multitask(
+        tmp_path,
+        init_from=str(_lightning_checkpoint(det, tmp_path / "det.ckpt")),
+        init_from_filter="backbone",
+    )
+    own = back.backbone.state_dict()
+    assert all(torch.equal(own[k], theirs[k]) for k in own)
