@@ -52,9 +52,13 @@ def test_experiment_composes_and_resolves(experiment: str, tmp_path: Path, hydra
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("ade20k")])
-def test_recipe_instantiates_on_meta(experiment: str, tmp_path: Path, hydra_cleanup: None) -> None:
-    """Model built at full size on the meta device; data module and callbacks for real."""
-    cfg = compose_train_cfg([f"experiment={experiment}", "backbone.checkpoint=null"], tmp_path / "run")
+def test_recipe_instantiates_on_meta(
+    experiment: str, tmp_path: Path, toy_data_root: Path, hydra_cleanup: None
+) -> None:
+    """Model built at full size on the meta device; data module (on toy data in the layout) and
+    callbacks for real."""
+    overrides = [f"experiment={experiment}", "backbone.checkpoint=null", f"data.root={toy_data_root}"]
+    cfg = compose_train_cfg(overrides, tmp_path / "run")
     dm = instantiate(cfg.data, _convert_="all")
     assert isinstance(dm, L.LightningDataModule)
     with open_dict(cfg):
