@@ -126,3 +126,27 @@ def _task_depth(tmp_path: Path) -> Any:
     cfg = compose_train_cfg(["experiment=toy_depth"], tmp_path / "run")
     GlobalHydra.instance().clear()
     return instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False, _convert_="all")
+
+
+def test_a_diverged_run_stops_before_validation_writes_a_checkpoint(tmp_path: Path) -> None:
+    """In a real fit: NaN gradients at step 0 make the loss of step 1 NaN; the run stops at the first
+    check (validation after 2 steps, logging every 50 steps), before any checkpoint is saved."""
+    import lightning as L
+
+    task = _task(tmp_path, "toy_seg")
+    task.scheduler_cfg["total_steps"] = 10
+    step = task.training_step
+    task.training_step = lambda batch, batch_idx: step(batch, batch_idx) * float("nan")  # NaN grads
+    loader = torch.utils.data.DataLoader([_seg_batch(1) for _ in range(4)], batch_size=None)
+    trainer = L.Trainer(
+        max_steps=4,
+        val_check_interval=2,
+        log_every_n_steps=50,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    with pytest.raises(FloatingPointError, match="non-finite segmentation loss at step 1"):
+        trainer.fit(task, loader, loader)
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -572,21 +572,18 @@ class DenseTask(L.LightningModule):
     def track_finite(self, name: str, loss: torch.Tensor) -> None:
         """Record, on the device, the first step whose ``name`` loss is not finite (no host sync).
 
-        :meth:`raise_if_not_finite` reads it at the logging interval, where Lightning syncs anyway.
+        :meth:`raise_if_not_finite` reads it every ``log_every_n_steps`` (where Lightning's logging
+        reads values anyway), before each validation (so no checkpoint of a diverged run is written)
+        and at the end of training.
         """
-        bad = ~torch.isfinite(loss.detach())
-        first = getattr(self, "_first_nonfinite", {})
-        self._first_nonfinite = first
-        seen = first.get(name)
+        first: dict[str, torch.Tensor] = self.__dict__.setdefault("_first_nonfinite", {})
         step = torch.full((), self.global_step, dtype=torch.long, device=loss.device)
-        none = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first[name] = torch.where(
-            bad & ((seen if seen is not None else none) < 0), step, seen if seen is not None else none
-        )
+        seen = first.get(name, torch.full_like(step, -1))
+        first[name] = torch.where(~torch.isfinite(loss.detach()) & (seen < 0), step, seen)
 
     def raise_if_not_finite(self) -> None:
-        """One host read of the recorded flags; raises naming the loss and the step."""
-        for name, step in getattr(self, "_first_nonfinite", {}).items():
+        """One host read of the recorded steps; raises naming the loss and the step."""
+        for name, step in self.__dict__.get("_first_nonfinite", {}).items():
             s = int(step)
             if s >= 0:
                 raise FloatingPointError(
@@ -597,9 +594,11 @@ class DenseTask(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         trainer = self._trainer
         every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) if trainer is not None else 1
-        last = trainer is not None and trainer.is_last_batch
-        if (self.global_step % every == 0) or last:
+        if self.global_step % every == 0 or (trainer is not None and trainer.is_last_batch):
             self.raise_if_not_finite()
+
+    def on_validation_start(self) -> None:
+        self.raise_if_not_finite()
 
     def on_train_end(self) -> None:
         self.raise_if_not_finite()

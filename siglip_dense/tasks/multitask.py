@@ -363,6 +363,7 @@ class MultiTask(DenseTask):
             )
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         self._set_predictions_dirs()
 
     def on_test_start(self) -> None:
