@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from siglip_dense.callbacks import GracefulRequeue, RestoreLoaderStates
+from siglip_dense.config_check import check_train_config
 
 PACKAGES = ("siglip-dense", "torch", "torchvision", "lightning", "timm", "hydra-core", "albumentations")
 
@@ -123,6 +124,7 @@ def pin_hydra_job_for_ddp_children() -> None:
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and validate) as the config says; returns the final validation metrics."""
+    check_train_config(cfg)
     out_dir = output_dir_of(cfg)
     launch_env = {k: os.environ.get(k) for k in LAUNCH_ENV_KEYS}
     if cfg.get("seed") is not None:

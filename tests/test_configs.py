@@ -6,6 +6,8 @@ their models are built on the meta device (shapes only, no memory) with the chec
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from siglip_dense.config_check import ConfigKeyError, check_train_config
 from siglip_dense.train import build_callbacks, build_task
 from tests.conftest import CONFIG_DIR, compose_train_cfg
 
@@ -49,9 +52,13 @@ def test_experiment_composes_and_resolves(experiment: str, tmp_path: Path, hydra
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("ade20k")])
-def test_recipe_instantiates_on_meta(experiment: str, tmp_path: Path, hydra_cleanup: None) -> None:
-    """Model built at full size on the meta device; data module and callbacks for real."""
-    cfg = compose_train_cfg([f"experiment={experiment}", "backbone.checkpoint=null"], tmp_path / "run")
+def test_recipe_instantiates_on_meta(
+    experiment: str, tmp_path: Path, toy_data_root: Path, hydra_cleanup: None
+) -> None:
+    """Model built at full size on the meta device; data module (on toy data in the layout) and
+    callbacks for real."""
+    overrides = [f"experiment={experiment}", "backbone.checkpoint=null", f"data.root={toy_data_root}"]
+    cfg = compose_train_cfg(overrides, tmp_path / "run")
     dm = instantiate(cfg.data, _convert_="all")
     assert isinstance(dm, L.LightningDataModule)
     with open_dict(cfg):
@@ -105,3 +112,66 @@ def test_backbone_freeze_switch(tmp_path: Path, hydra_cleanup: None) -> None:
         if n.startswith("vit.blocks") and not p.requires_grad
     }
     assert frozen == {"0", "1"}
+
+
+# -- strict keys: a key no code reads is an error naming it ------------------------------------------
+def _train(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd.append(f"paths.data_dir={tmp_path / 'data'}")
+    return subprocess.run(cmd, cwd=CONFIG_DIR.parent, capture_output=True, text=True, timeout=300)
+
+
+def _user_experiment(tmp_path: Path, body: str) -> Path:
+    """A user's own recipe, added as Hydra documents it: ``--config-dir DIR`` with DIR/experiment/."""
+    config_dir = tmp_path / "my_configs"
+    (config_dir / "experiment").mkdir(parents=True)
+    header = "# @package _global_\ndefaults:\n  - toy_seg\n"
+    (config_dir / "experiment" / "mine.yaml").write_text(header + body)
+    return config_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("body", "named", "suggested"),
+    [
+        ("task:\n  layer_dacay: 0.5\n", "task.layer_dacay", "task.layer_decay"),
+        ("data:\n  batchsize: 2\n", "data.batchsize", "data.batch_size"),
+    ],
+)
+def test_misspelt_key_in_an_experiment_file_exits_naming_it(
+    body: str, named: str, suggested: str, tmp_path: Path
+) -> None:
+    config_dir = _user_experiment(tmp_path, body)
+    proc = _train(["--config-dir", str(config_dir), "experiment=mine"], tmp_path)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert f"'{named}'" in err and f"did you mean '{suggested}'" in err, err[-2000:]
+    assert not (tmp_path / "data").exists()  # stopped before any data was generated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["task.layer_dacay=0.5", "data.batchsize=2"])
+def test_misspelt_key_on_the_command_line_exits_naming_it(override: str, tmp_path: Path) -> None:
+    proc = _train([override], tmp_path)
+    assert proc.returncode != 0
+    assert override.split("=")[0].split(".")[-1] in proc.stdout + proc.stderr
+
+
+def test_every_recipe_passes_the_key_check(tmp_path: Path, hydra_cleanup: None) -> None:
+    for experiment in EXPERIMENTS:
+        check_train_config(compose_train_cfg([f"experiment={experiment}"], tmp_path / "run"))
+
+
+def test_top_level_typo_is_refused_but_recipe_variables_pass(tmp_path: Path, hydra_cleanup: None) -> None:
+    cfg = compose_train_cfg(["experiment=ade20k_linear_b16", "+seeed=1"], tmp_path / "run")
+    with pytest.raises(ConfigKeyError, match=r"'seeed'.*did you mean 'seed'"):
+        check_train_config(cfg)
+    # `res` is not in train.yaml, but the recipe interpolates it (${res}): a variable, not a typo
+    check_train_config(compose_train_cfg(["experiment=ade20k_linear_b16"], tmp_path / "run"))
+
+
+def test_task_constructors_take_no_unknown_keyword(tmp_path: Path, hydra_cleanup: None) -> None:
+    cfg = compose_train_cfg(["experiment=toy_seg", "+task.num_classes=3"], tmp_path / "run")
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    with pytest.raises(Exception, match="unexpected keyword argument .layer_dacay."):
+        instantiate({**task_cfg, "layer_dacay": 0.5}, _recursive_=False, _convert_="all")

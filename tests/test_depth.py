@@ -382,8 +382,10 @@ def test_no_silent_training_on_empty_depth() -> None:
         "depth": torch.zeros(1, 64, 64),
         "meta": [{"depth_path": "/x/empty.png"}],
     }
+    # checked on the host before the batch moves to the device (Lightning's on_before_batch_transfer)
     with pytest.warns(UserWarning, match=r"no valid depth pixel.*empty\.png"):
-        loss = task.training_step(batch, 0)
+        task.check_batch(batch)
+    loss = task.training_step(batch, 0)
     assert float(loss) == 0.0
 
 

@@ -113,9 +113,12 @@ def test_nyu_recipe_composes(experiment: str, tmp_path: Path, hydra_cleanup: Non
 
 
 @pytest.mark.parametrize("experiment", ["nyu_dpt_so400m14", "nyu_linear_so400m14", "nyu_dpt_b16"])
-def test_nyu_recipe_instantiates_on_meta(experiment: str, tmp_path: Path, hydra_cleanup: None) -> None:
-    """Published recipes: full-size model on the meta device, data module for real (no data needed)."""
-    cfg = compose_train_cfg([f"experiment={experiment}", "backbone.checkpoint=null"], tmp_path / "run")
+def test_nyu_recipe_instantiates_on_meta(
+    experiment: str, tmp_path: Path, toy_depth_root: Path, hydra_cleanup: None
+) -> None:
+    """Published recipes: full-size model on the meta device, data module for real (toy NYUv2 layout)."""
+    overrides = [f"experiment={experiment}", "backbone.checkpoint=null", f"data.root={toy_depth_root}"]
+    cfg = compose_train_cfg(overrides, tmp_path / "run")
     dm = instantiate(cfg.data, _convert_="all")
     assert isinstance(dm, DepthDataModule) and isinstance(dm, L.LightningDataModule)
     with torch.device("meta"):

@@ -1,13 +1,15 @@
 """Optimiser groups (layer-wise lr decay, no decay on norms/biases/pos_embed) and lr schedules."""
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from siglip_dense.models import build_backbone
-from siglip_dense.tasks.base import ScaledLambdaLR, lr_lambda, param_groups_layer_decay
+from siglip_dense.tasks.base import DenseTask, ScaledLambdaLR, lr_lambda, param_groups_layer_decay
 
 
 class Tiny(nn.Module):
@@ -111,3 +113,171 @@ def test_scheduler_config_is_a_partial_of_warmup_schedule() -> None:
         sched.step()
     assert lrs[0] == 0.0 and abs(lrs[5] - 0.5) < 1e-9 and abs(lrs[10] - 1.0) < 1e-9
     assert abs(lrs[60] - 0.5) < 1e-9  # halfway through the poly decay (power 1)
+
+
+# -- init_from: every artefact the project writes, any task's layout ----------------------------------
+def _task(tmp_path: Path, experiment: str, **extra: Any) -> DenseTask:
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_train_cfg
+
+    cfg = compose_train_cfg([f"experiment={experiment}"], tmp_path / "run")
+    GlobalHydra.instance().clear()
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    task_cfg.update(num_classes=3, class_names=["a", "b", "c"], **extra)
+    return instantiate(task_cfg, _recursive_=False, _convert_="all").eval()
+
+
+def _lightning_checkpoint(task: DenseTask, path: Path) -> Path:
+    """What Lightning writes: state_dict + hyper_parameters, then the task's on_save_checkpoint."""
+    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_init_from_export_dir_and_safetensors_reproduce_outputs(tmp_path: Path) -> None:
+    from siglip_dense.checkpoints import export
+
+    torch.manual_seed(0)
+    source = _task(tmp_path, "toy_seg")
+    ckpt = _lightning_checkpoint(source, tmp_path / "src.ckpt")
+    out_dir = export(ckpt, tmp_path / "export")
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = source(x)
+        for artefact in (ckpt, out_dir, out_dir / "model.safetensors"):
+            torch.manual_seed(1)  # a different random init: only the loaded weights can make it equal
+            task = _task(tmp_path, "toy_seg", init_from=str(artefact))
+            assert len(task.init_report.loaded) == len(source.state_dict()), artefact
+            assert torch.equal(task(x), expected), artefact
+
+
+def test_init_from_a_file_that_matches_nothing_names_it(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.layer.0.weight": torch.zeros(3, 3)}, str(path))
+    with pytest.raises(Exception, match=r"other\.safetensors.*init_from_filter=backbone.*model\.backbone\."):
+        _task(tmp_path, "toy_seg", init_from=str(path), init_from_filter="backbone")
+
+
+def test_segmentation_backbone_starts_a_detector(tmp_path: Path) -> None:
+    """seg (``model.backbone.``) -> detection (``model.backbone.body.``): the backbone, and only it."""
+    torch.manual_seed(0)
+    seg = _task(tmp_path, "toy_seg")
+    ckpt = _lightning_checkpoint(seg, tmp_path / "seg.ckpt")
+    det = _task(
+        tmp_path,
+        "toy_det",
+        category_ids=[1, 2, 3],
+        init_from=str(ckpt),
+        init_from_filter="backbone",
+    )
+    own = det.backbone.state_dict()
+    theirs = seg.backbone.state_dict()
+    assert set(det.init_report.loaded) == {f"model.backbone.body.{k}" for k in own}
+    assert all(torch.equal(own[k], theirs[k]) for k in own)
+
+
+# -- weight decay groups: the same under FSDP as in one process -----------------------------------------
+def _groups_by_name(task: DenseTask, optimizer: torch.optim.Optimizer) -> dict[str, tuple[float, float]]:
+    from siglip_dense.tasks.base import original_name
+
+    names = {id(p): original_name(n) for n, p in task.model.named_parameters()}
+    return {
+        names[id(p)]: (g["weight_decay"], g["lr_scale"]) for g in optimizer.param_groups for p in g["params"]
+    }
+
+
+def _fsdp_worker(rank: int, world_size: int, port: int, run_dir: str, out: str) -> None:
+    """One rank: wrap as Lightning's FSDPStrategy does (use_orig_params, a unit per timm Block), then
+    call configure_optimizers on the wrapped model, as the strategy does after wrapping."""
+    import json
+
+    import torch.distributed as dist
+    from timm.models.vision_transformer import Block
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        task = _task(Path(run_dir), "toy_seg")
+        task.scheduler_cfg["total_steps"] = 10
+        FullyShardedDataParallel(
+            task,
+            use_orig_params=True,
+            auto_wrap_policy=ModuleWrapPolicy({Block}),
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            device_id=torch.device("cpu"),
+        )
+        flat = sum(p.ndim == 1 for p in task.model.parameters())
+        groups = _groups_by_name(task, task.configure_optimizers()["optimizer"])
+        if rank == 0:
+            Path(out).write_text(json.dumps({"groups": groups, "flat": flat}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_weight_decay_groups_equal_single_process(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    task = _task(tmp_path, "toy_seg")
+    task.scheduler_cfg["total_steps"] = 10
+    single = _groups_by_name(task, task.configure_optimizers()["optimizer"])
+    assert {wd for wd, _ in single.values()} == {0.0, 0.01}  # both kinds present
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp.json"
+    mp.spawn(_fsdp_worker, args=(2, port, str(tmp_path), str(out)), nprocs=2, join=True)
+    result = json.loads(out.read_text())
+    assert result["flat"] == len(single)  # every parameter really is a flattened 1-D view under FSDP
+    assert {k: tuple(v) for k, v in result["groups"].items()} == single
+
+
+def _multitask(tmp_path: Path, **extra: Any) -> DenseTask:
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_train_cfg
+
+    cfg = compose_train_cfg(["experiment=toy_multitask"], tmp_path / "run")
+    GlobalHydra.instance().clear()
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    task_cfg["tasks_kwargs"] = {"seg": {"num_classes": 3, "class_names": ["a", "b", "c"]}, "depth": {}}
+    task_cfg.update(extra)
+    return instantiate(task_cfg, _recursive_=False, _convert_="all")
+
+
+def test_multitask_backbone_starts_a_detector_and_back(tmp_path: Path) -> None:
+    """multi-task (``model.backbone.``) <-> detection (``model.backbone.body.``)."""
+    torch.manual_seed(0)
+    mt = _multitask(tmp_path)
+    det = _task(
+        tmp_path,
+        "toy_det",
+        category_ids=[1, 2, 3],
+        init_from=str(_lightning_checkpoint(mt, tmp_path / "mt.ckpt")),
+        init_from_filter="backbone",
+    )
+    theirs, own = mt.backbone.state_dict(), det.backbone.state_dict()
+    assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
+    torch.manual_seed(1)
+    back = _multitask(
+        tmp_path,
+        init_from=str(_lightning_checkpoint(det, tmp_path / "det.ckpt")),
+        init_from_filter="backbone",
+    )
+    own = back.backbone.state_dict()
+    assert all(torch.equal(own[k], theirs[k]) for k in own)

@@ -109,7 +109,7 @@ def test_label_out_of_range_is_a_clear_error(
         "meta": [{"path": "/x/bad_label.png"}],
     }
     with pytest.raises(ValueError, match=r"bad_label\.png"):
-        task.training_step(batch, 0)
+        task.check_batch(batch)  # on the host, before the transfer (on_before_batch_transfer)
 
 
 def test_toy_experiment_accepts_any_dataset_in_the_layout(

@@ -147,7 +147,7 @@ class SegFolderDataset(Dataset):
         if self.reduce_zero_label:
             label = reduce_zero_label(label)
         if self.num_classes is not None:
-            values = np.unique(label)
+            values = np.flatnonzero(np.bincount(label.ravel(), minlength=256))  # uint8: no sort needed
             bad = values[(values >= self.num_classes) & (values != IGNORE_INDEX)]
             if bad.size:
                 shown = (bad + 1 if self.reduce_zero_label else bad).tolist()[:10]

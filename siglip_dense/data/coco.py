@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from siglip_dense.data.datamodule import DenseDataModule, worker_seed
 from siglip_dense.data.io import DataError, read_image
-from siglip_dense.data.toy import ensure_toy_data_unless_present
+from siglip_dense.data.scan import resolve_root, scan_datamodule
 from siglip_dense.data.transforms import (
     apply_det_transform,
     build_det_eval_transform,
@@ -439,8 +439,9 @@ class DetDataModule(DenseDataModule):
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | None,
         toy: bool = False,
+        toy_root: str | Path | None = None,
         train_split: str = "train2017",
         val_split: str = "val2017",
         train_ann: str | None = None,
@@ -457,11 +458,11 @@ class DetDataModule(DenseDataModule):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         seed: int | None = None,
+        scan: bool = True,
     ) -> None:
         super().__init__()
-        self.root = Path(root)
-        if toy:
-            ensure_toy_data_unless_present(self.root, layout="coco")
+        self.root = resolve_root(root, "coco", toy, toy_root)
+        self.scan = bool(scan)
         self.toy = toy
         self.train_split, self.val_split = train_split, val_split
         self.train_ann = (
@@ -529,6 +530,7 @@ class DetDataModule(DenseDataModule):
             filter_empty=False,
             category_map=self.category_map,
         )
+        scan_datamodule(self, stage)
 
 
 __all__ = [

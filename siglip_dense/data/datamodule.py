@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from siglip_dense.data.ade20k import IGNORE_INDEX, SegFolderDataset, load_class_names
-from siglip_dense.data.toy import ensure_toy_data_unless_present
+from siglip_dense.data.scan import resolve_root, scan_datamodule
 from siglip_dense.data.transforms import build_seg_eval_transform, build_seg_train_transform, seed_transform
 
 
@@ -304,9 +304,10 @@ class SegDataModule(DenseDataModule):
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | None,
         dataset: str = "ade20k",
         toy: bool = False,
+        toy_root: str | Path | None = None,
         train_split: str = "training",
         val_split: str = "validation",
         crop_size: Sequence[int] = (512, 512),
@@ -322,13 +323,13 @@ class SegDataModule(DenseDataModule):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         seed: int | None = None,
+        scan: bool = True,
     ) -> None:
         super().__init__()
         if dataset not in ("ade20k", "folder"):
             raise ValueError(f"dataset must be 'ade20k' or 'folder', got {dataset!r}")
-        self.root = Path(root)
-        if toy:
-            ensure_toy_data_unless_present(self.root, layout="ade20k")
+        self.root = resolve_root(root, "ade20k" if dataset == "ade20k" else "seg_folder", toy, toy_root)
+        self.scan = bool(scan)
         self.dataset = dataset
         self.toy = toy
         self.train_split, self.val_split = train_split, val_split
@@ -380,3 +381,4 @@ class SegDataModule(DenseDataModule):
             )
             self.train_dataset = self._dataset(self.train_split, transform)
         self.val_dataset = self._dataset(self.val_split, build_seg_eval_transform(self.mean, self.std))
+        scan_datamodule(self, stage)

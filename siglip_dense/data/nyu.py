@@ -10,8 +10,6 @@ pixels are counted per dataset and warned about, never silently trained on.
 
 from __future__ import annotations
 
-import functools
-import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from siglip_dense.data.datamodule import DenseDataModule, worker_seed
 from siglip_dense.data.io import DataError, read_image
-from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, ensure_toy_data_unless_present
+from siglip_dense.data.scan import resolve_root, scan_datamodule
+from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 from siglip_dense.data.transforms import build_depth_eval_transform, build_depth_train_transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -342,9 +340,10 @@ class DepthDataModule(DenseDataModule):
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | None,
         dataset: str = "nyu",
         toy: bool = False,
+        toy_root: str | Path | None = None,
         toy_num_train: int = DEFAULT_NUM_TRAIN,
         toy_num_val: int = DEFAULT_NUM_VAL,
         train_split: str = "train",
@@ -366,15 +365,14 @@ class DepthDataModule(DenseDataModule):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         seed: int | None = None,
+        scan: bool = True,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
-        self.root = Path(root)
-        if toy:
-            ensure_toy_data_unless_present(
-                self.root, layout="nyu", num_train=toy_num_train, num_val=toy_num_val
-            )
+        layout = "nyu" if dataset == "nyu" else "depth_folder"
+        self.root = resolve_root(root, layout, toy, toy_root, num_train=toy_num_train, num_val=toy_num_val)
+        self.scan = bool(scan)
         self.dataset, self.toy = dataset, toy
         self.train_split, self.val_split = train_split, val_split
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
@@ -394,8 +392,6 @@ class DepthDataModule(DenseDataModule):
     def task_kwargs(self) -> dict[str, Any]:
         """The evaluation protocol the task must use for this data (train.py passes it on)."""
         return {"min_depth": self.min_depth, "max_depth": self.max_depth, "eval_crop": self.eval_crop}
-
-
 
     def _dataset(self, split: str, transform: Any) -> DepthDataset:
         cls = DATASETS[self.dataset]
@@ -418,6 +414,7 @@ class DepthDataModule(DenseDataModule):
             )
             self.train_dataset = self._dataset(self.train_split, transform)
         self.val_dataset = self._dataset(self.val_split, build_depth_eval_transform(self.mean, self.std))
+        scan_datamodule(self, stage)
 
 
 __all__ = [

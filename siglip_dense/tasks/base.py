@@ -38,27 +38,39 @@ def param_groups_layer_decay(
     layer_decay: float = 1.0,
     backbone_prefix: str = "backbone.",
     no_decay_names: Iterable[str] = (),
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups with BEiT-style layer-wise lr decay on the backbone.
 
     A backbone parameter at depth ``i`` (0 = embeddings, L+1 = final norm) gets
     ``lr_scale = layer_decay ** (L + 1 - i)``; necks and heads get 1. Norms, biases, position
     embeddings (any parameter with ndim <= 1, plus ``no_decay_names``) get no weight decay.
+
+    Groups are decided by each parameter's original name (wrapper segments such as FSDP's
+    ``_fsdp_wrapped_module.`` removed) and, given ``shapes`` (recorded before any wrapping), its
+    original shape: FSDP with ``use_orig_params`` hands ``configure_optimizers`` flattened 1-D
+    views, which ``p.ndim`` would all call no-decay.
     """
     skip = set(no_decay_names)
-    if backbone is not None:
+    if backbone is not None and shapes is not None:
+        # timm's named exclusions only: the backbone's own ``ndim <= 1`` rule reads the (possibly
+        # flattened) live parameters; the recorded shapes below apply that rule instead
+        skip |= {f"{backbone_prefix}vit.{n}" for n in backbone.vit.no_weight_decay()}
+    elif backbone is not None:
         skip |= {backbone_prefix + n for n in backbone.no_weight_decay()}
     num_layers = backbone.num_layers if backbone is not None else 0
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
+    for wrapped_name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = original_name(wrapped_name)
         if backbone is not None and name.startswith(backbone_prefix):
             lid = backbone.layer_id(name[len(backbone_prefix) :])
             scale = layer_decay ** (num_layers + 1 - lid)
         else:
             scale = 1.0
-        no_decay = p.ndim <= 1 or name in skip
+        ndim = len(shapes[name]) if shapes is not None and name in shapes else p.ndim
+        no_decay = ndim <= 1 or name in skip
         key = (scale, no_decay)
         if key not in groups:
             groups[key] = {
@@ -70,6 +82,17 @@ def param_groups_layer_decay(
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return list(groups.values())
+
+
+# segments that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def original_name(name: str) -> str:
+    """A parameter's name as the unwrapped module has it."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +183,19 @@ class InitReport:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a Lightning checkpoint (``model.*`` keys) or an exported safetensors file."""
+    """Model weights from any artefact the project writes, keys as stored.
+
+    A Lightning checkpoint (``state_dict``, keys ``model.*``), a ``tools/export.py`` directory (its
+    ``model.safetensors``) or that exported ``model.safetensors`` (keys without ``model.``).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"init_from checkpoint not found: {path}")
     if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"init_from {path} is a directory without model.safetensors: not an export"
+            )
         path = path / "model.safetensors"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -183,6 +214,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def filter_prefixes(
     filter_name: str, backbone_prefix: str = "model.backbone.", neck_prefix: str = "model.neck."
 ) -> tuple[str, ...]:
+    """This model's key prefixes that ``init_from_filter`` selects."""
     if filter_name not in INIT_FILTERS:
         raise ValueError(f"init_from_filter must be one of {INIT_FILTERS}, got {filter_name!r}")
     if filter_name == "backbone":
@@ -192,24 +224,73 @@ def filter_prefixes(
     return ("",)
 
 
+def find_source_prefix(src: dict[str, torch.Tensor], rel_keys: list[str], own_prefix: str) -> str | None:
+    """Where the source keeps a component whose keys (relative to it) are ``rel_keys``.
+
+    Tasks keep the backbone under different prefixes (``model.backbone.``, detection's
+    ``model.backbone.body.``, an export's ``backbone.``): every source prefix ``P`` under which a few
+    anchor keys appear is a candidate; the one holding most of ``rel_keys`` wins (ties: this model's
+    own prefix, else the shortest). ``None``: the source has no such component.
+    """
+    candidates: set[str] = set()
+    for anchor in rel_keys[:3]:
+        for key in src:
+            if key.endswith(anchor) and (len(key) == len(anchor) or key[-len(anchor) - 1] == "."):
+                candidates.add(key[: len(key) - len(anchor)])
+    if not candidates:
+        return None
+    score = {p: sum(p + k in src for k in rel_keys) for p in candidates}
+    return max(candidates, key=lambda p: (score[p], p == own_prefix, -len(p)))
+
+
+def source_layout(src: dict[str, torch.Tensor]) -> list[str]:
+    """The first two key levels of a state dict (error messages show what a file holds)."""
+    return sorted({".".join(k.split(".")[:2]) + "." for k in src})[:12]
+
+
 def init_from_checkpoint(
-    module: nn.Module, path: str | Path, filter_name: str = "all", prefixes: tuple[str, ...] | None = None
+    module: nn.Module,
+    path: str | Path,
+    filter_name: str = "all",
+    components: dict[str, nn.Module] | None = None,
 ) -> InitReport:
-    """Copy matching tensors from ``path`` into ``module``: filtered, non-strict, and reported."""
+    """Copy the tensors ``filter_name`` selects from ``path`` into ``module``: mapped, checked, reported.
+
+    ``components`` maps this module's key prefixes (``"model.backbone."``) to the sub-modules the
+    filter asks for; each is found in the source under whatever prefix it has there (a Lightning
+    checkpoint, an export, another task's layout). ``None``: the whole module, as named.
+
+    Raises:
+        ValueError: nothing the filter asks for is in the file (naming it and the prefixes).
+    """
     src = read_state_dict(path)
-    prefixes = prefixes or filter_prefixes(filter_name)
+    components = components if components is not None else {"": module}
     own = module.state_dict()
     report = InitReport(source=str(path))
-    to_load = {}
-    for k, v in src.items():
-        if not k.startswith(prefixes) or k not in own:
-            report.skipped.append(k)
-        elif own[k].shape != v.shape:
-            report.mismatched.append(f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}")
-        else:
-            to_load[k] = v
+    to_load: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    looked: list[str] = []
+    for own_prefix, component in components.items():
+        rel_keys = list(component.state_dict())
+        src_prefix = find_source_prefix(src, rel_keys, own_prefix)
+        looked.append(f"'{own_prefix or '<all>'}' (keys such as '{rel_keys[0] if rel_keys else '?'}')")
+        for rel in rel_keys:
+            name, key = own_prefix + rel, (src_prefix or "") + rel
+            if src_prefix is None or key not in src:
+                report.missing.append(name)
+            elif own[name].shape != src[key].shape:
+                report.mismatched.append(f"{name} {tuple(src[key].shape)} -> {tuple(own[name].shape)}")
+                used.add(key)
+            else:
+                to_load[name] = src[key]
+                used.add(key)
     report.loaded = sorted(to_load)
-    report.missing = sorted(k for k in own if k not in to_load and k.startswith(prefixes))
+    report.skipped = sorted(k for k in src if k not in used)
+    if not to_load:
+        raise ValueError(
+            f"init_from {path} (init_from_filter={filter_name}) matches no tensor of this model: looked for "
+            f"{', '.join(looked)} under any prefix; the file holds {source_layout(src)}"
+        )
     module.load_state_dict(to_load, strict=False)
     return report
 
@@ -266,7 +347,6 @@ class DenseTask(L.LightningModule):
         freeze_backbone: bool = False,
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **_: Any,
     ) -> None:
         super().__init__()
         self.optimizer_cfg = dict(optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-4})
@@ -286,16 +366,31 @@ class DenseTask(L.LightningModule):
 
     def finish_init(self, freeze_backbone: bool, init_from: str | None, init_from_filter: str) -> None:
         """Call at the end of a subclass __init__, once ``self.model`` exists."""
+        # original shapes, before any strategy wraps or flattens parameters (optimizer groups use them)
+        self.param_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         if freeze_backbone:
             self.model.backbone.freeze(None)
         if init_from:
             self.check_init_source(init_from)
-            prefixes = filter_prefixes(
-                init_from_filter, f"model.{self.backbone_prefix}", f"model.{self.neck_prefix}"
+            report = init_from_checkpoint(
+                self, init_from, init_from_filter, self.init_components(init_from_filter)
             )
-            report = init_from_checkpoint(self, init_from, init_from_filter, prefixes)
             print(report)
             self.init_report = report
+
+    def init_components(self, filter_name: str) -> dict[str, nn.Module]:
+        """This model's parts ``init_from_filter`` selects, by their key prefix in this module."""
+        prefixes = filter_prefixes(filter_name, f"model.{self.backbone_prefix}", f"model.{self.neck_prefix}")
+        out = {}
+        for prefix in prefixes:
+            if prefix == "":
+                out["model."] = self.model
+                continue
+            try:
+                out[prefix] = self.get_submodule(prefix.rstrip("."))
+            except AttributeError:
+                continue  # no neck here (neck=none, or each multi-task head keeps its own)
+        return out
 
     def check_init_source(self, path: str | Path) -> None:
         """Refuse weights trained on another backbone variant (the message names both)."""
@@ -443,7 +538,12 @@ class DenseTask(L.LightningModule):
         opt_cfg = dict(self.optimizer_cfg)
         weight_decay = float(opt_cfg.pop("weight_decay", 0.05))
         groups = param_groups_layer_decay(
-            self.model, self.backbone, weight_decay, self.layer_decay, backbone_prefix=self.backbone_prefix
+            self.model,
+            self.backbone,
+            weight_decay,
+            self.layer_decay,
+            backbone_prefix=self.backbone_prefix,
+            shapes=getattr(self, "param_shapes", None),
         )
         if not groups:
             raise ValueError("no trainable parameters: everything is frozen")
@@ -458,6 +558,50 @@ class DenseTask(L.LightningModule):
         total = sch.pop("total_steps", None) or self.trainer.estimated_stepping_batches
         scheduler = instantiate(sch)(optimizer, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- training without host syncs ----------------------------------------------------------------
+    def check_batch(self, batch: Any) -> None:
+        """Validate a training batch on the host, before it moves to the device (no GPU sync)."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self._trainer
+        if trainer is not None and trainer.training:
+            self.check_batch(batch)
+        return batch
+
+    def track_finite(self, name: str, loss: torch.Tensor) -> None:
+        """Record, on the device, the first step whose ``name`` loss is not finite (no host sync).
+
+        :meth:`raise_if_not_finite` reads it every ``log_every_n_steps`` (where Lightning's logging
+        reads values anyway), before each validation (so no checkpoint of a diverged run is written)
+        and at the end of training.
+        """
+        first: dict[str, torch.Tensor] = self.__dict__.setdefault("_first_nonfinite", {})
+        step = torch.full((), self.global_step, dtype=torch.long, device=loss.device)
+        seen = first.get(name, torch.full_like(step, -1))
+        first[name] = torch.where(~torch.isfinite(loss.detach()) & (seen < 0), step, seen)
+
+    def raise_if_not_finite(self) -> None:
+        """One host read of the recorded steps; raises naming the loss and the step."""
+        for name, step in self.__dict__.get("_first_nonfinite", {}).items():
+            s = int(step)
+            if s >= 0:
+                raise FloatingPointError(
+                    f"non-finite {name} loss at step {s}: lower the lr, enable gradient clipping "
+                    "(trainer.gradient_clip_val) or check the data"
+                )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self._trainer
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) if trainer is not None else 1
+        if self.global_step % every == 0 or (trainer is not None and trainer.is_last_batch):
+            self.raise_if_not_finite()
+
+    def on_validation_start(self) -> None:
+        self.raise_if_not_finite()
+
+    def on_train_end(self) -> None:
+        self.raise_if_not_finite()
 
     # -- results a run writes (train.py and tools/eval.py call these) -------------------------------
     def summarize(self, metrics: dict[str, Any]) -> str:

@@ -49,7 +49,8 @@ def gradient_loss(
         valid, torch.log(pred.float().clamp_min(1e-6)) - torch.log(target.float().clamp_min(1e-6)), 0
     )
     m = valid.float()
-    total, count = pred.new_zeros((), dtype=torch.float32), 0
+    # scales without a valid neighbour pair are left out of the mean, decided on the device (no sync)
+    total, count = pred.new_zeros((), dtype=torch.float32), pred.new_zeros((), dtype=torch.float32)
     for k in range(int(scales)):
         step = 2**k
         rs, ms = r[..., ::step, ::step], m[..., ::step, ::step]
@@ -60,10 +61,9 @@ def gradient_loss(
         gx = (rs[..., :, 1:] - rs[..., :, :-1]).abs() * mx
         gy = (rs[..., 1:, :] - rs[..., :-1, :]).abs() * my
         n = mx.sum() + my.sum()
-        if n > 0:
-            total = total + (gx.sum() + gy.sum()) / n
-            count += 1
-    return total / max(count, 1)
+        total = total + (gx.sum() + gy.sum()) / n.clamp_min(1.0)  # 0 where n = 0
+        count = count + (n > 0).float()
+    return total / count.clamp_min(1.0)
 
 
 class DepthTask(DenseTask):
@@ -87,7 +87,6 @@ class DepthTask(DenseTask):
         eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()
@@ -159,16 +158,16 @@ class DepthTask(DenseTask):
         losses["loss"] = sum(losses.values())
         return losses
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images, target = batch["image"], batch["depth"].float()
-        if not self.valid_mask(target).any():
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        """Warn (on the host, before the transfer) about a batch without any valid depth pixel."""
+        if not self.valid_mask(batch["depth"].float()).any():
             names = [m.get("depth_path", "?") for m in batch.get("meta", [])][:4]
             self.warn_once(f"a training batch has no valid depth pixel (e.g. {names}): its loss is 0")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, target = batch["image"], batch["depth"].float()
         losses = self.compute_loss(self(images), target)
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(
-                f"non-finite depth loss at step {self.global_step}: {losses['loss'].item()}"
-            )
+        self.track_finite("depth", losses["loss"])
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
         return losses["loss"]
 

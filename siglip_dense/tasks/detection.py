@@ -53,7 +53,6 @@ class DetectionTask(DenseTask):
         vis_score_threshold: float = 0.5,
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()
@@ -111,9 +110,9 @@ class DetectionTask(DenseTask):
         return self.model.backbone.body
 
     # -- training -----------------------------------------------------------------------------------
-    def to_model_targets(self, targets: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> list[dict]:
-        """Contiguous labels 0..K-1 → the detector's (R-CNN: +1, 0 is background), checked first."""
-        out = []
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        """Labels in range and boxes with area, checked on the host before the device transfer."""
+        targets = batch["target"]
         for t, meta in zip(targets, batch.get("meta", [{}] * len(targets))):
             labels = t["labels"].long()
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -124,6 +123,12 @@ class DetectionTask(DenseTask):
             boxes = t["boxes"].float()
             if len(boxes) and not bool((boxes[:, 2:] > boxes[:, :2]).all()):
                 raise ValueError(f"degenerate (zero-size) box in the targets of {meta.get('path', '?')}")
+
+    def to_model_targets(self, targets: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> list[dict]:
+        """Contiguous labels 0..K-1 → the detector's (R-CNN: +1, 0 is background)."""
+        out = []
+        for t in targets:
+            labels, boxes = t["labels"].long(), t["boxes"].float()
             mt = {"boxes": boxes.to(self.device), "labels": (labels + self.label_offset).to(self.device)}
             if self.has_masks:
                 if "masks" not in t:
@@ -136,14 +141,8 @@ class DetectionTask(DenseTask):
         images = [im.to(self.device) for im in batch["image"]]
         targets = self.to_model_targets(batch["target"], batch)
         losses = self.model(images, targets)
-        bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v).all()}
-        if bad:
-            paths = [m.get("path", "?") for m in batch.get("meta", [])][:4]
-            raise FloatingPointError(
-                f"non-finite detection losses {bad} at step {self.global_step} (batch from {paths}); "
-                "lower the lr, enable gradient clipping, or check the boxes"
-            )
         loss = sum(v.float() for v in losses.values())
+        self.track_finite("detection", loss)
         losses = {**losses, "loss": loss}
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
         return loss

@@ -41,17 +41,11 @@ TOP_LEVEL_KEYS = ("optimizer", "scheduler", "layer_decay", "freeze_backbone", "i
 def _seg_losses(
     task: SegmentationTask, batch: dict[str, Any], out: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
-    target = batch["mask"].long()
-    task.check_labels(target, batch)
-    return task.compute_loss(out, target)
+    return task.compute_loss(out, batch["mask"].long())
 
 
 def _depth_losses(task: DepthTask, batch: dict[str, Any], out: dict[str, Any]) -> dict[str, torch.Tensor]:
-    target = batch["depth"].float()
-    if not task.valid_mask(target).any():
-        names = [m.get("depth_path", "?") for m in batch.get("meta", [])][:4]
-        task.warn_once(f"a training batch has no valid depth pixel (e.g. {names}): its loss is 0")
-    return task.compute_loss(out["depth"], target)
+    return task.compute_loss(out["depth"], batch["depth"].float())
 
 
 LOSS_FNS: dict[type, Callable[[Any, dict[str, Any], dict[str, Any]], dict[str, torch.Tensor]]] = {
@@ -151,7 +145,6 @@ class MultiTask(DenseTask):
         freeze_backbone: bool = False,
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()
@@ -318,6 +311,13 @@ class MultiTask(DenseTask):
             out[name] = models[name].decode(task_feats, padded[name].shape[-2:], images[name].shape[-2:])
         return out
 
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        """Each task's host-side checks on its part of the training batch."""
+        if isinstance(batch, dict):
+            for name, sub in self.model.tasks.items():
+                if batch.get(name) is not None:
+                    sub.check_batch(batch[name])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         missing = [n for n in self.task_names if not isinstance(batch, dict) or batch.get(n) is None]
         if missing:
@@ -328,10 +328,7 @@ class MultiTask(DenseTask):
         for name in self.task_names:
             sub, sub_batch = self.model.tasks[name], batch[name]
             losses = _loss_fn(sub)(sub, sub_batch, outs[name])
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(
-                    f"non-finite {name} loss at step {self.global_step}: {losses['loss'].item()}"
-                )
+            self.track_finite(name, losses["loss"])
             bs = len(sub_batch["image"])
             self.log_dict({f"train/{name}/{k}": v for k, v in losses.items()}, batch_size=bs)
             total = total + self.loss_weights[name] * losses["loss"]
@@ -366,6 +363,7 @@ class MultiTask(DenseTask):
             )
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         self._set_predictions_dirs()
 
     def on_test_start(self) -> None:

@@ -68,7 +68,6 @@ class SegmentationTask(DenseTask):
         eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
         init_from: str | None = None,
         init_from_filter: str = "all",
-        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()
@@ -140,14 +139,13 @@ class SegmentationTask(DenseTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, target = batch["image"], batch["mask"].long()
-        self.check_labels(target, batch)
         losses = self.compute_loss(self.model(images), target)
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(
-                f"non-finite segmentation loss at step {self.global_step}: {losses['loss'].item()}"
-            )
+        self.track_finite("segmentation", losses["loss"])
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
         return losses["loss"]
+
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        self.check_labels(batch["mask"], batch)
 
     def check_labels(self, target: torch.Tensor, batch: dict[str, Any]) -> None:
         bad = (target != self.ignore_index) & ((target < 0) | (target >= self.num_classes))
