@@ -173,6 +173,7 @@ def test_forward_intermediates(name: str) -> None:
         for o, ref in zip(inter, _block_outputs(model, x)):
             torch.testing.assert_close(o, ref.transpose(1, 2).reshape(o.shape))
         only = model.forward_intermediates(x, intermediates_only=True)
+        assert len(only) == len(inter)
         for a, b in zip(only, inter):
             torch.testing.assert_close(a, b)
         model.set_grad_checkpointing()
@@ -188,7 +189,9 @@ def test_prune_intermediate_layers(name: str) -> None:
         ref = model.forward_intermediates(x, indices=keep, intermediates_only=True)
         assert model.prune_intermediate_layers(keep) == keep
         assert len(model.blocks) == max(keep) + 1
-        for a, b in zip(model.forward_intermediates(x, indices=keep, intermediates_only=True), ref):
+        pruned = model.forward_intermediates(x, indices=keep, intermediates_only=True)
+        assert len(pruned) == len(ref) == len(keep)
+        for a, b in zip(pruned, ref):
             torch.testing.assert_close(a, b)
 
 
