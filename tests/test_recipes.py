@@ -4,11 +4,13 @@ The published recipes are a base per protocol (``configs/experiment/_base_/<prot
 small file per backbone size holding only what differs. ``tests/data/recipes_snapshot.json`` holds the
 fully resolved config of every experiment as composed from the full-copy recipe files (main at
 aecd310, before the refactor), with the volatile ``paths`` group left out and the run / data
-directories fixed (see ``snapshot``). Regenerate it, only when a recipe change is intended, with
+directories fixed (see ``snapshot``). It covers the config groups too (backbone, task, data, ...),
+so an intended change to a recipe or to a group's defaults fails here until the snapshot is
+regenerated with
 
     PYTHONPATH=. python tests/test_recipes.py --regenerate
 
-and review the JSON diff: it shows every setting the change moved.
+whose JSON diff then shows every setting of every recipe that the change moved (review it).
 """
 
 from __future__ import annotations
@@ -112,6 +114,21 @@ def test_command_line_overrides_win_over_size_file(tmp_path: Path, hydra_cleanup
     assert cfg.backbone.arch == "vit_large_patch16_siglip_512"
     assert cfg.backbone.drop_path_rate == 0.1 and cfg.task.layer_decay == 0.65
     assert cfg.task_name == "ade20k_upernet_b16"
+
+
+def test_own_size_variant_builds_on_a_base(tmp_path: Path, hydra_cleanup: None) -> None:
+    """A user's file in their own config dir (what ``--config-dir`` adds to the search path) can
+    name a shipped base, as the README's one-liner shows."""
+    (tmp_path / "experiment").mkdir()
+    body = "# @package _global_\ndefaults: [/experiment/_base_/nyu_dpt, override /backbone: l16]\n"
+    (tmp_path / "experiment" / "mine.yaml").write_text(body + "task_name: mine\n")
+    overrides = ["experiment=mine", f"hydra.searchpath=[file://{tmp_path}]"]
+    cfg = compose_train_cfg(overrides, tmp_path / "run", data_dir=DATA_DIR)
+    reference = json.loads(SNAPSHOT.read_text())["nyu_dpt_l16"]
+    assert cfg.task_name == "mine" and cfg.backbone.arch == reference["backbone"]["arch"]
+    for key in ("monitor", "data", "trainer"):
+        assert OmegaConf.to_container(cfg, resolve=True)[key] == reference[key], key
+    assert cfg.task.optimizer.lr == 1.0e-4 and cfg.task.layer_decay == 0.9
 
 
 @pytest.mark.slow
