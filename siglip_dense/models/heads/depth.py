@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from siglip_dense.models.dense_model import DenseModel
+from siglip_dense.models.heads.base import BaseDecodeHead
 from siglip_dense.models.necks import to_stride16_grid
 
 DEPTH_ACTIVATIONS = ("sigmoid", "softplus", "relu")
@@ -165,20 +166,23 @@ class DPTHead(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # linear probe with depth bins (DINOv2 lin.1 / lin.4)
 # ---------------------------------------------------------------------------------------------
-class LinearBinsHead(nn.Module):
+class LinearBinsHead(BaseDecodeHead):
     """DINOv2's linear depth probe: BN + 1×1 conv to ``num_bins`` logits, ×``upsample`` bilinear,
     normalised ("linear": ReLU + 0.1, divided by the sum — AdaBins; or "softmax") and averaged over
     bin centres uniformly spaced in ``[min_depth, max_depth]``.
 
-    lin.1 reads one block, lin.4 concatenates four (``in_keys``, resized to the first map's size);
-    ``concat_pooled`` appends each map's mean token in place of DINOv2's class token. The 1×1 conv is
-    applied before the ×4 upsampling (DINOv2 upsamples the features first): both are per-pixel affine
-    and commute with bilinear resizing, so eval outputs are the same at 1/16 of the memory.
+    lin.1 reads one block, lin.4 concatenates four (``in_keys``, ``resize_concat`` to the first map's
+    size); ``concat_pooled`` appends each map's mean token in place of DINOv2's class token. The 1×1
+    conv ``conv_depth`` (the base's classifier, MMSeg init) is applied before the ×4 upsampling
+    (DINOv2 upsamples the features first): both are per-pixel affine and commute with bilinear
+    resizing, so eval outputs are the same at 1/16 of the memory.
     """
+
+    classifier_name = "conv_depth"
 
     def __init__(
         self,
-        in_channels: int,
+        in_channels: int | Sequence[int],
         in_keys: Sequence[str] | None = None,
         num_bins: int = 256,
         norm: str = "linear",
@@ -188,39 +192,32 @@ class LinearBinsHead(nn.Module):
         min_depth: float = 1e-3,
         max_depth: float = 10.0,
     ) -> None:
-        super().__init__()
         if norm not in ("linear", "softmax"):
             raise ValueError(f"unknown bins normalisation {norm!r}: use 'linear' or 'softmax'")
-        self.in_keys = list(in_keys) if in_keys else None
-        self.concat_pooled = bool(concat_pooled)
+        super().__init__(
+            in_channels,
+            channels=None,
+            num_classes=num_bins,
+            in_keys=in_keys,
+            input_transform="resize_concat",
+            dropout_ratio=0.0,
+            concat_pooled=concat_pooled,
+        )
         self.norm = norm
         self.upsample = int(upsample)
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
-        num_maps = len(self.in_keys) if self.in_keys else 1
-        self.feat_channels = int(in_channels) * num_maps * (2 if self.concat_pooled else 1)
-        self.bn = nn.BatchNorm2d(self.feat_channels) if use_bn else nn.Identity()
-        self.conv_depth = nn.Conv2d(self.feat_channels, int(num_bins), kernel_size=1)
+        self.bn = nn.BatchNorm2d(self.channels) if use_bn else nn.Identity()
         self.register_buffer(
             "bins", torch.linspace(self.min_depth, self.max_depth, int(num_bins)), persistent=False
         )
 
+    @property
+    def feat_channels(self) -> int:
+        """Width of the concatenated features (kept from before the base; equals ``channels``)."""
+        return self.channels
+
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        maps = [features[k] for k in self.in_keys] if self.in_keys else list(features.values())
-        size = maps[0].shape[-2:]
-        parts = []
-        for m in maps:
-            if m.shape[-2:] != size:
-                m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-            parts.append(m)
-            if self.concat_pooled:
-                parts.append(m.mean(dim=(2, 3), keepdim=True).expand_as(m))
-        x = torch.cat(parts, dim=1)
-        if x.shape[1] != self.feat_channels:
-            raise ValueError(
-                f"LinearBinsHead was built for {self.feat_channels} channels but got {x.shape[1]} from "
-                f"{len(maps)} maps: pass in_keys listing the maps it should read"
-            )
-        logits = self.conv_depth(self.bn(x))
+        logits = self.cls_seg(self.bn(self._transform_inputs(features)))
         if self.upsample > 1:
             logits = F.interpolate(logits, scale_factor=self.upsample, mode="bilinear", align_corners=False)
         logits = logits.float()
