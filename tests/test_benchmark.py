@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,20 +9,10 @@ from pathlib import Path
 
 import torch
 
+from siglip_dense.benchmark.backbone import vit_flops
+from siglip_dense.benchmark.train_step import count_flops
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark", Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 
 def test_backbone_benchmark_smoke(tmp_path: Path) -> None:
@@ -94,7 +83,7 @@ def test_train_step_benchmark_smoke(tmp_path: Path, toy_data_root: Path) -> None
     }
     assert all(r["batch_size"] == 2 and r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in rows)
     # a training step is at least forward + backward of the backbone (3x its forward) on 128 px crops
-    backbone_forward = bench.vit_flops("tiny", 128, 2)
+    backbone_forward = vit_flops("tiny", 128, 2)
     assert all(r["step_tflop"] * 1e12 > 3 * backbone_forward for r in rows)
     assert all(r["mfu"] is None for r in rows)  # no known peak on a CPU
     assert "ratio" in stdout
@@ -107,5 +96,32 @@ def test_counted_flops_match_the_closed_form() -> None:
     backbone = build_backbone("tiny", img_size=64)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        counted = bench.count_flops(lambda: backbone.forward_features(x))
-    assert counted == bench.vit_flops("tiny", 64, 2)
+        counted = count_flops(lambda: backbone.forward_features(x))
+    assert counted == vit_flops("tiny", 64, 2)
+
+
+def test_time_interleaved_measures_each_peer_with_both_clocks() -> None:
+    """Against ``time.sleep``: a 20 ms call reads ≥ 20 ms and clearly slower than a 2 ms one, with the
+    torch Timer and the wall clock; warm-up and round calls are made as documented."""
+    import time
+
+    from siglip_dense.benchmark.timing import time_interleaved
+
+    calls = {"fast": 0, "slow": 0}
+
+    def sleeper(name: str, seconds: float):
+        def fn() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return fn
+
+    fns = {"fast": sleeper("fast", 0.002), "slow": sleeper("slow", 0.02)}
+    for wall_clock in (False, True):
+        calls.update(fast=0, slow=0)
+        timed = time_interleaved(fns, torch.device("cpu"), warmup=1, iters=4, rounds=2, wall_clock=wall_clock)
+        (fast, fast_mem), (slow, slow_mem) = timed["fast"], timed["slow"]
+        assert fast >= 0.002 and slow >= 0.02 and slow > 3 * fast
+        assert fast_mem is None and slow_mem is None  # peak memory is CUDA-only
+        # 1 warm-up + 2 rounds × 2 timed calls, plus Timer.timeit's own 2 warm-up calls per round
+        assert calls == {"fast": 5 if wall_clock else 9, "slow": 5 if wall_clock else 9}
