@@ -177,8 +177,10 @@ def _randomise_bn(bn: nn.BatchNorm2d) -> None:
 def test_linear_head_equals_bn_conv_on_resized_concat(pooled: bool) -> None:
     """BN + 1×1 conv on [map_i (bilinear to the first size), its mean]_i, written out with torch ops."""
     torch.manual_seed(0)
-    feats = {"a": torch.randn(2, 8, 6, 10), "b": torch.randn(2, 8, 3, 5), "c": torch.randn(2, 8, 6, 10)}
-    head = LinearHead(in_channels=8, num_classes=5, in_keys=["a", "b", "c"], concat_pooled=pooled).eval()
+    feats = {"a": torch.randn(2, 8, 6, 10), "b": torch.randn(2, 6, 3, 5), "c": torch.randn(2, 4, 6, 10)}
+    keys = ["a", "b", "c"]  # per-level widths 8 / 6 / 4 (MMSeg's in_channels list)
+    head = LinearHead(in_channels=[8, 6, 4], num_classes=5, in_keys=keys, concat_pooled=pooled).eval()
+    assert head.conv_seg.in_channels == 18 * (2 if pooled else 1)
     _randomise_bn(head.bn)
     head.conv_seg.bias.normal_()
     parts = []
