@@ -77,6 +77,16 @@ def monitored_metric(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | Non
     return float(value)
 
 
+def require(cfg: DictConfig, usage: str) -> None:
+    """Exit with status 2 and ``usage`` when a mandatory (``???``) top-level key was not given."""
+    from omegaconf import OmegaConf
+
+    missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        print(f"error: missing {', '.join(f'{k}=...' for k in missing)}\nusage: {usage}", file=sys.stderr)
+        sys.exit(2)
+
+
 # -- train ----------------------------------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
@@ -103,6 +113,7 @@ def eval_app(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; returns the metrics (also written to ``metrics.json``)."""
     from siglip_dense.evaluate import run_eval
 
+    require(cfg, "siglip-dense-eval ckpt_path=PATH [data.root=DIR] [save_predictions=true] [output_dir=DIR]")
     return run_eval(cfg)
 
 
@@ -122,6 +133,7 @@ def predict_app(cfg: DictConfig) -> list[Path]:
     """Predict ``cfg.input`` (an image or a folder) into ``cfg.output``; returns the files written."""
     from siglip_dense.predict import run_predict
 
+    require(cfg, "siglip-dense-predict ckpt_path=PATH input=IMAGE_OR_DIR output=DIR [device=cuda]")
     return run_predict(cfg.ckpt_path, cfg.input, cfg.output, device=cfg.device)
 
 
@@ -138,6 +150,7 @@ def export_app(cfg: DictConfig) -> Path:
     """Export ``cfg.ckpt_path`` to ``cfg.out`` (model.safetensors + config.json); returns the folder."""
     from siglip_dense.checkpoints import export as export_checkpoint
 
+    require(cfg, "siglip-dense-export ckpt_path=PATH out=DIR")
     out = export_checkpoint(cfg.ckpt_path, cfg.out)
     print(f"exported {cfg.ckpt_path} -> {out}")
     return out
@@ -165,6 +178,7 @@ def run_convert(cfg: DictConfig) -> int:
     from siglip_dense.models.backbone import match_timm_arch
     from siglip_dense.models.weights import CheckpointError, read_checkpoint, save_checkpoint
 
+    require(cfg, "siglip-dense-convert src=SRC out=OUT.safetensors [img_size=N]")
     out = Path(str(cfg.out))
     if out.suffix != ".safetensors":
         print(f"error: out must end in .safetensors, got {out}", file=sys.stderr)

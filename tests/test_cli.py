@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from siglip_dense.cli import CONFIG_PATH, compose_config, monitored_metric, train_app
+from siglip_dense.cli import CONFIG_PATH, compose_config, monitored_metric, require, train_app
 from tests.conftest import compose_train_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,12 +24,19 @@ def test_checkout_reads_its_own_configs() -> None:
     assert Path(CONFIG_PATH) == REPO / "configs"
 
 
-@pytest.mark.parametrize("name", ["predict", "export", "convert"])
-def test_tool_configs_require_their_arguments(name: str) -> None:
-    cfg = compose_config(name)
-    required = {"predict": {"ckpt_path", "input", "output"}, "export": {"ckpt_path", "out"}}
-    missing = {k for k in cfg if OmegaConf.is_missing(cfg, k)}
-    assert missing == required.get(name, {"src", "out"})
+@pytest.mark.parametrize("name", ["eval", "predict", "export", "convert"])
+def test_missing_arguments_exit_2_naming_them(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``siglip-dense-export ckpt_path=X``: a usage error naming ``out``, not a traceback."""
+    required = {"eval": ["ckpt_path"], "predict": ["ckpt_path", "input", "output"]}
+    *given, last = required.get(name) or {"export": ["ckpt_path", "out"], "convert": ["src", "out"]}[name]
+    cfg = compose_config(name, [f"{k}=x" for k in given])
+    with pytest.raises(SystemExit) as exit_info:
+        require(cfg, f"siglip-dense-{name} ...")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{last}=..." in err and not any(f"{k}=..." in err for k in given)
+    cfg = compose_config(name, [f"{k}=x" for k in [*given, last]])
+    require(cfg, "")  # all given: nothing to report
 
 
 @pytest.mark.parametrize(
