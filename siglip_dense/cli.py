@@ -1,26 +1,230 @@
-"""``key=value`` arguments for the small tools, the same syntax as the Hydra ones."""
+"""The command-line entry points: one Hydra app per job, behind both the console scripts and the shims.
+
+Console scripts (``pyproject.toml``) and the repository's shims (``train.py``, ``tools/*.py``) call the
+same functions here, so ``siglip-dense-train experiment=toy_seg`` == ``python train.py experiment=toy_seg``.
+
+The configs are found wherever the package came from: in a source checkout (``PYTHONPATH`` or an
+editable install) the repository's ``configs/``; in an installed wheel the copy shipped as package data
+``siglip_dense.configs`` (``pyproject.toml`` maps it to ``configs/``), read through Hydra's ``pkg://``.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+CONFIG_PACKAGE = "siglip_dense.configs"
 
 
-def parse_key_values(
-    argv: Sequence[str], required: Sequence[str], optional: dict[str, str] | None = None
-) -> dict[str, str]:
-    """Parse ``k=v`` pairs; unknown or missing keys exit with a usage message (code 2)."""
-    known = {*required, *(optional or {})}
-    args = dict(optional or {})
-    usage = (
-        "usage: " + " ".join(f"{k}=..." for k in required) + "".join(f" [{k}=...]" for k in optional or {})
-    )
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            sys.exit(f"unexpected argument {item!r}\n{usage}")
-        args[key] = value
-    missing = [k for k in required if k not in args]
+def config_path() -> str:
+    """Hydra ``config_path`` of the entry configs: the checkout's ``configs/`` or ``pkg://siglip_dense.configs``.
+
+    The checkout wins when this module sits in one (next to ``pyproject.toml`` and ``configs/train.yaml``),
+    so edits to ``configs/`` take effect without reinstalling.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "configs" / "train.yaml").is_file():
+        return str(root / "configs")
+    return f"pkg://{CONFIG_PACKAGE}"
+
+
+CONFIG_PATH = config_path()
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose an entry config (``train``, ``eval``, ``convert``, ...) as its app would, without running it.
+
+    No Hydra job runs: ``hydra:`` interpolations (run directory) are not resolved in the result.
+    """
+    from hydra import compose, initialize_config_dir, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    if CONFIG_PATH.startswith("pkg://"):
+        context = initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3")
+    else:
+        context = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
+    with context:
+        return compose(config_name, overrides=list(overrides))
+
+
+def monitored_metric(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | None:
+    """The value of ``cfg.monitor`` (``val/mIoU``, ``val/seg/mIoU``) in a run's final metrics.
+
+    What a Hydra sweeper (Optuna, Ax, Nevergrad) optimises. None when the run did not validate
+    (``validate=false``, ``fast_dev_run``); a missing key raises ``KeyError`` naming the keys there are.
+    """
+    if not metrics or not cfg.get("monitor"):
+        return None
+    parts = str(cfg.monitor).split("/")
+    if parts[0] == "val" and parts[0] not in metrics:
+        parts = parts[1:]
+    value: Any = metrics
+    for part in parts:
+        if not isinstance(value, Mapping) or part not in value:
+            keys = sorted(value) if isinstance(value, Mapping) else value
+            raise KeyError(f"monitor={cfg.monitor}: no {part!r} in the final metrics (have {keys})")
+        value = value[part]
+    return float(value)
+
+
+def require(cfg: DictConfig, usage: str) -> None:
+    """Exit with status 2 and ``usage`` when a mandatory (``???``) top-level key was not given."""
+    from omegaconf import OmegaConf
+
+    missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
     if missing:
-        sys.exit(f"missing {', '.join(missing)}\n{usage}")
-    return args
+        print(f"error: missing {', '.join(f'{k}=...' for k in missing)}\nusage: {usage}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -- train ----------------------------------------------------------------------------------------------
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def train_app(cfg: DictConfig) -> float | None:
+    """Train as ``cfg`` says; returns the monitored metric (see :func:`monitored_metric`)."""
+    from siglip_dense.train import run_train
+
+    return monitored_metric(cfg, run_train(cfg))
+
+
+def train(argv: Sequence[str] | None = None) -> None:
+    """``siglip-dense-train`` / ``python train.py``: DDP-rank and resume handling, then the Hydra app."""
+    from siglip_dense.launch import argv_for_rank, argv_resuming_in_run_dir
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    sys.argv = argv_for_rank(sys.argv, os.environ)  # torchrun / srun: .hydra/ by rank 0 only
+    sys.argv = argv_resuming_in_run_dir(sys.argv)  # ckpt_path=<run>/checkpoints/...: continue in <run>
+    train_app()
+
+
+# -- eval -----------------------------------------------------------------------------------------------
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def eval_app(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path``; returns the metrics (also written to ``metrics.json``)."""
+    from siglip_dense.evaluate import run_eval
+
+    require(cfg, "siglip-dense-eval ckpt_path=PATH [data.root=DIR] [save_predictions=true] [output_dir=DIR]")
+    return run_eval(cfg)
+
+
+def evaluate(argv: Sequence[str] | None = None) -> None:
+    """``siglip-dense-eval`` / ``python tools/eval.py``."""
+    from siglip_dense.launch import argv_for_rank
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    sys.argv = argv_for_rank(sys.argv, os.environ)
+    eval_app()
+
+
+# -- predict --------------------------------------------------------------------------------------------
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+def predict_app(cfg: DictConfig) -> list[Path]:
+    """Predict ``cfg.input`` (an image or a folder) into ``cfg.output``; returns the files written."""
+    from siglip_dense.predict import run_predict
+
+    require(cfg, "siglip-dense-predict ckpt_path=PATH input=IMAGE_OR_DIR output=DIR [device=cuda]")
+    return run_predict(cfg.ckpt_path, cfg.input, cfg.output, device=cfg.device)
+
+
+def predict(argv: Sequence[str] | None = None) -> None:
+    """``siglip-dense-predict`` / ``python tools/predict.py``."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    predict_app()
+
+
+# -- export ---------------------------------------------------------------------------------------------
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def export_app(cfg: DictConfig) -> Path:
+    """Export ``cfg.ckpt_path`` to ``cfg.out`` (model.safetensors + config.json); returns the folder."""
+    from siglip_dense.checkpoints import export as export_checkpoint
+
+    require(cfg, "siglip-dense-export ckpt_path=PATH out=DIR")
+    out = export_checkpoint(cfg.ckpt_path, cfg.out)
+    print(f"exported {cfg.ckpt_path} -> {out}")
+    return out
+
+
+def export(argv: Sequence[str] | None = None) -> None:
+    """``siglip-dense-export`` / ``python tools/export.py``."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    export_app()
+
+
+# -- convert --------------------------------------------------------------------------------------------
+def _first(keys: list[str], n: int = 5) -> str:
+    more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def run_convert(cfg: DictConfig) -> int:
+    """Convert ``cfg.src`` to ``cfg.out`` (``.safetensors`` + ``.json``); returns the exit status.
+
+    A checkpoint that cannot be read prints ``error: <reason naming the file>`` to stderr and
+    returns 1 (no traceback); an ``out`` not ending in ``.safetensors`` returns 2.
+    """
+    from siglip_dense.models.backbone import match_timm_arch
+    from siglip_dense.models.weights import CheckpointError, read_checkpoint, save_checkpoint
+
+    require(cfg, "siglip-dense-convert src=SRC out=OUT.safetensors [img_size=N]")
+    out = Path(str(cfg.out))
+    if out.suffix != ".safetensors":
+        print(f"error: out must end in .safetensors, got {out}", file=sys.stderr)
+        return 2
+    img_size = cfg.get("img_size")
+    try:
+        loaded = read_checkpoint(str(cfg.src), img_size=None if img_size is None else int(img_size))
+        loaded.arch.arch = loaded.arch.arch or match_timm_arch(loaded.arch)
+        save_checkpoint(out, loaded.state_dict, loaded.arch)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    a = loaded.arch
+    print(f"read {loaded.path} ({loaded.source_format}): {len(loaded.state_dict)} tensors")
+    print(
+        f"arch {a.arch or 'custom'}: embed_dim={a.embed_dim} depth={a.depth} heads={a.num_heads} "
+        f"mlp={a.mlp_dim} patch={a.patch_size} img_size={tuple(a.img_size)} eps={a.norm_eps} "
+        f"act={a.act_layer} head={a.has_head} pos_resample={a.pos_resample}"
+    )
+    if loaded.guessed:
+        print(f"guessed (not in the checkpoint): {', '.join(sorted(loaded.guessed))}")
+    if loaded.dropped_keys:
+        print(f"dropped {len(loaded.dropped_keys)} non-vision keys: {_first(loaded.dropped_keys)}")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="convert")
+def convert_app(cfg: DictConfig) -> int:
+    """Convert a checkpoint; a failure exits with :func:`run_convert`'s status."""
+    status = run_convert(cfg)
+    if status:
+        sys.exit(status)
+    return status
+
+
+def convert(argv: Sequence[str] | None = None) -> None:
+    """``siglip-dense-convert src=SRC out=OUT.safetensors [img_size=N]``."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    convert_app()
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as a quoted Hydra override value (paths with spaces, ``=``, commas or brackets)."""
+    # Hydra's rule: only backslashes before a quote (or the closing quote) are escapes
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"

@@ -17,6 +17,7 @@ import difflib
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,12 @@ def primary_config_file(config_name: str = "train") -> Path:
 
         sources = HydraConfig.get().runtime.config_sources
         for source in sources:
-            if source.schema == "file":
-                candidate = Path(source.path) / f"{config_name}.yaml"
+            if source.schema in ("file", "pkg"):  # pkg: an installed wheel's siglip_dense.configs
+                base = source.path if source.schema == "file" else str(resources.files(source.path))
+                candidate = Path(base) / f"{config_name}.yaml"
                 if candidate.is_file():
                     return candidate
-    except (ValueError, AttributeError):  # outside a Hydra app
+    except (ValueError, AttributeError, ModuleNotFoundError):  # outside a Hydra app
         pass
     return CONFIG_DIR / f"{config_name}.yaml"
 

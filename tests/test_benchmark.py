@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from siglip_dense.benchmark.backbone import vit_flops
@@ -15,6 +16,7 @@ from siglip_dense.benchmark.train_step import count_flops
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_backbone_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
     cmd = [sys.executable, "tools/benchmark.py", "backbone", "--arch", "tiny", "--img-size", "64"]
@@ -39,6 +41,7 @@ def _run_bench(args: list[str], out: Path) -> tuple[list[dict], str]:
     return [json.loads(line) for line in out.read_text().splitlines()], proc.stdout
 
 
+@pytest.mark.slow
 def test_data_benchmark_smoke(tmp_path: Path) -> None:
     args = ["data", "--images", "2", "--iters", "2", "--rounds", "1", "--warmup", "0"]
     args += ["--crop", "128", "--det-size", "256", "--target-images-per-s", "100"]
@@ -54,6 +57,7 @@ def test_data_benchmark_smoke(tmp_path: Path) -> None:
     assert "ratio" in stdout and "workers needed" in stdout
 
 
+@pytest.mark.slow
 def test_eval_benchmark_smoke(tmp_path: Path) -> None:
     args = ["eval", "--coco-images", "8", "--coco-iters", "1", "--seg-size", "64", "96"]
     args += ["--seg-iters", "1", "--miou-iters", "2", "--miou-size", "128"]
@@ -71,6 +75,7 @@ def test_eval_benchmark_smoke(tmp_path: Path) -> None:
     assert "COCO stats identical: True" in stdout
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_smoke(tmp_path: Path, toy_data_root: Path) -> None:
     args = ["train-step", "--tasks", "seg_upernet", "--batch-size", "2", "--warmup", "0", "--iters", "1"]
     args += ["--rounds", "1", "--device", "cpu", "--data-dir", str(toy_data_root.parent)]

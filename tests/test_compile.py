@@ -22,6 +22,7 @@ def _loss_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict
     return {k: v.detach() for k, v in out.items()}, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window_size", [None, 4], ids=["global", "windowed"])
 def test_compiled_backbone_trains_at_new_sizes_like_eager(window_size: int | None) -> None:
     torch.manual_seed(0)

@@ -364,6 +364,7 @@ def test_eval_transform_keeps_size() -> None:
     assert out["image"].shape == (3, 33, 47) and torch.allclose(out["image"], torch.tensor(-1.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("layout", "entry"), [("ade20k", "images"), ("coco", "annotations"), ("nyu", "splits")]
 )

@@ -28,6 +28,7 @@ def odd_toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_toy_data(tmp_path_factory.mktemp("ddp") / "toy_seg", num_train=8, num_val=5, seed=3)
 
 
+@pytest.mark.slow
 def test_ddp_sim_validation_equals_single_process(odd_toy_root: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "outputs" / "run"
     cmd = [

@@ -66,6 +66,7 @@ def assert_metrics_equal(a: dict, b: dict, path: str = "") -> None:
         assert a == b, (path, a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(TASKS))
 def test_ddp_sim_train_and_eval_equal_single_process(experiment: str, tmp_path: Path) -> None:
     layout, num_train, num_val, extra = TASKS[experiment]

@@ -90,6 +90,7 @@ def test_depth_eval_matches_training_and_saved_npy(
         assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_depth_predict_tool(depth_run: tuple[Path, Path], tmp_path: Path) -> None:
     run_dir, root = depth_run
     image = next((root).rglob("*.jpg"))
@@ -153,6 +154,7 @@ def test_detection_eval_results_rescored_by_pycocotools(
         assert metrics[f"bbox_{name}"] == (None if stat < 0 else pytest.approx(float(stat), abs=1e-12)), name
 
 
+@pytest.mark.slow
 def test_detection_predict_tool(det_run: tuple[Path, Path], tmp_path: Path) -> None:
     run_dir, root = det_run
     image = sorted((root / "val2017").glob("*.jpg"))[0]
@@ -219,6 +221,7 @@ def _renumbered_copy(root: Path, dst: Path, shift: int = 10) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_category_mismatch_exits_nonzero_naming_ids_unless_mapped(
     det_run: tuple[Path, Path], tmp_path: Path, hydra_cleanup: None
 ) -> None:

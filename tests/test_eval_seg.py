@@ -106,6 +106,7 @@ def test_export_and_load_model_predict_like_the_checkpoint(seg_run: Path, tmp_pa
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_predict_tool_handles_gray_rgba_and_odd_sizes(seg_run: Path, tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()
@@ -145,6 +146,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         load_task(bad)
 
 
+@pytest.mark.slow
 def test_eval_tool_fails_loudly_on_a_missing_checkpoint(tmp_path: Path) -> None:
     missing = tmp_path / "nope.ckpt"
     cmd = [sys.executable, "tools/eval.py", f"ckpt_path={missing}", f"hydra.run.dir={tmp_path / 'h'}"]

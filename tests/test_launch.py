@@ -72,6 +72,7 @@ def test_resuming_from_a_run_checkpoint_continues_in_its_run_dir(tmp_path: Path)
     assert run_dir_of_checkpoint(last) == run.resolve()
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_share_one_run_directory(tmp_path: Path, toy_data_root: Path) -> None:
     run_dir = tmp_path / "outputs" / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

@@ -42,6 +42,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(
     tmp_path: Path, toy_data_root: Path, hydra_cleanup: None
 ) -> None:

@@ -156,6 +156,7 @@ def _ddp_train(tmp_path: Path, data_root: Path, extra: list[str]) -> subprocess.
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
 
 
+@pytest.mark.slow
 def test_ddp_trains_with_an_unused_branch(tmp_path: Path, toy_data_root: Path) -> None:
     """Blocks after the last out_index get no gradient: DDP must search (and does, by itself)."""
     proc = _ddp_train(tmp_path / "auto", toy_data_root, ["backbone.out_indices=[1,2,3,4]"])
@@ -206,6 +207,7 @@ def test_channels_last_run_exports_and_reloads(
 
 
 # ---- Hydra sweeps under DDP: one run directory per trial, shared by its ranks -------------------
+@pytest.mark.slow
 def test_multirun_under_ddp_one_directory_per_trial(tmp_path: Path, toy_data_root: Path) -> None:
     sweep = tmp_path / "sweep"
     cmd = [

@@ -386,6 +386,7 @@ def read_checkpoint_arch(vit: torch.nn.Module) -> ArchConfig:
     return arch_config_of_vit(vit)
 
 
+@pytest.mark.slow
 def test_convert_weights_cli_round_trip(tmp_path: Path) -> None:
     _save_siglip_vision(tmp_path / "hf", patch_size=14, image_size=98, layer_norm_eps=1e-5)
     out = tmp_path / "out" / "b.safetensors"

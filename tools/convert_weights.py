@@ -1,6 +1,7 @@
 """Convert any supported SigLIP (2) checkpoint to siglip-dense's format (safetensors + JSON config).
 
     python tools/convert_weights.py SRC OUT.safetensors [--img-size N]
+    python tools/convert_weights.py src=SRC out=OUT.safetensors [img_size=N]   # == siglip-dense-convert
 
 SRC: a transformers ``save_pretrained`` directory, a timm / open_clip / transformers / birder
 (``.pt`` or ``.safetensors``) weight file, a big_vision ``.npz`` (fixed-resolution or NaFlex), or a
@@ -13,25 +14,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from siglip_dense.models.backbone import match_timm_arch  # noqa: E402
-from siglip_dense.models.weights import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
+from siglip_dense.cli import compose_config, hydra_quote, run_convert
 
 
-def _first(keys: list[str], n: int = 5) -> str:
-    more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def main(argv: list[str] | None = None) -> int:
+def overrides_of(argv: Sequence[str]) -> list[str]:
+    """The Hydra overrides of ``argv``: ``key=value`` arguments as given, the positional form translated."""
+    if argv and all("=" in a and not a.startswith("-") for a in argv):
+        return list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint file, directory, or cached hub id (org/name)")
-    parser.add_argument(
-        "out", type=Path, help="output .safetensors path (a .json config is written beside it)"
-    )
+    parser.add_argument("out", help="output .safetensors path (a .json config is written beside it)")
     parser.add_argument(
         "--img-size",
         type=int,
@@ -39,28 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         help="NaFlex (Siglip2) checkpoints: the square input size to record (the table is kept as is)",
     )
     args = parser.parse_args(argv)
-    if args.out.suffix != ".safetensors":
-        parser.error(f"OUT must end in .safetensors, got {args.out}")
-    try:
-        loaded = read_checkpoint(args.src, img_size=args.img_size)
-        loaded.arch.arch = loaded.arch.arch or match_timm_arch(loaded.arch)
-        save_checkpoint(args.out, loaded.state_dict, loaded.arch)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    a = loaded.arch
-    print(f"read {loaded.path} ({loaded.source_format}): {len(loaded.state_dict)} tensors")
-    print(
-        f"arch {a.arch or 'custom'}: embed_dim={a.embed_dim} depth={a.depth} heads={a.num_heads} "
-        f"mlp={a.mlp_dim} patch={a.patch_size} img_size={tuple(a.img_size)} eps={a.norm_eps} "
-        f"act={a.act_layer} head={a.has_head} pos_resample={a.pos_resample}"
-    )
-    if loaded.guessed:
-        print(f"guessed (not in the checkpoint): {', '.join(sorted(loaded.guessed))}")
-    if loaded.dropped_keys:
-        print(f"dropped {len(loaded.dropped_keys)} non-vision keys: {_first(loaded.dropped_keys)}")
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
-    return 0
+    overrides = [f"src={hydra_quote(args.src)}", f"out={hydra_quote(args.out)}"]
+    return overrides + ([f"img_size={args.img_size}"] if args.img_size is not None else [])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Convert as ``argv`` says (default ``sys.argv[1:]``); returns the exit status (1: unreadable SRC)."""
+    return run_convert(compose_config("convert", overrides_of(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

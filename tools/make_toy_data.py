@@ -6,13 +6,10 @@ Usage: python tools/make_toy_data.py OUT_DIR [--layout ade20k|coco|nyu] [--num-t
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from siglip_dense.data.toy import (  # noqa: E402
+from siglip_dense.data.toy import (
     DEFAULT_NUM_TRAIN,
     DEFAULT_NUM_VAL,
     LAYOUT_WRITERS,

@@ -355,8 +355,6 @@ class SegDataModule(DenseDataModule):
         """What the task must know about the data to size itself (train.py passes it on)."""
         return {"num_classes": self.num_classes, "class_names": list(self.class_names)}
 
-
-
     def _dataset(self, split: str, transform: Any) -> SegFolderDataset:
         return SegFolderDataset(
             self.root,
