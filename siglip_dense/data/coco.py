@@ -430,8 +430,9 @@ class DetDataModule(DenseDataModule):
     """COCO layout ``ROOT/{train2017,val2017}`` + ``ROOT/annotations/instances_<split>.json``.
 
     The category mapping is read from the training json at construction (the task is sized from it),
-    and the validation json must use the same categories. ``mean``/``std`` are set by train.py to the
-    backbone's before ``fit``.
+    and during ``fit`` the validation json must use the same categories. Evaluating a checkpoint
+    (``validate``) binds against :attr:`eval_category_map`, the categories of the json actually
+    evaluated (``val_ann``). ``mean``/``std`` are set by train.py to the backbone's before ``fit``.
     """
 
     collate_train = staticmethod(collate_det)
@@ -483,6 +484,7 @@ class DetDataModule(DenseDataModule):
         self.seed = seed
         ann = self.train_ann if self.train_ann.is_file() else self.val_ann
         self.category_map = CategoryMap.from_coco(load_coco_json(ann))
+        self._eval_category_map: CategoryMap | None = None
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
 
@@ -493,6 +495,22 @@ class DetDataModule(DenseDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.category_map)
+
+    @property
+    def eval_category_map(self) -> CategoryMap:
+        """Categories (ids and names) of ``val_ann``, the json that validation scores against.
+
+        Not the training json's: a checkpoint evaluated on other data must be checked against the
+        categories of that data (``DetectionTask.bind_data``).
+        """
+        if self._eval_category_map is None:
+            if self.val_ann == self.train_ann or not self.val_ann.is_file():
+                self._eval_category_map = self.category_map
+            else:
+                with warnings.catch_warnings():  # its repairs are reported once, by setup()
+                    warnings.simplefilter("ignore")
+                    self._eval_category_map = CategoryMap.from_coco(load_coco_json(self.val_ann))
+        return self._eval_category_map
 
     def task_kwargs(self) -> dict[str, Any]:
         return {
@@ -528,7 +546,9 @@ class DetDataModule(DenseDataModule):
             transform=build_det_eval_transform(self.mean, self.std),
             with_masks=self.with_masks,
             filter_empty=False,
-            category_map=self.category_map,
+            # training validates on the training categories; evaluating a checkpoint on the json's own
+            # (DetectionTask.bind_data has checked them against the checkpoint's, or the user mapped them)
+            category_map=self.category_map if stage in (None, "fit") else self.eval_category_map,
         )
         scan_datamodule(self, stage)
 
