@@ -7,13 +7,38 @@ grid, border handling and averaging — including the last window being flush wi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
+
+# set while a trained task is rebuilt from a file: its stored eval setting is checked when it is used
+_COVERAGE_DEFERRED: contextvars.ContextVar[bool] = contextvars.ContextVar("coverage_deferred", default=False)
+
+
+@contextlib.contextmanager
+def defer_window_coverage_check() -> Iterator[None]:
+    """Rebuild a checkpoint's task without checking its stored sliding-window setting.
+
+    A checkpoint written before :func:`check_window_coverage` existed may store a stride larger
+    than the crop; it must still load so that ``tools/eval.py ... tta='{stride: [h, w]}'`` can fix
+    the setting. The effective setting is checked when inference runs (:func:`inference_with_tta`).
+    """
+    token = _COVERAGE_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _COVERAGE_DEFERRED.reset(token)
+
+
+def window_coverage_deferred() -> bool:
+    """True inside :func:`defer_window_coverage_check` (a task constructed from a checkpoint)."""
+    return _COVERAGE_DEFERRED.get()
 
 
 def round_crop_to_patch(crop: Sequence[int], patch: int) -> tuple[int, int]:
@@ -68,6 +93,12 @@ def check_window_coverage(
             f"would leave {max(step[0] - crop[0], 0)}-row / {max(step[1] - crop[1], 0)}-column bands "
             f"of pixels without a prediction. Use a stride <= the crop (mmseg: 2/3 of it, e.g. "
             f"stride={[max(1, c * 2 // 3) for c in crop]})"
+            + (
+                "; for a trained checkpoint whose stored setting is this, evaluate with tools/eval.py "
+                f"ckpt_path=... tta='{{stride: {[max(1, c * 2 // 3) for c in crop]}}}'"
+                if setting == "task.eval"
+                else ""
+            )
         )
     return (crop[0], crop[1]), (step[0], step[1])
 

@@ -16,6 +16,7 @@ from siglip_dense.evaluation.sliding_window import (
     check_window_coverage,
     inference_with_tta,
     round_crop_to_patch,
+    window_coverage_deferred,
 )
 from siglip_dense.models.segmentor import Segmentor
 from siglip_dense.tasks.base import DenseTask
@@ -82,7 +83,7 @@ class SegmentationTask(DenseTask):
         self.eval_cfg["crop_size"] = list(
             round_crop_to_patch(tuple(self.eval_cfg["crop_size"]), self.backbone.patch_size)
         )
-        if self.eval_cfg["mode"] == "slide":
+        if self.eval_cfg["mode"] == "slide" and not window_coverage_deferred():  # else checked at inference
             check_window_coverage(self.eval_cfg["crop_size"], self.eval_cfg["stride"])
         check_naflex_eval(self.eval_cfg)
         self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
