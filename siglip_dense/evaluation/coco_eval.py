@@ -187,7 +187,8 @@ def check_gt_for_eval(coco_gt: Any, iou_types: Sequence[str], source: str = "gro
     anns = list(coco_gt.dataset.get("annotations", []))
     needed = ["area", "iscrowd", "bbox"] + (["segmentation"] if "segm" in iou_types else [])
     for key in needed:
-        bad = [a.get("id") for a in anns if key not in a]
+        # an empty segmentation list crashes pycocotools' segm evaluation (IndexError) just as a missing one
+        bad = [a.get("id") for a in anns if key not in a or (key == "segmentation" and not a[key])]
         if bad:
             hint = (
                 "evaluate boxes only (a box detector, or data.with_masks=false)"
