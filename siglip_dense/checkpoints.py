@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from siglip_dense.evaluation.sliding_window import defer_window_coverage_check
+from siglip_dense.evaluation.deferred import defer_eval_checks
 from siglip_dense.tasks.base import DenseTask
 
 # task name stored in checkpoints -> "module:Class"
@@ -72,7 +72,7 @@ def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> Den
     path = Path(path)
     meta = read_meta(path)
     cls = task_class(meta["task"])
-    with defer_window_coverage_check():  # a stored eval setting is checked where eval can override it
+    with defer_eval_checks():  # a stored eval setting is checked where eval can override it
         task = _rebuild(cls, path, meta, map_location)
     return task.eval()
 

@@ -198,3 +198,34 @@ def test_coco_vitdet_recipes_evaluate_with_vitdet_protocol(
     patch = 14 if size.endswith("14") else 16
     div = pyramid_size_divisibility(patch, 64)
     assert square_pad_size(cfg.task.image_size, div) == cfg.backbone.img_size == cfg.data.image_size
+
+
+def test_vitdet_square_pad_refuses_a_non_square_training_size() -> None:
+    """ViTDet's square pad has no square that equals a non-square training crop: refused at
+    construction (training), and at evaluation for a model rebuilt from a checkpoint, where
+    ``test_protocol=long_side`` is the named way out."""
+    from siglip_dense.evaluation.deferred import defer_eval_checks
+
+    with pytest.raises(ValueError, match=r"training size is 64×96 .*use a square image_size"):
+        _detector_sized((64, 96), "vitdet")
+    long_side = _detector_sized((64, 96), "long_side").eval()
+    assert long_side.transform([torch.randn(3, 40, 60)])[0].tensors.shape == (1, 3, 64, 128)
+    with defer_eval_checks():  # as checkpoints.load_task rebuilds a stored model
+        det = _detector_sized((64, 96), "vitdet").eval()
+    with pytest.raises(ValueError, match=r"64×96.*tools/eval.py test_protocol=long_side"):
+        det.transform([torch.randn(3, 40, 60)])
+    det.transform.set_test_protocol("long_side")
+    assert det.transform([torch.randn(3, 40, 60)])[0].tensors.shape == (1, 3, 64, 128)
+
+
+def _detector_sized(size: tuple[int, int], protocol: str) -> nn.Module:
+    return build_detector(
+        "faster_rcnn",
+        _tiny(max(size)),
+        _p6_neck(),
+        num_classes=3,
+        image_size=size,
+        box_head="2fc",
+        representation_size=32,
+        test_protocol=protocol,
+    )

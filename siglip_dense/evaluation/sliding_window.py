@@ -7,38 +7,13 @@ grid, border handling and averaging — including the last window being flush wi
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
-
-# set while a trained task is rebuilt from a file: its stored eval setting is checked when it is used
-_COVERAGE_DEFERRED: contextvars.ContextVar[bool] = contextvars.ContextVar("coverage_deferred", default=False)
-
-
-@contextlib.contextmanager
-def defer_window_coverage_check() -> Iterator[None]:
-    """Rebuild a checkpoint's task without checking its stored sliding-window setting.
-
-    A checkpoint written before :func:`check_window_coverage` existed may store a stride larger
-    than the crop; it must still load so that ``tools/eval.py ... tta='{stride: [h, w]}'`` can fix
-    the setting. The effective setting is checked when inference runs (:func:`inference_with_tta`).
-    """
-    token = _COVERAGE_DEFERRED.set(True)
-    try:
-        yield
-    finally:
-        _COVERAGE_DEFERRED.reset(token)
-
-
-def window_coverage_deferred() -> bool:
-    """True inside :func:`defer_window_coverage_check` (a task constructed from a checkpoint)."""
-    return _COVERAGE_DEFERRED.get()
 
 
 def round_crop_to_patch(crop: Sequence[int], patch: int) -> tuple[int, int]:
