@@ -358,6 +358,7 @@ def test_eval_binds_categories_of_the_evaluated_json_not_the_training_json(
     assert proc.returncode != 0 and str(swapped) in err, err[-2000:]
     assert "1: 'ball' in the checkpoint, 'box' in the data" in err, err[-2000:]
     assert "3: 'box' in the checkpoint, 'ball' in the data" in err, err[-2000:]
+    assert "category_map='{1: 3, 3: 1, 5: 5, 7: 7, 9: 9}'" in err, err[-2000:]  # matched by name
     assert not (tmp_path / "swapped" / "metrics.json").exists()
 
     subset = _val_variant(root, tmp_path / "val_subset.json", "subset")
@@ -365,6 +366,19 @@ def test_eval_binds_categories_of_the_evaluated_json_not_the_training_json(
         run_eval(eval_cfg(ckpt, tmp_path / "subset", tmp_path, f"+data.val_ann={subset}"))
     # a subset mapped explicitly scores as pycocotools scores the model's detections on that json
     same = run_eval(eval_cfg(ckpt, tmp_path / "same", tmp_path))
+    # the swapped json mapped by name is the original data relabelled: the same mean APs
+    by_name = run_eval(
+        eval_cfg(
+            ckpt,
+            tmp_path / "by_name",
+            tmp_path,
+            f"+data.val_ann={swapped}",
+            "category_map={1: 3, 3: 1, 5: 5, 7: 7, 9: 9}",
+        )
+    )
+    assert by_name.keys() == same.keys()
+    for key, value in same.items():
+        assert by_name[key] is None if value is None else by_name[key] == pytest.approx(value, abs=1e-12), key
     with pytest.warns(UserWarning, match=r"leaves checkpoint categories \[9\] unmapped"):
         part = run_eval(
             eval_cfg(

@@ -288,12 +288,18 @@ class DetectionTask(DenseTask):
                 if c in names and names[c] != n
             ]
             if only_model or only_data or renamed:
+                # suggest: same name first, else the same id, else the data id at the same position
+                by_name = {n: c for c, n in names.items()}
+                suggest = {
+                    c: by_name.get(n, c if c in names else (data_ids[i] if i < len(data_ids) else None))
+                    for i, (c, n) in enumerate(zip(self.category_ids, self.class_names))
+                }
+                example = ", ".join(f"{c}: {d}" for c, d in suggest.items() if d is not None)
                 raise ValueError(
                     f"the checkpoint's categories differ from those of {source}: ids only in the checkpoint "
                     f"{only_model}, ids only in the data {only_data}, same id with another name "
                     f"{renamed or '[]'} (checkpoint {self.category_ids}, data {data_ids}). Map them "
-                    f"explicitly, e.g. category_map='{{{self.category_ids[0]}: {data_ids[0]}}}' "
-                    "(checkpoint id: data id)"
+                    f"explicitly (checkpoint id: data id), e.g. category_map='{{{example}}}'"
                 )
             self._result_category_ids = None
             return
