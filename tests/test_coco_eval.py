@@ -317,6 +317,22 @@ def test_zero_size_boxes_score_as_pycocotools_on_the_raw_json(
         ev.summarize()
     for n, s in zip(NAMES, ev.stats[:6]):
         assert ours[f"bbox_{n}"] == (None if s < 0 else pytest.approx(float(s), abs=1e-12)), n
+    # mask AP (pycocotools cannot score a ground truth without a segmentation): that one left out
+    no_seg = data["annotations"][1]["id"]
+    with pytest.warns(
+        UserWarning, match=rf"segm AP leaves out 1 .*without a segmentation \(ids \[{no_seg}\]\)"
+    ):
+        ours_segm = evaluate_coco(ds.coco, results, ("segm",), evaluator=evaluator)
+    masked = {**data, "annotations": [a for a in data["annotations"] if a["id"] != no_seg]}
+    (tmp_path / "val_zero_masked.json").write_text(json.dumps(masked))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / "val_zero_masked.json"))
+        ev = COCOeval(gt, gt.loadRes(str(res_path)), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    for n, s in zip(NAMES, ev.stats[:6]):
+        assert ours_segm[f"segm_{n}"] == (None if s < 0 else pytest.approx(float(s), abs=1e-12)), n
     # neither zero-size box is a training target
     zero_ids = {data["annotations"][0]["id"], data["annotations"][1]["id"]}
     assert ds.num_dropped >= 2 and not zero_ids & {a["id"] for anns in ds._anns.values() for a in anns}
