@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from siglip_dense.evaluation.deferred import defer_eval_checks
 from siglip_dense.tasks.base import DenseTask
 
 # task name stored in checkpoints -> "module:Class"
@@ -71,6 +72,12 @@ def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> Den
     path = Path(path)
     meta = read_meta(path)
     cls = task_class(meta["task"])
+    with defer_eval_checks():  # a stored eval setting is checked where eval can override it
+        task = _rebuild(cls, path, meta, map_location)
+    return task.eval()
+
+
+def _rebuild(cls: type[DenseTask], path: Path, meta: dict[str, Any], map_location: Any) -> DenseTask:
     if path.is_dir():
         from safetensors.torch import load_file
 
@@ -81,7 +88,7 @@ def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> Den
         task = task.to(map_location)
     else:
         task = cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)
-    return task.eval()
+    return task
 
 
 def export(ckpt_path: str | Path, out_dir: str | Path) -> Path:

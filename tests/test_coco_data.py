@@ -116,13 +116,14 @@ def test_degenerate_and_out_of_image_boxes_are_counted_and_empty_images_kept(tmp
     ]
     img_dir, ann = _tiny_coco(tmp_path, anns)
     tf = build_det_eval_transform(MEAN, STD)
-    # the zero-width box (no mask) is dropped from the json when it loads, the out-of-image one when
-    # the training targets are cleaned
+    # the zero-width box stays in the json (COCO scores it as a miss) and, with the out-of-image one,
+    # is left out of the training targets
     with pytest.warns(UserWarning) as record:
         ds = CocoDetection(img_dir, ann, transform=tf, with_masks=True)
     messages = " | ".join(str(w.message) for w in record)
-    assert re.search(r"zero-size box and no mask dropped \(ids \[2\]\)", messages), messages
-    assert re.search(r"dropped 1 annotation.*clipped 1", messages), messages
+    assert re.search(r"zero-size box kept for evaluation.*\(ids \[2\]\)", messages), messages
+    assert 2 in ds.coco.anns
+    assert re.search(r"dropped 2 annotation.*clipped 1", messages), messages
     assert len(ds) == 2  # image 20 has no annotations: kept as a negative for evaluation
     boxes = ds[0]["target"]["boxes"].numpy()
     np.testing.assert_allclose(boxes, [[5, 5, 15, 15], [50, 30, 60, 40]])

@@ -245,9 +245,103 @@ def test_ground_truth_without_iscrowd_is_a_clear_error_not_a_keyerror() -> None:
         evaluate_coco(gt, [])
 
 
+def _shoelace(polygons: list[list[float]]) -> float:
+    """Polygon area by the trapezoid form of the shoelace formula, summed over the polygons."""
+    total = 0.0
+    for p in polygons:
+        x, y = np.asarray(p[0::2], float), np.asarray(p[1::2], float)
+        xc, yc = np.append(x, x[0]), np.append(y, y[0])
+        total += abs(float(np.sum((xc[1:] - xc[:-1]) * (yc[1:] + yc[:-1])))) / 2
+    return total
+
+
+def test_missing_area_is_polygon_area_for_polygons_mask_area_for_rle_box_area_otherwise(
+    tmp_path: Path,
+) -> None:
+    from siglip_dense.data.coco import load_coco_json
+
+    tri = [[10.0, 10.0, 50.0, 10.0, 30.0, 45.5]]  # area 40·35.5/2 = 710, rasterised to another pixel count
+    two = [[0.0, 0.0, 4.0, 0.0, 4.0, 3.0, 0.0, 3.0], [60.0, 60.0, 70.5, 61.0, 64.0, 75.0]]
+    rle = mask_utils.encode(np.asfortranarray((np.arange(80 * 90).reshape(80, 90) % 7 == 0).astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    gt = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 80, "width": 90}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 35.5], "segmentation": tri},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 70.5, 75], "segmentation": two},
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, 90, 80], "segmentation": rle},
+            {"id": 4, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3.5, 4]},
+        ],
+    }
+    path = tmp_path / "instances_area.json"
+    path.write_text(json.dumps(gt))
+    with pytest.warns(UserWarning, match=r"4 annotation\(s\) without 'area'"):
+        areas = {a["id"]: a["area"] for a in load_coco_json(path)["annotations"]}
+    assert areas[1] == pytest.approx(710.0) and areas[1] == pytest.approx(_shoelace(tri))
+    assert areas[2] == pytest.approx(_shoelace(two))
+    assert areas[3] == float((np.arange(80 * 90) % 7 == 0).sum())
+    assert areas[4] == 14.0
+    raster = mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(tri, 80, 90)))
+    assert raster != pytest.approx(710.0)  # the old rule (pixel count) differs on this polygon
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster_coco_eval"])
+def test_zero_size_boxes_score_as_pycocotools_on_the_raw_json(
+    toy_coco_root: Path,  # noqa: F811
+    tmp_path: Path,
+    evaluator: str,
+) -> None:
+    """A json with zero-size boxes (area/iscrowd given) scores as pycocotools on the file as given."""
+    from siglip_dense.data.coco import CocoDetection
+    from siglip_dense.data.transforms import build_det_eval_transform
+
+    data = json.loads((toy_coco_root / "annotations" / "instances_val2017.json").read_text())
+    data["annotations"][0]["bbox"][2] = 0
+    data["annotations"][1]["bbox"][3] = 0
+    data["annotations"][1]["segmentation"] = []
+    raw = tmp_path / "val_zero.json"
+    raw.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="zero-size box kept for evaluation"):
+        ds = CocoDetection(
+            toy_coco_root / "val2017", raw, transform=build_det_eval_transform((0.5,) * 3, (0.5,) * 3)
+        )
+    results = _noisy_predictions(_gt(toy_coco_root), seed=5)  # detections near the unedited boxes
+    ours = evaluate_coco(ds.coco, results, ("bbox",), evaluator=evaluator)
+    res_path = write_coco_results(tmp_path / "res.json", results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(raw))
+        ev = COCOeval(gt, gt.loadRes(str(res_path)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    for n, s in zip(NAMES, ev.stats[:6]):
+        assert ours[f"bbox_{n}"] == (None if s < 0 else pytest.approx(float(s), abs=1e-12)), n
+    # mask AP (pycocotools cannot score a ground truth without a segmentation): that one left out
+    no_seg = data["annotations"][1]["id"]
+    with pytest.warns(
+        UserWarning, match=rf"segm AP leaves out 1 .*without a segmentation \(ids \[{no_seg}\]\)"
+    ):
+        ours_segm = evaluate_coco(ds.coco, results, ("segm",), evaluator=evaluator)
+    masked = {**data, "annotations": [a for a in data["annotations"] if a["id"] != no_seg]}
+    (tmp_path / "val_zero_masked.json").write_text(json.dumps(masked))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / "val_zero_masked.json"))
+        ev = COCOeval(gt, gt.loadRes(str(res_path)), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    for n, s in zip(NAMES, ev.stats[:6]):
+        assert ours_segm[f"segm_{n}"] == (None if s < 0 else pytest.approx(float(s), abs=1e-12)), n
+    # neither zero-size box is a training target
+    zero_ids = {data["annotations"][0]["id"], data["annotations"][1]["id"]}
+    assert ds.num_dropped >= 2 and not zero_ids & {a["id"] for anns in ds._anns.values() for a in anns}
+
+
 def _strip_for_repair(src: Path, dst_dir: Path) -> tuple[Path, Path, int]:
     """The toy val split with the fields COCO tools often omit removed, plus a zero-size box with a mask
-    and one without; images copied so the layout is real."""
+    (box-only ones: test_zero_size_boxes_score_as_pycocotools_on_the_raw_json); images copied so the
+    layout is real."""
     import shutil
 
     data = json.loads(src.read_text())
@@ -257,9 +351,6 @@ def _strip_for_repair(src: Path, dst_dir: Path) -> tuple[Path, Path, int]:
             del a["iscrowd"]
     with_mask = next(a for a in data["annotations"] if isinstance(a.get("segmentation"), list))
     with_mask["bbox"] = [with_mask["bbox"][0], with_mask["bbox"][1], 0.0, with_mask["bbox"][3]]
-    no_mask = {**data["annotations"][0], "id": 99999, "bbox": [3.0, 4.0, 5.0, 0.0]}
-    no_mask.pop("segmentation", None)
-    data["annotations"].append(no_mask)
     del data["images"][0]["height"], data["images"][0]["width"]
     img_dir = dst_dir / "val2017"
     shutil.copytree(src.parents[1] / "val2017", img_dir)
@@ -286,18 +377,19 @@ def test_json_without_area_and_iscrowd_is_repaired_and_scores_as_pycocotools_on_
     msg = " | ".join(str(w.message) for w in record)
     assert str(ann) in msg
     assert "without 'iscrowd' set to 0" in msg
-    assert "without 'area' given the mask area (or box w·h) (ids" in msg
-    assert f"zero-size box given their mask's box (ids [{fixed_id}])" in msg
-    assert "zero-size box and no mask dropped (ids [99999])" in msg
+    assert "without 'area' given the polygon / mask area (or box w·h) (ids" in msg
+    assert (
+        f"zero-size box kept for evaluation (COCO scores them as unmatched ground truth) and left out of training targets (ids [{fixed_id}])"
+        in msg
+    )
     assert "1 image record(s) without height/width" in msg
     repaired = ds.coco.dataset
     assert all("area" in a and "iscrowd" in a for a in repaired["annotations"])
-    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in repaired["annotations"])
-    # the mask rule: area equals pycocotools' area of the annotation's own mask
+    # zero-size boxes stay in the evaluated json as given (pycocotools counts them as misses)
+    assert next(a["bbox"] for a in repaired["annotations"] if a["id"] == fixed_id)[2] == 0.0
+    # the polygon rule: area is the polygons' shoelace area (detectron2's converter), not a pixel count
     fixed = next(a for a in repaired["annotations"] if a["id"] == fixed_id)
-    img = ds.coco.imgs[fixed["image_id"]]
-    rle = mask_utils.merge(mask_utils.frPyObjects(fixed["segmentation"], img["height"], img["width"]))
-    assert fixed["area"] == pytest.approx(float(mask_utils.area(rle)))
+    assert fixed["area"] == pytest.approx(_shoelace(fixed["segmentation"]), rel=1e-12)
     # our evaluation on the dataset's COCO == pycocotools run directly on the repaired json file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -316,3 +316,105 @@ def test_console_summary_and_metrics_json_read_the_same(det_run: tuple[Path, Pat
             shown = line.split(f"{name} ", 1)[1].split()[0]
             assert shown == ("null" if value is None else f"{100 * value:.1f}"), (prefix, name, shown)
     assert written["bbox_APs"] is None and written["bbox_AP"] == 0.0
+
+
+def _val_variant(root: Path, dst: Path, edit: str) -> Path:
+    """The toy val json with its categories edited: ``swapped`` names of ids 1↔3 (labels follow the
+    names), ``subset`` without category 9, ``otherids`` every id +10."""
+    data = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    if edit == "swapped":
+        swap = {1: 3, 3: 1}
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        for c in data["categories"]:
+            c["name"] = names[swap.get(c["id"], c["id"])]
+        for a in data["annotations"]:
+            a["category_id"] = swap.get(a["category_id"], a["category_id"])
+    elif edit == "subset":
+        data["categories"] = [c for c in data["categories"] if c["id"] != 9]
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 9]
+    else:
+        for c in data["categories"]:
+            c["id"] += 10
+        for a in data["annotations"]:
+            a["category_id"] += 10
+    dst.write_text(json.dumps(data))
+    return dst
+
+
+def test_eval_binds_categories_of_the_evaluated_json_not_the_training_json(
+    det_run: tuple[Path, Path], tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """``+data.val_ann=`` with the training json still present: the check reads the evaluated json."""
+    run_dir, root = det_run
+    ckpt = best_ckpt(run_dir)
+    swapped = _val_variant(root, tmp_path / "val_swapped.json", "swapped")
+    cmd = [
+        sys.executable,
+        "tools/eval.py",
+        f"ckpt_path={ckpt}",
+        f"+data.val_ann={swapped}",
+        "data.num_workers=0",
+        f"output_dir={tmp_path / 'swapped'}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and str(swapped) in err, err[-2000:]
+    assert "1: 'ball' in the checkpoint, 'box' in the data" in err, err[-2000:]
+    assert "3: 'box' in the checkpoint, 'ball' in the data" in err, err[-2000:]
+    assert "category_map='{1: 3, 3: 1, 5: 5, 7: 7, 9: 9}'" in err, err[-2000:]  # matched by name
+    assert not (tmp_path / "swapped" / "metrics.json").exists()
+
+    subset = _val_variant(root, tmp_path / "val_subset.json", "subset")
+    with pytest.raises(ValueError, match=r"ids only in the checkpoint \[9\], ids only in the data \[\]"):
+        run_eval(eval_cfg(ckpt, tmp_path / "subset", tmp_path, f"+data.val_ann={subset}"))
+    # a subset mapped explicitly scores as pycocotools scores the model's detections on that json
+    same = run_eval(eval_cfg(ckpt, tmp_path / "same", tmp_path))
+    # the swapped json mapped by name is the original data relabelled: the same mean APs
+    by_name = run_eval(
+        eval_cfg(
+            ckpt,
+            tmp_path / "by_name",
+            tmp_path,
+            f"+data.val_ann={swapped}",
+            "category_map={1: 3, 3: 1, 5: 5, 7: 7, 9: 9}",
+        )
+    )
+    assert by_name.keys() == same.keys()
+    for key, value in same.items():
+        assert by_name[key] is None if value is None else by_name[key] == pytest.approx(value, abs=1e-12), key
+    with pytest.warns(UserWarning, match=r"leaves checkpoint categories \[9\] unmapped"):
+        part = run_eval(
+            eval_cfg(
+                ckpt,
+                tmp_path / "part",
+                tmp_path,
+                f"+data.val_ann={subset}",
+                "category_map={1: 1, 3: 3, 5: 5, 7: 7}",
+            )
+        )
+    results = json.loads((tmp_path / "part" / "coco_results.json").read_text())
+    assert {r["category_id"] for r in results} <= {1, 3, 5, 7}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(subset))
+        if results:
+            ev = COCOeval(gt, gt.loadRes(results), "bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            assert part["bbox_AP"] == pytest.approx(max(float(ev.stats[0]), 0.0), abs=1e-12)
+
+    other = _val_variant(root, tmp_path / "val_otherids.json", "otherids")
+    with pytest.raises(
+        ValueError, match=r"ids only in the checkpoint \[1, 3, 5, 7, 9\], ids only in the data \[11"
+    ):
+        run_eval(eval_cfg(ckpt, tmp_path / "other", tmp_path, f"+data.val_ann={other}"))
+    mapped = run_eval(
+        eval_cfg(
+            ckpt,
+            tmp_path / "mapped",
+            tmp_path,
+            f"+data.val_ann={other}",
+            "category_map={1: 11, 3: 13, 5: 15, 7: 17, 9: 19}",
+        )
+    )
+    assert mapped == same

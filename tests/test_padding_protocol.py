@@ -131,6 +131,24 @@ def test_det_train_and_eval_pad_identically() -> None:
     assert (seen_eval[0, :, 48:] == 0).all()
 
 
+def test_det_train_flips_before_padding_so_the_pad_stays_bottom_right() -> None:
+    """detectron2's LSJ flips before resize/crop: a flipped sample is the flipped image padded as
+    evaluation pads it (right/bottom), not padded on the left."""
+    image = _image(64, 40, seed=4)  # long side = the 64 training size: LSJ scale 1, 24 columns of pad
+    boxes = np.array([[5, 6, 20, 30]], np.float32)  # xywh
+    train = build_det_train_transform(64, scale_range=(1.0, 1.0), hflip=1.0, mean=MEAN, std=STD, seed=0)
+    out = apply_det_transform(train, image, boxes, np.array([0]))
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    det = _detector(64).eval()
+    x = apply_det_transform(build_det_eval_transform(MEAN, STD), flipped, boxes, np.array([0]))["image"]
+    seen_eval = _backbone_input(det, det.backbone.body, lambda: det([x]))
+    assert out["image"].shape == seen_eval.shape[1:] == (3, 64, 64)
+    torch.testing.assert_close(out["image"], seen_eval[0], rtol=0, atol=1e-6)
+    assert (out["image"][:, :, 40:] == 0).all() and (out["image"][:, :, :40] != 0).any(0).all()
+    # the box is mirrored in the 40-pixel-wide image: x1' = 40 - (x + w), x2' = 40 - x
+    np.testing.assert_allclose(out["boxes"], [[40 - 25, 6, 40 - 5, 36]])
+
+
 def test_vitdet_eval_pads_640x480_to_1024_square_with_the_position_table_unresampled() -> None:
     body = _tiny(1024)
     det = _detector(1024, body=body).eval()
@@ -180,3 +198,34 @@ def test_coco_vitdet_recipes_evaluate_with_vitdet_protocol(
     patch = 14 if size.endswith("14") else 16
     div = pyramid_size_divisibility(patch, 64)
     assert square_pad_size(cfg.task.image_size, div) == cfg.backbone.img_size == cfg.data.image_size
+
+
+def test_vitdet_square_pad_refuses_a_non_square_training_size() -> None:
+    """ViTDet's square pad has no square that equals a non-square training crop: refused at
+    construction (training), and at evaluation for a model rebuilt from a checkpoint, where
+    ``test_protocol=long_side`` is the named way out."""
+    from siglip_dense.evaluation.deferred import defer_eval_checks
+
+    with pytest.raises(ValueError, match=r"training size is 64×96 .*use a square image_size"):
+        _detector_sized((64, 96), "vitdet")
+    long_side = _detector_sized((64, 96), "long_side").eval()
+    assert long_side.transform([torch.randn(3, 40, 60)])[0].tensors.shape == (1, 3, 64, 128)
+    with defer_eval_checks():  # as checkpoints.load_task rebuilds a stored model
+        det = _detector_sized((64, 96), "vitdet").eval()
+    with pytest.raises(ValueError, match=r"64×96.*tools/eval.py test_protocol=long_side"):
+        det.transform([torch.randn(3, 40, 60)])
+    det.transform.set_test_protocol("long_side")
+    assert det.transform([torch.randn(3, 40, 60)])[0].tensors.shape == (1, 3, 64, 128)
+
+
+def _detector_sized(size: tuple[int, int], protocol: str) -> nn.Module:
+    return build_detector(
+        "faster_rcnn",
+        _tiny(max(size)),
+        _p6_neck(),
+        num_classes=3,
+        image_size=size,
+        box_head="2fc",
+        representation_size=32,
+        test_protocol=protocol,
+    )

@@ -262,3 +262,42 @@ def test_segmentation_task_refuses_a_gapped_window_setting_at_construction() -> 
     with pytest.raises(ValueError, match=r"tta.stride=\[300, 300\]"):
         task.set_tta({"stride": [300, 300]})
     assert task.eval_cfg["stride"] == [170, 170]  # a refused tta leaves the protocol unchanged
+
+
+def test_checkpoint_with_a_gapped_stored_setting_loads_and_evaluates_with_a_tta_stride(tmp_path) -> None:
+    """Checkpoints written before the coverage check (stored stride > crop) still load; the setting
+    is checked where tools/eval.py can override it, and the message says how."""
+    import lightning as L
+
+    from siglip_dense.checkpoints import load_task
+    from siglip_dense.tasks.segmentation import SegmentationTask
+
+    backbone = {"_target_": "siglip_dense.models.build_backbone", "arch": "tiny", "out_indices": [5]}
+    head = {"_target_": "siglip_dense.models.heads.segmentation.LinearHead", "in_keys": None}
+    task = SegmentationTask(backbone, head, num_classes=K, eval={"crop_size": [32, 32], "stride": [32, 32]})
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", max_epochs=0)
+    trainer.strategy.connect(task)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    crop = raw["hyper_parameters"]["eval"]["crop_size"]
+    raw["hyper_parameters"]["eval"]["stride"] = [crop[0] + 11, crop[1] + 11]  # as written before the check
+    torch.save(raw, path)
+    with pytest.raises(ValueError, match=r"task.eval.stride"):  # training still refuses it when built
+        SegmentationTask(**raw["hyper_parameters"])
+    old = load_task(path)
+    image = torch.randn(1, 3, 2 * crop[0] + 5, 3 * crop[1] - 7)
+    with pytest.raises(ValueError, match=r"tools/eval.py ckpt_path=\.\.\. tta='\{stride: \["):
+        old.infer(image)
+    old.set_tta({"stride": [crop[0] // 2, crop[1] // 2]})
+    out = old.infer(image)
+    # reference: the same weights in a task built with the corrected setting from the start
+    fixed = SegmentationTask(
+        **{
+            **raw["hyper_parameters"],
+            "eval": {**raw["hyper_parameters"]["eval"], "stride": [crop[0] // 2, crop[1] // 2]},
+        }
+    )
+    fixed.load_state_dict(old.state_dict())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, fixed.eval().infer(image))

@@ -124,15 +124,45 @@ def _fmt_ids(ids: list[Any]) -> str:
     return f"{ids[:10]}{' ...' if len(ids) > 10 else ''}"
 
 
+def polygon_area(polygons: list[list[float]]) -> float:
+    """Sum of the shoelace areas of COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` (pixels²).
+
+    The area detectron2's COCO converter (``PolygonMasks.area``) and the COCO tools record for a
+    polygon annotation: geometric, not the rasterised pixel count.
+    """
+    total = 0.0
+    for poly in polygons:
+        xy = np.asarray(poly, np.float64).reshape(-1, 2)
+        if len(xy) < 3:
+            continue
+        x, y = xy[:, 0], xy[:, 1]
+        total += 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+    return total
+
+
+def annotation_area(ann: dict[str, Any], height: int | None, width: int | None) -> float:
+    """COCO's ``area`` for an annotation without one: polygon area for polygons, the mask area for
+    RLE (pycocotools ``area``), box w·h without a segmentation (detectron2 ``convert_to_coco_dict``)."""
+    from pycocotools import mask as mask_utils
+
+    seg = ann.get("segmentation")
+    if isinstance(seg, list) and seg:
+        return polygon_area(seg)
+    rle = _segmentation_rle(seg, height, width) if seg else None
+    if rle is not None:
+        return float(mask_utils.area(rle))
+    return float(ann["bbox"][2]) * float(ann["bbox"][3])
+
+
 def repair_coco_dict(data: dict[str, Any], source: str = "<dict>") -> dict[str, list[Any]]:
     """Apply COCO's well-known rules where a field COCO evaluation needs is missing; fail otherwise.
 
     In place, each repair counted in one warning that lists the annotation ids:
     - ``iscrowd`` missing → 0 (detectron2 / torchvision converters);
-    - ``area`` missing → the mask area of ``segmentation`` (pycocotools ``area``), else box w·h;
-    - a zero-width or zero-height box → the mask's bounding box when the annotation has a non-empty
-      ``segmentation``; without one it is dropped (it can never be matched, detectron2 drops empty
-      instances too).
+    - ``area`` missing → :func:`annotation_area` (polygon area, RLE mask area, else box w·h).
+    Zero-width or zero-height boxes are kept as given and counted in the warning: COCO's evaluator
+    scores them as ground truth that no detection matches, so the json scores as pycocotools scores
+    it; :class:`CocoDetection` leaves them out of training targets (detectron2 drops empty boxes too).
     Returns ``{repair name: [annotation ids]}``.
 
     Raises:
@@ -140,11 +170,8 @@ def repair_coco_dict(data: dict[str, Any], source: str = "<dict>") -> dict[str, 
             or has a negative width / height (``[x1, y1, x2, y2]`` written where COCO wants
             ``[x, y, w, h]``?).
     """
-    from pycocotools import mask as mask_utils
-
     sizes = {img["id"]: (img.get("height"), img.get("width")) for img in data["images"]}
-    repairs: dict[str, list[Any]] = {"iscrowd": [], "area": [], "bbox_from_mask": [], "dropped": []}
-    kept = []
+    repairs: dict[str, list[Any]] = {"iscrowd": [], "area": [], "zero_size": []}
     for ann in data["annotations"]:
         box = ann["bbox"]
         ok = isinstance(box, (list, tuple)) and len(box) == 4
@@ -165,27 +192,20 @@ def repair_coco_dict(data: dict[str, Any], source: str = "<dict>") -> dict[str, 
         if "iscrowd" not in ann:
             ann["iscrowd"] = 0
             repairs["iscrowd"].append(ann["id"])
-        rle = None
-        if ann.get("segmentation") and ("area" not in ann or box[2] == 0 or box[3] == 0):
-            rle = _segmentation_rle(ann["segmentation"], *sizes.get(ann["image_id"], (None, None)))
         if box[2] == 0 or box[3] == 0:
-            if rle is None or float(mask_utils.area(rle)) <= 0:
-                repairs["dropped"].append(ann["id"])
-                continue
-            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
-            repairs["bbox_from_mask"].append(ann["id"])
+            repairs["zero_size"].append(ann["id"])
         if "area" not in ann:
-            ann["area"] = float(mask_utils.area(rle)) if rle is not None else float(box[2] * box[3])
+            ann["area"] = annotation_area(ann, *sizes.get(ann["image_id"], (None, None)))
             repairs["area"].append(ann["id"])
-        kept.append(ann)
-    data["annotations"] = kept
     done = {k: v for k, v in repairs.items() if v}
     if done:
         what = {
             "iscrowd": "without 'iscrowd' set to 0",
-            "area": "without 'area' given the mask area (or box w·h)",
-            "bbox_from_mask": "with a zero-size box given their mask's box",
-            "dropped": "with a zero-size box and no mask dropped",
+            "area": "without 'area' given the polygon / mask area (or box w·h)",
+            "zero_size": (
+                "with a zero-size box kept for evaluation (COCO scores them as unmatched ground truth) "
+                "and left out of training targets"
+            ),
         }
         lines = "; ".join(f"{len(v)} annotation(s) {what[k]} (ids {_fmt_ids(v)})" for k, v in done.items())
         warnings.warn(
@@ -430,8 +450,9 @@ class DetDataModule(DenseDataModule):
     """COCO layout ``ROOT/{train2017,val2017}`` + ``ROOT/annotations/instances_<split>.json``.
 
     The category mapping is read from the training json at construction (the task is sized from it),
-    and the validation json must use the same categories. ``mean``/``std`` are set by train.py to the
-    backbone's before ``fit``.
+    and during ``fit`` the validation json must use the same categories. Evaluating a checkpoint
+    (``validate``) binds against :attr:`eval_category_map`, the categories of the json actually
+    evaluated (``val_ann``). ``mean``/``std`` are set by train.py to the backbone's before ``fit``.
     """
 
     collate_train = staticmethod(collate_det)
@@ -483,6 +504,7 @@ class DetDataModule(DenseDataModule):
         self.seed = seed
         ann = self.train_ann if self.train_ann.is_file() else self.val_ann
         self.category_map = CategoryMap.from_coco(load_coco_json(ann))
+        self._eval_category_map: CategoryMap | None = None
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
 
@@ -493,6 +515,22 @@ class DetDataModule(DenseDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.category_map)
+
+    @property
+    def eval_category_map(self) -> CategoryMap:
+        """Categories (ids and names) of ``val_ann``, the json that validation scores against.
+
+        Not the training json's: a checkpoint evaluated on other data must be checked against the
+        categories of that data (``DetectionTask.bind_data``).
+        """
+        if self._eval_category_map is None:
+            if self.val_ann == self.train_ann or not self.val_ann.is_file():
+                self._eval_category_map = self.category_map
+            else:
+                with warnings.catch_warnings():  # its repairs are reported once, by setup()
+                    warnings.simplefilter("ignore")
+                    self._eval_category_map = CategoryMap.from_coco(load_coco_json(self.val_ann))
+        return self._eval_category_map
 
     def task_kwargs(self) -> dict[str, Any]:
         return {
@@ -528,7 +566,9 @@ class DetDataModule(DenseDataModule):
             transform=build_det_eval_transform(self.mean, self.std),
             with_masks=self.with_masks,
             filter_empty=False,
-            category_map=self.category_map,
+            # training validates on the training categories; evaluating a checkpoint on the json's own
+            # (DetectionTask.bind_data has checked them against the checkpoint's, or the user mapped them)
+            category_map=self.category_map if stage in (None, "fit") else self.eval_category_map,
         )
         scan_datamodule(self, stage)
 
@@ -539,7 +579,9 @@ __all__ = [
     "DetDataModule",
     "collate_det",
     "fill_image_sizes",
+    "annotation_area",
     "load_coco_json",
+    "polygon_area",
     "repair_coco_dict",
     "repair_coco_json",
     "validate_coco_dict",

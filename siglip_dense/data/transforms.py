@@ -294,8 +294,11 @@ def build_det_train_transform(
     std: Sequence[float] = (0.5, 0.5, 0.5),
     seed: int | None = None,
 ) -> A.Compose:
-    """LSJ: resize to the target × U(0.1, 2.0) → normalise → fixed-size crop (pad bottom/right with 0,
-    the mean colour) → flip.
+    """LSJ as detectron2's ViTDet: flip → resize to the target × U(0.1, 2.0) → normalise → fixed-size
+    crop (pad bottom/right with 0, the mean colour).
+
+    The flip comes first (detectron2 ``RandomFlip`` before ``ResizeScale`` / ``FixedSizeCrop``), so
+    the pad is always bottom/right, as in evaluation; a flip after the crop would move it to the left.
 
     Call with ``bboxes`` (COCO xywh), ``labels`` and ``ann_idx`` (each box's index into ``masks``):
     albumentations clips boxes and drops those smaller than ``min_area`` or degenerate but keeps every
@@ -306,6 +309,7 @@ def build_det_train_transform(
     th, tw = int(image_size[0]), int(image_size[1])
     transform = A.Compose(
         [
+            A.HorizontalFlip(p=hflip),
             ResizeScale(target_size=(th, tw), scale_range=scale_range),
             # normalised before the crop pads it: pads are 0 = the mean colour, as in evaluation
             A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
@@ -318,7 +322,6 @@ def build_det_train_transform(
                 fill=0,
                 fill_mask=0,
             ),
-            A.HorizontalFlip(p=hflip),
             ToTensorV2(),
         ],
         bbox_params=A.BboxParams(

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -185,19 +186,32 @@ def check_gt_for_eval(coco_gt: Any, iou_types: Sequence[str], source: str = "gro
         ValueError: naming the missing key and the first annotation ids that lack it.
     """
     anns = list(coco_gt.dataset.get("annotations", []))
-    needed = ["area", "iscrowd", "bbox"] + (["segmentation"] if "segm" in iou_types else [])
-    for key in needed:
+    for key in ("area", "iscrowd", "bbox"):
         bad = [a.get("id") for a in anns if key not in a]
         if bad:
-            hint = (
-                "evaluate boxes only (a box detector, or data.with_masks=false)"
-                if key == "segmentation"
-                else "load it with siglip_dense.data.coco.load_coco_json, which fills it by COCO's rule"
-            )
             raise ValueError(
                 f"{source}: {len(bad)} annotation(s) lack '{key}' that COCO evaluation needs "
-                f"(ids {bad[:10]}): {hint}"
+                f"(ids {bad[:10]}): load it with siglip_dense.data.coco.load_coco_json, which fills it "
+                "by COCO's rule"
             )
+
+
+def segm_ground_truth(coco_gt: Any) -> Any:
+    """The ground truth for mask AP: annotations without a segmentation left out (counted warning).
+
+    pycocotools' segm evaluation crashes on them (``KeyError`` / ``IndexError``), so no anchor
+    scores them; box AP keeps them (a box-only or zero-size annotation is an unmatched box).
+    """
+    anns = coco_gt.dataset.get("annotations", [])
+    bad = [a.get("id") for a in anns if not a.get("segmentation")]
+    if not bad:
+        return coco_gt
+    warnings.warn(
+        f"segm AP leaves out {len(bad)} ground-truth annotation(s) without a segmentation (ids "
+        f"{bad[:10]}{' ...' if len(bad) > 10 else ''}); bbox AP scores them",
+        stacklevel=3,
+    )
+    return load_gt({**coco_gt.dataset, "annotations": [a for a in anns if a.get("segmentation")]})
 
 
 def evaluate_coco(
@@ -233,7 +247,8 @@ def evaluate_coco(
         if not ids:
             metrics.update({f"{iou_type}_{n}": None for n in STAT_NAMES})
             continue
-        stats = _run_eval(coco_gt, results, iou_type, ids, evaluator, verbose)
+        gt_used = segm_ground_truth(coco_gt) if iou_type == "segm" else coco_gt
+        stats = _run_eval(gt_used, results, iou_type, ids, evaluator, verbose)
         metrics.update(_stats_to_metrics(iou_type, stats))
     return metrics
 
@@ -288,5 +303,6 @@ __all__ = [
     "gather_results",
     "load_gt",
     "resolve_evaluator",
+    "segm_ground_truth",
     "write_coco_results",
 ]

@@ -68,6 +68,12 @@ def check_window_coverage(
             f"would leave {max(step[0] - crop[0], 0)}-row / {max(step[1] - crop[1], 0)}-column bands "
             f"of pixels without a prediction. Use a stride <= the crop (mmseg: 2/3 of it, e.g. "
             f"stride={[max(1, c * 2 // 3) for c in crop]})"
+            + (
+                "; for a trained checkpoint whose stored setting is this, evaluate with tools/eval.py "
+                f"ckpt_path=... tta='{{stride: {[max(1, c * 2 // 3) for c in crop]}}}'"
+                if setting == "task.eval"
+                else ""
+            )
         )
     return (crop[0], crop[1]), (step[0], step[1])
 

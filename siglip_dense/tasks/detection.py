@@ -264,12 +264,15 @@ class DetectionTask(DenseTask):
         self._category_mapping = pairs
 
     def bind_data(self, datamodule: Any) -> None:
-        """Refuse data whose category ids differ from the checkpoint's, unless mapped explicitly.
+        """Refuse data whose categories (ids or names) differ from the checkpoint's, unless mapped.
 
         Results carry category ids through the checkpoint's label → id table, so a json with other
-        ids would be scored against the wrong classes without any error.
+        ids, or the same ids naming other classes, would be scored against the wrong classes without
+        any error. The check reads the categories of the json evaluated (``eval_category_map``), not
+        the training json; a subset of the checkpoint's categories is a difference too (map the
+        shared ids explicitly, e.g. ``category_map='{1: 1, 3: 3}'``).
         """
-        cmap = getattr(datamodule, "category_map", None)
+        cmap = getattr(datamodule, "eval_category_map", None) or getattr(datamodule, "category_map", None)
         if cmap is None:
             return
         data_ids = [int(c) for c in cmap.category_ids]
@@ -278,17 +281,26 @@ class DetectionTask(DenseTask):
         if mapping is None:
             only_model = sorted(set(self.category_ids) - set(data_ids))
             only_data = sorted(set(data_ids) - set(self.category_ids))
-            if only_model or only_data:
+            names = dict(zip(cmap.category_ids, cmap.names))
+            renamed = [
+                f"{c}: {n!r} in the checkpoint, {names[c]!r} in the data"
+                for c, n in zip(self.category_ids, self.class_names)
+                if c in names and names[c] != n
+            ]
+            if only_model or only_data or renamed:
+                # suggest: same name first, else the same id, else the data id at the same position
+                by_name = {n: c for c, n in names.items()}
+                suggest = {
+                    c: by_name.get(n, c if c in names else (data_ids[i] if i < len(data_ids) else None))
+                    for i, (c, n) in enumerate(zip(self.category_ids, self.class_names))
+                }
+                example = ", ".join(f"{c}: {d}" for c, d in suggest.items() if d is not None)
                 raise ValueError(
                     f"the checkpoint's categories differ from those of {source}: ids only in the checkpoint "
-                    f"{only_model}, ids only in the data {only_data} (checkpoint {self.category_ids}, data "
-                    f"{data_ids}). Map them explicitly, e.g. category_map='{{{self.category_ids[0]}: "
-                    f"{data_ids[0]}}}' (checkpoint id: data id)"
+                    f"{only_model}, ids only in the data {only_data}, same id with another name "
+                    f"{renamed or '[]'} (checkpoint {self.category_ids}, data {data_ids}). Map them "
+                    f"explicitly (checkpoint id: data id), e.g. category_map='{{{example}}}'"
                 )
-            names = dict(zip(cmap.category_ids, cmap.names))
-            renamed = [c for c, n in zip(self.category_ids, self.class_names) if names.get(c, n) != n]
-            if renamed:
-                self.warn_once(f"categories {renamed} have other names in {source} than in the checkpoint")
             self._result_category_ids = None
             return
         bad = sorted({v for v in mapping.values()} - set(data_ids))

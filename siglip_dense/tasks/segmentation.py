@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from siglip_dense.evaluation.deferred import eval_checks_deferred
 from siglip_dense.evaluation.naflex import check_naflex_eval, naflex_inference
 from siglip_dense.evaluation.seg_metrics import SegmentationMetric, format_seg_table
 from siglip_dense.evaluation.sliding_window import (
@@ -82,7 +83,7 @@ class SegmentationTask(DenseTask):
         self.eval_cfg["crop_size"] = list(
             round_crop_to_patch(tuple(self.eval_cfg["crop_size"]), self.backbone.patch_size)
         )
-        if self.eval_cfg["mode"] == "slide":
+        if self.eval_cfg["mode"] == "slide" and not eval_checks_deferred():  # else checked at inference
             check_window_coverage(self.eval_cfg["crop_size"], self.eval_cfg["stride"])
         check_naflex_eval(self.eval_cfg)
         self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)

@@ -46,6 +46,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
+from siglip_dense.evaluation.deferred import eval_checks_deferred
 from siglip_dense.models.necks import pyramid_size_divisibility
 
 DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
@@ -210,6 +211,7 @@ class DetectorTransform(GeneralizedRCNNTransform):
     def batch_images(self, images: list[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
         if self.training or self.test_protocol != "vitdet":
             return super().batch_images(images, size_divisible)
+        check_square_training_size(self.min_size[-1], self.max_size, "tools/eval.py test_protocol=long_side")
         side = max([self.square_size] + [int(s) for im in images for s in im.shape[-2:]])
         side = int(math.ceil(side / size_divisible) * size_divisible)
         out = images[0].new_zeros((len(images), images[0].shape[0], side, side))
@@ -219,6 +221,22 @@ class DetectorTransform(GeneralizedRCNNTransform):
 
     def extra_repr(self) -> str:
         return f"test_protocol={self.test_protocol!r}, square_size={self.square_size}"
+
+
+def check_square_training_size(
+    short: int, long: int, fix: str = "task.detector.test_protocol=long_side"
+) -> None:
+    """ViTDet's ``square_pad`` assumes square S×S training crops; refuse other sizes, naming the fix.
+
+    A non-square training size has no square the evaluation could pad to that the backbone saw in
+    training (and the test resize of a portrait image does not fit an H×W pad either).
+    """
+    if int(short) != int(long):
+        raise ValueError(
+            f"test_protocol='vitdet' pads evaluation images to a square of the training size "
+            f"(detectron2 ViTDet square_pad), but the training size is {int(short)}×{int(long)} "
+            f"(task.image_size / data.image_size not square): use a square image_size, or {fix}"
+        )
 
 
 def check_test_protocol(name: str) -> str:
@@ -459,6 +477,8 @@ def _install_transform(
     model: nn.Module, common: dict[str, Any], protocol: str, image_size: Sequence[int], div: int
 ) -> None:
     """Replace torchvision's transform by :class:`DetectorTransform` (same settings, no parameters)."""
+    if protocol == "vitdet" and not eval_checks_deferred():  # a checkpoint: checked when evaluated
+        check_square_training_size(min(image_size), max(image_size))
     model.transform = DetectorTransform(
         common["min_size"],
         common["max_size"],
