@@ -39,6 +39,8 @@ from siglip_dense.models.backbone import (
 )
 
 FORMAT_NAME = "siglip_dense"
+# siglip_dense.checkpoints.EXPORT_FORMAT (not imported: checkpoints imports the tasks, which import us)
+EXPORT_FORMAT = "siglip_dense.export.v1"
 HF_MODEL_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".npz")
 # preferred weight files inside a directory, best first
@@ -207,6 +209,9 @@ def _read_torch(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}"
         ) from None
     meta: dict[str, str] = {}
+    ours = obj.get("siglip_dense") if isinstance(obj, dict) else None
+    if isinstance(ours, dict) and ours.get("arch_config"):  # our Lightning task checkpoint
+        meta = {"format": FORMAT_NAME, "arch_config": json.dumps(ours["arch_config"])}
     if isinstance(obj, dict) and "birder_version" in obj:  # birder's checkpoint_model container
         for key in ("birder_version", "task", "signature", "config", "rgb_stats"):
             if key in obj:
@@ -717,6 +722,13 @@ def _from_tensors(
     )
 
 
+def _export_arch(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The backbone arch config an export's ``config.json`` records (None: not an export)."""
+    if not config or config.get("format") != EXPORT_FORMAT:
+        return None
+    return (config.get("siglip_dense") or {}).get("arch_config") or None
+
+
 def _read_file(path: Path, img_size: Any, config: dict[str, Any] | None = None) -> LoadedCheckpoint:
     if path.suffix == ".npz":
         return _read_big_vision(path)
@@ -724,6 +736,10 @@ def _read_file(path: Path, img_size: Any, config: dict[str, Any] | None = None) 
         raise CheckpointError(f"{path}: a JSON config, not weights: pass the weights file or its directory")
     sd, meta = _read_tensors(path)
     cfg_path = path.parent / "config.json"
+    sibling_ours = _export_arch(_json(cfg_path)) if cfg_path.is_file() else None
+    if sibling_ours is not None and meta.get("format") == EXPORT_FORMAT:
+        # an export's model.safetensors: its arch (source rule, table grid, act) is in config.json
+        meta = {"format": FORMAT_NAME, "arch_config": json.dumps(sibling_ours)}
     if config is None and cfg_path.is_file():
         # a weight file inside a save_pretrained / timm hub directory: use the config beside it
         sibling = _json(cfg_path)
