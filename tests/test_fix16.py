@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from siglip_dense.models import build_backbone
@@ -63,3 +64,79 @@ def test_finetuned_task_reused_as_backbone_keeps_its_arch(tmp_path: Path) -> Non
             assert bb.arch_config.act_layer == "gelu", artefact
             assert tuple(bb.pos_grid) == (4, 4), artefact
             assert torch.equal(bb.forward_features(x), expected), artefact
+
+
+# -- F2 / F8: birder's registered network configs (a birder file stores only overrides) ----------------
+BIRDER_TINY = {"num_layers": 2, "num_heads": 2, "hidden_dim": 64, "mlp_dim": 128}
+
+
+def _birder_file(out: Path, network: str, size: tuple[int, int]) -> Path:
+    """A tiny ``network`` written by birder's own ``checkpoint_model`` (``<network>_0.pt``)."""
+    from birder.common import fs_ops
+    from birder.conf import settings
+    from birder.model_registry import registry
+
+    torch.manual_seed(0)
+    net = registry.net_factory(network, 0, 3, config=dict(BIRDER_TINY), size=size).eval()
+    signature = {"inputs": [{"data_shape": [0, 3, *size]}], "outputs": [{"data_shape": [0, 0]}]}
+    rgb = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(settings, "MODELS_DIR", out)  # where birder's checkpoint_model writes
+    try:
+        fs_ops.checkpoint_model(
+            network, 0, net, signature, {}, rgb, None, None, None, None, external_config=BIRDER_TINY
+        )
+    finally:
+        mp.undo()
+    return out / f"{network}_0.pt"
+
+
+def _birder_reference(path: Path, network: str) -> torch.nn.Module:
+    from birder.common import fs_ops
+
+    net, _ = fs_ops.load_model(torch.device("cpu"), network, path=path, inference=True)
+    net.set_dynamic_size()
+    return net.eval()
+
+
+@pytest.mark.parametrize(
+    ("network", "size", "others"),
+    [
+        ("naflex_i_vit_b16_ap_c1", (64, 64), [(96, 128), (32, 48)]),  # gelu_tanh, bilinear+antialias
+        ("vit_so400m_p14_ap_c1", (56, 56), [(84, 112)]),  # MAP head layer norm eps 1e-6
+        ("vit_so400m_p14_ap", (56, 84), [(84, 84)]),  # birder's MAP head defaults (eps 1e-5)
+    ],
+)
+def test_birder_registered_network_config(
+    tmp_path: Path, network: str, size: tuple[int, int], others: list[tuple[int, int]]
+) -> None:
+    path = _birder_file(tmp_path, network, size)
+    ref = _birder_reference(path, network)
+    bb = build_backbone(checkpoint=path, keep_head=True, verbose=False).eval()
+    torch.manual_seed(1)
+    for hw in [size, *others]:
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad():
+            feats = ref.forward_features(x)
+            assert (bb.forward_features(x) - feats).abs().max() <= 1e-5, hw
+            assert (bb.forward_pooled(x) - ref.embedding_from_features(feats)).abs().max() <= 1e-5, hw
+
+
+def test_birder_siglip_table_matches_birders_registry() -> None:
+    """The built-in copy (used without birder installed) says what birder's registry says."""
+    from birder.model_registry import registry
+
+    from siglip_dense.models.weights import _BIRDER_NUMERICS, _BIRDER_SIGLIP_NETS
+
+    for name, ours in _BIRDER_SIGLIP_NETS.items():
+        theirs = registry.registered_configs[name].config
+        assert {k: theirs.get(k) for k in _BIRDER_NUMERICS} == {k: ours.get(k) for k in _BIRDER_NUMERICS}, (
+            name
+        )
+
+
+def test_birder_file_without_network_name_warns(tmp_path: Path) -> None:
+    path = _birder_file(tmp_path, "naflex_i_vit_b16_ap_c1", (64, 64))
+    renamed = path.rename(tmp_path / "weights.pt")
+    with pytest.warns(UserWarning, match=r"weights\.pt.*naflex_i_vit_b16_ap_c1.*<network>_<epoch>\.pt"):
+        build_backbone(checkpoint=renamed, verbose=False)

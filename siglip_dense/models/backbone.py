@@ -17,7 +17,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm, resample_abs_pos_embed
+from timm.layers import LayerNorm, get_act_layer, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, _create_vision_transformer
 from timm.models.vision_transformer import _cfg as _vit_cfg
@@ -170,6 +170,10 @@ class ArchConfig:
     # the grid of the stored position table when it is kept at the source's original grid (every
     # convention but timm's resamples from the original table); None: the grid of img_size
     pos_grid: tuple[int, int] | None = None
+    # the MAP head's own layer-norm eps / MLP activation where the source differs from the blocks
+    # (birder's MultiHeadAttentionPool: attn_pool_norm_eps, attn_pool_act_layer_type); None: the same
+    head_norm_eps: float | None = None
+    head_act_layer: str | None = None
 
     def table_grid(self) -> tuple[int, int]:
         """The (h, w) grid of the stored position table."""
@@ -318,7 +322,12 @@ def create_vit(
         dynamic_img_pad=dynamic_img_pad,
     )
     kwargs.update(timm_kwargs)
-    return timm.create_model(base, pretrained=False, **kwargs)
+    vit = timm.create_model(base, pretrained=False, **kwargs)
+    if vit.attn_pool is not None and cfg.head_norm_eps is not None:
+        vit.attn_pool.norm.eps = float(cfg.head_norm_eps)
+    if vit.attn_pool is not None and cfg.head_act_layer is not None:
+        vit.attn_pool.mlp.act = get_act_layer(cfg.head_act_layer)()
+    return vit
 
 
 def _normalize_indices(indices: Sequence[int] | int, depth: int) -> tuple[int, ...]:
@@ -899,6 +908,7 @@ def build_backbone(
     # what was built is the truth (timm_kwargs such as patch_size may override the arch)
     built = arch_config_of_vit(vit)
     keep = dict(arch=cfg.arch, mean=cfg.mean, std=cfg.std, pos_resample=cfg.pos_resample)
+    keep.update(head_norm_eps=cfg.head_norm_eps, head_act_layer=cfg.head_act_layer)
     if cfg.pos_grid is not None and built.patch_size == cfg.patch_size:
         keep.update(img_size=tuple(cfg.img_size), pos_grid=tuple(cfg.pos_grid))
     cfg = replace(built, **keep)

@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,6 +326,8 @@ def _timm_arch(sd: dict[str, Tensor], path: Path, hints: dict[str, Any]) -> tupl
         act_layer=_act(hints.get("act_layer")),
         has_head=any(k.startswith("attn_pool.") for k in sd),
         arch=hints.get("arch"),
+        head_norm_eps=hints.get("head_norm_eps"),
+        head_act_layer=hints.get("head_act_layer"),
         mean=tuple(hints.get("mean") or SIGLIP_MEAN),
         std=tuple(hints.get("std") or SIGLIP_STD),
     )
@@ -526,9 +529,34 @@ _BIRDER_DEFAULTS: dict[str, Any] = {
     "num_reg_tokens": 0,
     "class_token": False,
     "stem_type": "patchify",
-    "pos_embed_interpolation_mode": "bicubic",
-    "pos_embed_antialias": False,
 }
+# birder's table rule (pos_embed_interpolation_mode, pos_embed_antialias) -> our POS_RESAMPLE entry
+_BIRDER_POS_RULES = {("bicubic", False): "birder", ("bilinear", True): "naflex"}
+# birder's registered configs (net/_vit_configs.py, net/naflex_vit.py, birder 0.8.4) of the networks it
+# ships SigLIP weights for, as far as they change numerics; used when birder itself is not installed
+# (tests/test_fix16.py checks them against birder's registry). A birder file stores only overrides.
+_BIRDER_SIGLIP_NETS: dict[str, dict[str, Any]] = {
+    **{n: {"attn_pool_norm_eps": 1e-6} for n in ("vit_b16_ap_c1", "vit_l16_ap_c1", "vit_so400m_p14_ap_c1")},
+    **{
+        n: {
+            "attn_pool_norm_eps": 1e-6,
+            "attn_pool_act_layer_type": "gelu_tanh",
+            "act_layer_type": "gelu_tanh",
+            "pos_embed_interpolation_mode": "bilinear",
+            "pos_embed_antialias": True,
+            "naflex_pos_embed_resize_mode": "interpolate",
+        }
+        for n in ("naflex_i_vit_b16_ap_c1", "naflex_i_vit_so400m_p16_ap_c1")
+    },
+}
+_BIRDER_NUMERICS = (
+    "act_layer_type",
+    "attn_pool_act_layer_type",
+    "attn_pool_norm_eps",
+    "norm_layer_eps",
+    "pos_embed_interpolation_mode",
+    "pos_embed_antialias",
+)
 
 
 def _meta_json(meta: dict[str, str], key: str, path: Path) -> Any:
@@ -540,14 +568,56 @@ def _meta_json(meta: dict[str, str], key: str, path: Path) -> Any:
         raise CheckpointError(f"{path}: birder metadata {key!r} is not JSON") from None
 
 
+def _birder_registry() -> dict[str, dict[str, Any]] | None:
+    """birder's registered network configs by name (None: birder is not installed)."""
+    try:
+        from birder.model_registry import registry
+    except ImportError:
+        return None
+    return {name: dict(t.config or {}) for name, t in registry.registered_configs.items()}
+
+
+def _birder_network(path: Path, names: Any) -> str | None:
+    """The registered network a birder file was saved from: birder names files ``<network>_<epoch>.pt``
+    and its hub weights ``<network>_<tag>.pt``; the file itself does not store the name."""
+    stem = path.stem.lower()
+    hits = [n for n in names if stem == n or stem.startswith(n + "_")]
+    return max(hits, key=len) if hits else None
+
+
+def _birder_config(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """The network's registered config updated by the file's overrides (what birder itself builds)."""
+    own = _meta_json(meta, "config", path) or {}
+    registered = _birder_registry()
+    network = _birder_network(path, registered if registered is not None else _BIRDER_SIGLIP_NETS)
+    if network is None:
+        if own.get("act_layer_type") is None:
+            warnings.warn(
+                f"{path}: birder file without a registered network name, read with birder's ViT class "
+                f"defaults (exact GELU, bicubic table); birder's SigLIP 2 networks "
+                f"({', '.join(sorted(_BIRDER_SIGLIP_NETS))}) register other numerics: keep birder's file "
+                f"name <network>_<epoch>.pt (or <network>_<tag>.pt) so the loader can read them",
+                stacklevel=3,
+            )
+        return own
+    base = registered[network] if registered is not None else _BIRDER_SIGLIP_NETS[network]
+    return {**base, **own}
+
+
 def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> LoadedCheckpoint:
     """birder ``vit_*`` (e.g. ``vit_so400m_p14_ap``): ``.pt`` ``{"state": ...}`` or ``.safetensors``.
 
     Keys from birder's ``ViT`` (net/vit.py); exact GELU unless its config names another activation;
     the position table is resampled as birder's ``_get_pos_embed`` does (bicubic, no antialias).
     """
-    config = _meta_json(meta, "config", path) or {}
+    config = _birder_config(meta, path)
     odd = {k: config[k] for k, v in _BIRDER_DEFAULTS.items() if k in config and config[k] != v}
+    rule = (
+        config.get("pos_embed_interpolation_mode", "bicubic"),
+        bool(config.get("pos_embed_antialias", False)),
+    )
+    if rule not in _BIRDER_POS_RULES:
+        odd["pos_embed_interpolation_mode, pos_embed_antialias"] = rule
     if odd:
         raise CheckpointError(
             f"{path}: birder config {odd} is not a SigLIP-shaped ViT this backbone reproduces"
@@ -573,6 +643,9 @@ def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> Loa
         "act_layer": config.get("act_layer_type") or "gelu",  # birder's FFN default: nn.GELU (exact)
         "norm_eps": float(config.get("norm_layer_eps", 1e-6)),
     }
+    if any(k.startswith("attn_pool.") for k in out):  # birder's MultiHeadAttentionPool defaults
+        hints["head_norm_eps"] = float(config.get("attn_pool_norm_eps", 1e-5))
+        hints["head_act_layer"] = _act(config.get("attn_pool_act_layer_type") or "gelu")
     if "num_heads" in config:
         hints["num_heads"] = int(config["num_heads"])
     stats = _meta_json(meta, "rgb_stats", path) or {}
@@ -588,7 +661,7 @@ def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> Loa
     if _TIMM_ANCHOR not in out:
         raise CheckpointError(f"{path}: birder checkpoint without conv_proj.weight: {_first(sd)}")
     cfg, guessed = _timm_arch(out, path, hints)
-    cfg.pos_resample = "birder"
+    cfg.pos_resample = _BIRDER_POS_RULES[rule]
     return LoadedCheckpoint(out, cfg, "birder", path, dropped, guessed)
 
 
