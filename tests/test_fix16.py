@@ -140,3 +140,9 @@ def test_birder_file_without_network_name_warns(tmp_path: Path) -> None:
     renamed = path.rename(tmp_path / "weights.pt")
     with pytest.warns(UserWarning, match=r"weights\.pt.*naflex_i_vit_b16_ap_c1.*<network>_<epoch>\.pt"):
         build_backbone(checkpoint=renamed, verbose=False)
+
+
+# -- F3: NaFlex evaluation needs global attention: refused when the task is built -----------------------
+def test_naflex_eval_with_window_attention_is_refused_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"eval\.mode=naflex.*backbone\.window_size=4"):  # hydra wraps it
+        _seg_task(tmp_path, {"window_size": 4}, eval={"mode": "naflex", "max_num_patches": 64})
