@@ -146,3 +146,30 @@ def test_birder_file_without_network_name_warns(tmp_path: Path) -> None:
 def test_naflex_eval_with_window_attention_is_refused_at_construction(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"eval\.mode=naflex.*backbone\.window_size=4"):  # hydra wraps it
         _seg_task(tmp_path, {"window_size": 4}, eval={"mode": "naflex", "max_num_patches": 64})
+
+
+# -- F4: backbone.patch_remainder=drop inside dense models ---------------------------------------------
+@pytest.mark.parametrize("remainder", ["pad", "drop"])
+def test_dense_model_honours_patch_remainder(remainder: str) -> None:
+    """384 px at patch 14: drop -> the 27×27 grid the bare backbone sees (and the sources), pad -> 28×28;
+    logits always at the full input size."""
+    from siglip_dense.models.heads.segmentation import LinearHead
+    from siglip_dense.models.segmentor import Segmentor
+
+    arch = replace(arch_config_of("tiny"), patch_size=14, img_size=(378, 378), depth=2)
+    bb = build_backbone(
+        arch_config=arch.to_dict(), out_indices=(1,), patch_remainder=remainder, verbose=False
+    )
+    seg = Segmentor(bb.eval(), None, LinearHead(bb.embed_dim, 5)).eval()
+    grids: list[tuple[int, int]] = []
+    bb.vit.patch_embed.register_forward_hook(lambda m, a, o: grids.append(tuple(o.shape[1:3])))
+    x = torch.randn(1, 3, 384, 390)
+    with torch.no_grad():
+        logits = seg(x)["logits"]
+        maps = bb(x)
+    expected = (27, 27) if remainder == "drop" else (28, 28)
+    assert grids == [expected, expected]  # the segmentor's backbone pass, then the bare backbone's
+    assert logits.shape == (1, 5, 384, 390)
+    # the kept part's maps are the bare backbone's own maps (nothing of the cropped pixels leaks in)
+    with torch.no_grad():
+        assert torch.equal(seg.backbone(seg.pad_input(x))["blocks.1"], maps["blocks.1"])
