@@ -173,3 +173,19 @@ def test_dense_model_honours_patch_remainder(remainder: str) -> None:
     # the kept part's maps are the bare backbone's own maps (nothing of the cropped pixels leaks in)
     with torch.no_grad():
         assert torch.equal(seg.backbone(seg.pad_input(x))["blocks.1"], maps["blocks.1"])
+
+
+# -- F5: init_from into another img_size keeps the fine-tuned position table -------------------------------
+def test_init_from_other_img_size_resamples_the_table(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = _seg_task(tmp_path, {"img_size": 64})
+    with torch.no_grad():
+        source.model.backbone.vit.pos_embed.normal_()  # a "fine-tuned" table, unlike any fresh init
+    ckpt = _lightning_checkpoint(source, tmp_path / "src.ckpt")
+    torch.manual_seed(1)
+    task = _seg_task(tmp_path, {"img_size": 96}, init_from=str(ckpt))
+    assert [r.split()[0] for r in task.init_report.resampled] == ["model.backbone.vit.pos_embed"]
+    assert not task.init_report.mismatched and "resampled" in str(task.init_report)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():  # the source model run at the new size resamples its table the same way
+        torch.testing.assert_close(task(x), source(x), rtol=0, atol=1e-5)

@@ -8,8 +8,9 @@ chosen blocks, layer ids for layer-wise lr decay, freezing, and a checkpoint-dri
 from __future__ import annotations
 
 import functools
+import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -660,6 +661,41 @@ class SigLIP2Backbone(nn.Module):
     def _pos_table(self, grid: tuple[int, int]) -> torch.Tensor:
         """[1, h·w, C] position table for ``grid`` by the source's rule, from the stored table."""
         return self._resample_pos(self.vit.pos_embed, self.pos_grid, grid, self.arch_config.pos_resample)
+
+    def fit_pos_table(self, table: torch.Tensor, source: ArchConfig | None = None) -> torch.Tensor | None:
+        """Another model's [1, N, C] position table resampled to this backbone's stored grid, by the
+        source's rule (``source.pos_resample``, else this backbone's) from the source's table grid
+        (``source.table_grid()``, else a square one). None when it cannot be (other width, unknown grid).
+
+        For ``init_from`` into a model built at another ``img_size``: the fine-tuned table is kept, as
+        the source model itself would resample it at that size.
+        """
+        own = self.vit.pos_embed
+        if table.ndim != 3 or table.shape[-1] != own.shape[-1]:
+            return None
+        n = int(table.shape[1])
+        grid = source.table_grid() if source is not None else None
+        if grid is None or grid[0] * grid[1] != n:
+            side = math.isqrt(n)
+            if side * side != n:
+                return None
+            grid = (side, side)
+        rule = source.pos_resample if source is not None else self.arch_config.pos_resample
+        with torch.no_grad():
+            return self._resample_pos(table.to(own.dtype), grid, self.pos_grid, rule)
+
+    def init_pos_resampler(self, source: str | Path) -> Callable[[str, torch.Tensor], torch.Tensor | None]:
+        """For ``init_from_checkpoint(resample=...)``: fits a position table (a key ending in
+        ``vit.pos_embed``) from ``source`` to this backbone with :meth:`fit_pos_table`, reading the
+        arch ``source`` records (our checkpoints and exports) only when a table needs it."""
+        from siglip_dense.models.weights import recorded_arch  # local: weights imports this module
+
+        def fit(name: str, table: torch.Tensor) -> torch.Tensor | None:
+            if not name.endswith("vit.pos_embed"):
+                return None
+            return self.fit_pos_table(table, recorded_arch(source))
+
+        return fit
 
     def _run_blocks(
         self,

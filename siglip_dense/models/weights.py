@@ -865,6 +865,38 @@ def read_checkpoint(src: str | Path, img_size: int | tuple[int, int] | None = No
     return loaded
 
 
+def recorded_arch(path: str | Path) -> ArchConfig | None:
+    """The backbone arch our task checkpoint (``.ckpt``), export (dir or its ``model.safetensors``) or
+    ``save_checkpoint`` file records; None for files that record none (other sources' formats)."""
+    path = Path(path)
+    if path.is_dir():
+        ours = _export_arch(_json(path / "config.json")) if (path / "config.json").is_file() else None
+    elif path.suffix == ".safetensors":
+        meta = _safetensors_metadata(path)
+        ours = json.loads(meta["arch_config"]) if meta.get("format") == FORMAT_NAME else None
+        if ours is None and (path.parent / "config.json").is_file():
+            ours = _export_arch(_json(path.parent / "config.json"))
+        if ours is None and _sidecar(path).is_file():
+            ours = _json(_sidecar(path)).get("arch_config")
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - not a zip-format torch file: records nothing readable
+            return None
+        ours = (obj.get("siglip_dense") or {}).get("arch_config") if isinstance(obj, dict) else None
+    return ArchConfig.from_dict(ours) if ours else None
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
+
+
 def check_arch_matches(cfg: ArchConfig, loaded: LoadedCheckpoint) -> None:
     """Raise when an explicitly requested arch does not have the checkpoint's shapes.
 
@@ -970,6 +1002,7 @@ __all__ = [
     "hf_cache_dir",
     "load_into_vit",
     "read_checkpoint",
+    "recorded_arch",
     "resize_naflex_pos_embed",
     "save_checkpoint",
 ]
