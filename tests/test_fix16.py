@@ -189,3 +189,21 @@ def test_init_from_other_img_size_resamples_the_table(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():  # the source model run at the new size resamples its table the same way
         torch.testing.assert_close(task(x), source(x), rtol=0, atol=1e-5)
+
+
+# -- F6: a timm hub config.json without act_layer: timm builds its registered definition's activation ------
+def test_timm_hub_dir_without_act_layer_follows_timms_definition(tmp_path: Path) -> None:
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    kw = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, img_size=64)  # no act_layer: timm's own
+    ref = timm.create_model("vit_base_patch16_siglip_224", num_classes=0, dynamic_img_size=True, **kw).eval()
+    assert isinstance(ref.blocks[0].mlp.act, torch.nn.GELU) and ref.blocks[0].mlp.act.approximate == "none"
+    save_for_hf(ref, str(tmp_path), model_args=kw, safe_serialization=True)
+    bb = build_backbone(checkpoint=tmp_path, verbose=False).eval()
+    assert bb.arch_config.act_layer == "gelu"
+    for hw in [(64, 64), (96, 80)]:
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            torch.testing.assert_close(bb.forward_features(x), ref.forward_features(x), rtol=0, atol=1e-5)

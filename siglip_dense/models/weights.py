@@ -343,7 +343,10 @@ def _timm_hints(config: dict[str, Any] | None) -> dict[str, Any]:
     if name:
         try:
             ref = arch_config_of(name)
-            hints.update(num_heads=ref.num_heads, norm_eps=ref.norm_eps, arch=ref.arch)
+            # the activation timm (and open_clip's timm trunk) builds for that name: its own definition's
+            hints.update(
+                num_heads=ref.num_heads, norm_eps=ref.norm_eps, arch=ref.arch, act_layer=ref.act_layer
+            )
         except ValueError:
             pass
     args = config.get("model_args") or {}
