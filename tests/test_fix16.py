@@ -207,3 +207,34 @@ def test_timm_hub_dir_without_act_layer_follows_timms_definition(tmp_path: Path)
         x = torch.randn(1, 3, *hw)
         with torch.no_grad():
             torch.testing.assert_close(bb.forward_features(x), ref.forward_features(x), rtol=0, atol=1e-5)
+
+
+# -- F7: timm's NaFlexVit SigLIP 2 (naflexvit_*_siglip) hub directories ----------------------------------
+def test_timm_naflexvit_hub_dir_equals_timm(tmp_path: Path) -> None:
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    kw = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
+    ref = timm.create_model("naflexvit_base_patch16_siglip", num_classes=0, **kw).eval()
+    with torch.no_grad():
+        ref.embeds.pos_embed.normal_()  # a table whose resampling shows
+    save_for_hf(ref, str(tmp_path), model_args=kw, safe_serialization=True)
+    bb = build_backbone(checkpoint=tmp_path, verbose=False).eval()
+    assert bb.pos_resample == "naflex" and bb.arch_config.act_layer == "gelu_tanh" and bb.pos_grid == (16, 16)
+    for hw in [(256, 256), (64, 96), (160, 48)]:
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            torch.testing.assert_close(bb.forward_features(x), ref.forward_features(x), rtol=0, atol=1e-5)
+
+
+def test_timm_naflexvit_state_dict_without_config_names_the_alternatives(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    ref = timm.create_model(
+        "naflexvit_base_patch16_siglip", num_classes=0, embed_dim=64, depth=2, num_heads=2
+    )
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match=r"w\.safetensors.*NaFlexVit.*config\.json.*Siglip2.*big_vision"):
+        build_backbone(checkpoint=tmp_path / "w.safetensors", verbose=False)

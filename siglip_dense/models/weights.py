@@ -34,6 +34,7 @@ from siglip_dense.models.backbone import (
     SIGLIP_MEAN,
     SIGLIP_STD,
     ArchConfig,
+    _act_name,
     arch_config_of,
     create_vit,
     resample_pos_embed,
@@ -383,6 +384,82 @@ def _from_timm_keys(sd: dict[str, Tensor], path: Path, hints: dict[str, Any], fm
         del kept[k]
     cfg, guessed = _timm_arch(kept, path, hints)
     return LoadedCheckpoint(kept, cfg, fmt, path, dropped, guessed)
+
+
+_TIMM_NAFLEX_ANCHOR = "embeds.proj.weight"
+
+
+def _timm_naflex_model(path: Path, config: dict[str, Any] | None) -> Any:
+    """The timm NaFlexVit a hub ``config.json`` names, built on the meta device (no memory, no init):
+    its settings decide heads, activation and the position-table rule."""
+    import timm
+
+    name = (config or {}).get("architecture")
+    if not name or not timm.is_model(name):
+        raise CheckpointError(
+            f"{path}: timm NaFlexVit keys (embeds.proj, embeds.pos_embed) without a config.json naming the "
+            f"timm architecture: pass the hub directory (timm/naflexvit_*_siglip.*), or the same weights as a "
+            f"transformers Siglip2 NaFlex directory or a big_vision .npz"
+        )
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **(config.get("model_args") or {}))
+
+
+def _from_timm_naflex(sd: dict[str, Tensor], path: Path, config: dict[str, Any] | None) -> LoadedCheckpoint:
+    """timm ``NaFlexVit`` (``naflexvit_*_siglip``; timm/models/naflexvit.py) -> timm ViT keys.
+
+    Its patch embedding is ``nn.Linear`` over patches flattened (p, p, C) (``batch_patchify``,
+    channels-last), its table a (1, h, w, C) grid resampled per input grid by ``F.interpolate``
+    (``pos_embed_interp_mode``, ``pos_embed_antialias``, from the stored table): SigLIP's
+    bilinear + antialias is our ``naflex`` rule. Other settings are refused, naming them.
+    """
+    prefix, kept, dropped = _strip_prefix(sd, _TIMM_NAFLEX_ANCHOR)
+    model = _timm_naflex_model(path, config)
+    emb = model.embeds
+    settings = {
+        "pos_embed_interp_mode": emb.pos_embed_interp_mode,
+        "pos_embed_antialias": emb.pos_embed_antialias,
+        "pos_embed_align_corners": emb.pos_embed_align_corners,
+        "pos_embed_ar_preserving": emb.pos_embed_ar_preserving,
+        "channels_last": emb.channels_last,
+        "linear patch embedding": emb.is_linear,
+    }
+    want = ("bilinear", True, False, False, True, True)
+    odd = {k: v for (k, v), w in zip(settings.items(), want, strict=True) if v != w}
+    extra = [
+        k
+        for k in kept
+        if k.startswith("embeds.") and k not in ("embeds.proj.weight", "embeds.proj.bias", "embeds.pos_embed")
+    ]
+    if odd or extra or "embeds.pos_embed" not in kept or kept["embeds.pos_embed"].ndim != 4:
+        raise CheckpointError(
+            f"{path}: timm NaFlexVit with {odd or ''} {extra or ''} is not the SigLIP 2 NaFlex layout this "
+            f"backbone reproduces (learned (1, h, w, C) table, bilinear + antialias, linear (p, p, C) patches)"
+        )
+    pos = kept.pop("embeds.pos_embed")
+    channels = 3
+    kept["patch_embed.proj.weight"] = _patch_linear_to_conv(kept.pop("embeds.proj.weight"), channels)
+    if "embeds.proj.bias" in kept:
+        kept["patch_embed.proj.bias"] = kept.pop("embeds.proj.bias")
+    grid = (int(pos.shape[1]), int(pos.shape[2]))
+    kept["pos_embed"] = pos.reshape(1, grid[0] * grid[1], pos.shape[-1])
+    for k in [k for k in kept if k.startswith("head.")]:
+        dropped.append(prefix + k)
+        del kept[k]
+    blk = model.blocks[0]
+    hints = {
+        "num_heads": blk.attn.num_heads,
+        "norm_eps": float(model.norm.eps),
+        "act_layer": _act_name(blk.mlp.act),
+        "img_size": (grid[0] * int(emb.patch_size[0]), grid[1] * int(emb.patch_size[1])),
+    }
+    pcfg = config.get("pretrained_cfg") or {}
+    for k in ("mean", "std"):
+        if pcfg.get(k):
+            hints[k] = tuple(pcfg[k])
+    cfg, guessed = _timm_arch(kept, path, hints)
+    cfg.pos_resample = "naflex"
+    return LoadedCheckpoint(kept, cfg, "timm_naflex", path, dropped, guessed)
 
 
 def _patch_linear_to_conv(w: Tensor, channels: int = 3) -> Tensor:
@@ -791,6 +868,8 @@ def _from_tensors(
         return _from_transformers(sd, path, config, img_size)
     if any(k.endswith(_TIMM_ANCHOR) for k in sd):
         return _from_timm_keys(sd, path, _timm_hints(config), "timm")
+    if any(k.endswith(_TIMM_NAFLEX_ANCHOR) for k in sd):
+        return _from_timm_naflex(sd, path, config)
     raise CheckpointError(
         f"{path}: no SigLIP vision tower found (expected timm '{_TIMM_ANCHOR}', open_clip "
         f"'visual.trunk.{_TIMM_ANCHOR}', transformers '...{_HF_ANCHOR}' or birder '{_BIRDER_ANCHOR}'); "
