@@ -238,3 +238,28 @@ def test_timm_naflexvit_state_dict_without_config_names_the_alternatives(tmp_pat
     save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match=r"w\.safetensors.*NaFlexVit.*config\.json.*Siglip2.*big_vision"):
         build_backbone(checkpoint=tmp_path / "w.safetensors", verbose=False)
+
+
+# -- F9: compile=true with NaFlex evaluation: the per-image neck calls are not compiled -------------------
+def test_naflex_forward_runs_a_compiled_neck_eager() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    from siglip_dense.models.heads.segmentation import LinearHead
+    from siglip_dense.models.necks import MultiLevelNeck
+    from siglip_dense.models.segmentor import Segmentor
+
+    torch.manual_seed(0)
+    bb = build_backbone("tiny", out_indices=(1, 3), verbose=False).eval()
+    neck = MultiLevelNeck(bb.embed_dim, bb.patch_size, ["blocks.1", "blocks.3"], 32, scale_factors=(2.0, 0.5))
+    seg = Segmentor(bb, neck, LinearHead(32, 3, in_keys=["p3", "p5"])).eval()
+    x = torch.randn(3, 3, 96, 128)
+    grids = torch.tensor([[6, 8], [3, 5], [5, 2]])
+    with torch.no_grad():
+        eager = seg(x, grid_sizes=grids)["logits"]
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        neck.compile(backend=counter)
+        compiled = seg(x, grid_sizes=grids)["logits"]
+        torch._dynamo.reset()
+    assert counter.frame_count == 0  # not one (re)compilation for the three crop shapes
+    assert torch.equal(compiled, eager)
