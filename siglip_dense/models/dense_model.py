@@ -47,12 +47,11 @@ class DenseModel(nn.Module):
 
     def pad_input(self, images: torch.Tensor) -> torch.Tensor:
         """Pad bottom/right to ``size_divisibility`` with 0 = the mean colour (what ``forward`` feeds
-        the backbone); the same rule as the training pipelines' pads (``data.transforms``). With
-        ``patch_remainder="drop"`` the input is first cropped to :meth:`kept_size`, then padded only
-        as far as the neck needs."""
-        h, w = self.kept_size(*images.shape[-2:])
+        the backbone, after cropping to :meth:`kept_size`); the same rule as the training pipelines'
+        pads (``data.transforms``)."""
+        h, w = images.shape[-2:]
         div = self.size_divisibility
-        return pad_normalized(images[..., :h, :w], (h + (-h) % div, w + (-w) % div))
+        return pad_normalized(images, (h + (-h) % div, w + (-w) % div))
 
     def forward(
         self, images: torch.Tensor, grid_sizes: torch.Tensor | None = None
@@ -61,9 +60,9 @@ class DenseModel(nn.Module):
             from siglip_dense.models.naflex import naflex_forward
 
             return naflex_forward(self, images, grid_sizes)
-        x = self.pad_input(images)
         size = tuple(images.shape[-2:])
-        kept = self.kept_size(*size)
+        kept = self.kept_size(*size)  # patch_remainder=drop: whole patches only, padded as the neck needs
+        x = self.pad_input(images[..., : kept[0], : kept[1]])
         out = self.decode(self.backbone(x), x.shape[-2:], kept)
         if kept != size:  # patch_remainder=drop: outputs of the kept part, resized to the whole input
             out = {
