@@ -48,6 +48,17 @@ def _naflex_rule_arch() -> dict[str, Any]:
 
 
 # -- F1: our own task checkpoints / exports as backbone.checkpoint --------------------------------------
+def _convert_weights_tool() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_weights", Path(__file__).parents[1] / "tools/convert_weights.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def test_finetuned_task_reused_as_backbone_keeps_its_arch(tmp_path: Path) -> None:
     from siglip_dense.checkpoints import export
 
@@ -55,10 +66,12 @@ def test_finetuned_task_reused_as_backbone_keeps_its_arch(tmp_path: Path) -> Non
     source = _seg_task(tmp_path, {"arch_config": _naflex_rule_arch()})
     ckpt = _lightning_checkpoint(source, tmp_path / "last.ckpt")
     out_dir = export(ckpt, tmp_path / "export")
+    converted = tmp_path / "converted.safetensors"
+    assert _convert_weights_tool().main([str(ckpt), str(converted)]) == 0
     x = torch.randn(1, 3, 80, 208)  # a grid (5×13) that is neither the table's nor the input size's
     with torch.no_grad():
         expected = source.backbone.forward_features(x)
-        for artefact in (ckpt, out_dir, out_dir / "model.safetensors"):
+        for artefact in (ckpt, out_dir, out_dir / "model.safetensors", converted):
             bb = build_backbone(checkpoint=artefact, verbose=False).eval()
             assert bb.arch_config.pos_resample == "naflex", artefact
             assert bb.arch_config.act_layer == "gelu", artefact
