@@ -62,14 +62,21 @@ def naflex_inference(
     return out
 
 
-def check_naflex_eval(cfg: dict) -> None:
-    """A segmentation ``eval`` config with ``mode: naflex`` must have a positive budget and one scale.
+def check_naflex_eval(cfg: dict, window_size: int | None = None) -> None:
+    """A segmentation ``eval`` config with ``mode: naflex`` must have a positive budget and one scale,
+    and a backbone with global attention (``window_size``: the backbone's; windows do not take the
+    per-image grids of a NaFlex batch).
 
     Raises:
-        ValueError: naming the ``eval.*`` key that is wrong.
+        ValueError: naming the ``eval.*`` / ``backbone.*`` key that is wrong.
     """
     if cfg.get("mode") != "naflex":
         return
+    if window_size:
+        raise ValueError(
+            f"eval.mode=naflex does not work with window attention (backbone.window_size={window_size}): "
+            "NaFlex batches hold per-image grids; use eval.mode=whole or slide, or backbone.window_size=null"
+        )
     budget = cfg.get("max_num_patches")
     if not isinstance(budget, int) or budget <= 0:
         raise ValueError(f"eval.max_num_patches must be a positive int for eval.mode=naflex, got {budget!r}")

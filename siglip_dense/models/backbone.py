@@ -8,8 +8,9 @@ chosen blocks, layer ids for layer-wise lr decay, freezing, and a checkpoint-dri
 from __future__ import annotations
 
 import functools
+import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm, resample_abs_pos_embed
+from timm.layers import LayerNorm, get_act_layer, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, _create_vision_transformer
 from timm.models.vision_transformer import _cfg as _vit_cfg
@@ -170,6 +171,10 @@ class ArchConfig:
     # the grid of the stored position table when it is kept at the source's original grid (every
     # convention but timm's resamples from the original table); None: the grid of img_size
     pos_grid: tuple[int, int] | None = None
+    # the MAP head's own layer-norm eps / MLP activation where the source differs from the blocks
+    # (birder's MultiHeadAttentionPool: attn_pool_norm_eps, attn_pool_act_layer_type); None: the same
+    head_norm_eps: float | None = None
+    head_act_layer: str | None = None
 
     def table_grid(self) -> tuple[int, int]:
         """The (h, w) grid of the stored position table."""
@@ -318,7 +323,12 @@ def create_vit(
         dynamic_img_pad=dynamic_img_pad,
     )
     kwargs.update(timm_kwargs)
-    return timm.create_model(base, pretrained=False, **kwargs)
+    vit = timm.create_model(base, pretrained=False, **kwargs)
+    if vit.attn_pool is not None and cfg.head_norm_eps is not None:
+        vit.attn_pool.norm.eps = float(cfg.head_norm_eps)
+    if vit.attn_pool is not None and cfg.head_act_layer is not None:
+        vit.attn_pool.mlp.act = get_act_layer(cfg.head_act_layer)()
+    return vit
 
 
 def _normalize_indices(indices: Sequence[int] | int, depth: int) -> tuple[int, ...]:
@@ -652,6 +662,41 @@ class SigLIP2Backbone(nn.Module):
         """[1, h·w, C] position table for ``grid`` by the source's rule, from the stored table."""
         return self._resample_pos(self.vit.pos_embed, self.pos_grid, grid, self.arch_config.pos_resample)
 
+    def fit_pos_table(self, table: torch.Tensor, source: ArchConfig | None = None) -> torch.Tensor | None:
+        """Another model's [1, N, C] position table resampled to this backbone's stored grid, by the
+        source's rule (``source.pos_resample``, else this backbone's) from the source's table grid
+        (``source.table_grid()``, else a square one). None when it cannot be (other width, unknown grid).
+
+        For ``init_from`` into a model built at another ``img_size``: the fine-tuned table is kept, as
+        the source model itself would resample it at that size.
+        """
+        own = self.vit.pos_embed
+        if table.ndim != 3 or table.shape[-1] != own.shape[-1]:
+            return None
+        n = int(table.shape[1])
+        grid = source.table_grid() if source is not None else None
+        if grid is None or grid[0] * grid[1] != n:
+            side = math.isqrt(n)
+            if side * side != n:
+                return None
+            grid = (side, side)
+        rule = source.pos_resample if source is not None else self.arch_config.pos_resample
+        with torch.no_grad():
+            return self._resample_pos(table.to(own.dtype), grid, self.pos_grid, rule)
+
+    def init_pos_resampler(self, source: str | Path) -> Callable[[str, torch.Tensor], torch.Tensor | None]:
+        """For ``init_from_checkpoint(resample=...)``: fits a position table (a key ending in
+        ``vit.pos_embed``) from ``source`` to this backbone with :meth:`fit_pos_table`, reading the
+        arch ``source`` records (our checkpoints and exports) only when a table needs it."""
+        from siglip_dense.models.weights import recorded_arch  # local: weights imports this module
+
+        def fit(name: str, table: torch.Tensor) -> torch.Tensor | None:
+            if not name.endswith("vit.pos_embed"):
+                return None
+            return self.fit_pos_table(table, recorded_arch(source))
+
+        return fit
+
     def _run_blocks(
         self,
         x: torch.Tensor,
@@ -899,6 +944,7 @@ def build_backbone(
     # what was built is the truth (timm_kwargs such as patch_size may override the arch)
     built = arch_config_of_vit(vit)
     keep = dict(arch=cfg.arch, mean=cfg.mean, std=cfg.std, pos_resample=cfg.pos_resample)
+    keep.update(head_norm_eps=cfg.head_norm_eps, head_act_layer=cfg.head_act_layer)
     if cfg.pos_grid is not None and built.patch_size == cfg.patch_size:
         keep.update(img_size=tuple(cfg.img_size), pos_grid=tuple(cfg.pos_grid))
     cfg = replace(built, **keep)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from siglip_dense.data.transforms import pad_normalized
@@ -27,9 +28,27 @@ class DenseModel(nn.Module):
         source = self.neck if self.neck is not None else self.backbone
         return int(getattr(source, "size_divisibility", 1) or 1)
 
+    def kept_size(self, height: int, width: int) -> tuple[int, int]:
+        """The part of an H×W input the backbone sees: all of it (``patch_remainder="pad"``) or its
+        whole patches (``"drop"``: the last ``H mod p`` rows / ``W mod p`` columns are cropped, as the
+        bare backbone and the sources do).
+
+        Raises:
+            ValueError: with ``drop``, an input smaller than one patch.
+        """
+        if getattr(self.backbone, "patch_remainder", "pad") != "drop":
+            return height, width
+        p = int(self.backbone.patch_size)
+        if height < p or width < p:
+            raise ValueError(
+                f"input {height}×{width} is smaller than one {p}-px patch (patch_remainder=drop)"
+            )
+        return height - height % p, width - width % p
+
     def pad_input(self, images: torch.Tensor) -> torch.Tensor:
         """Pad bottom/right to ``size_divisibility`` with 0 = the mean colour (what ``forward`` feeds
-        the backbone); the same rule as the training pipelines' pads (``data.transforms``)."""
+        the backbone, after cropping to :meth:`kept_size`); the same rule as the training pipelines'
+        pads (``data.transforms``)."""
         h, w = images.shape[-2:]
         div = self.size_divisibility
         return pad_normalized(images, (h + (-h) % div, w + (-w) % div))
@@ -41,8 +60,15 @@ class DenseModel(nn.Module):
             from siglip_dense.models.naflex import naflex_forward
 
             return naflex_forward(self, images, grid_sizes)
-        x = self.pad_input(images)
-        return self.decode(self.backbone(x), x.shape[-2:], images.shape[-2:])
+        size = tuple(images.shape[-2:])
+        kept = self.kept_size(*size)  # patch_remainder=drop: whole patches only, padded as the neck needs
+        x = self.pad_input(images[..., : kept[0], : kept[1]])
+        out = self.decode(self.backbone(x), x.shape[-2:], kept)
+        if kept != size:  # patch_remainder=drop: outputs of the kept part, resized to the whole input
+            out = {
+                k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in out.items()
+            }
+        return out
 
     def decode(
         self, backbone_feats: dict[str, torch.Tensor], padded_size: Sequence[int], size: Sequence[int]

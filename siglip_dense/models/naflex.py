@@ -51,14 +51,17 @@ def naflex_forward(
     feats = model.backbone(x, grid_sizes=grid_sizes.to(x.device))
     div = model.size_divisibility
     outputs: dict[str, torch.Tensor] = {}
-    for i, (gh, gw) in enumerate(grid_sizes.tolist()):
-        h, w = gh * patch, gw * patch
-        ph, pw = math.ceil(h / div) * div, math.ceil(w / div) * div  # what a batch of one is padded to
-        own = {k: v[i : i + 1, :, : ph // patch, : pw // patch] for k, v in feats.items()}
-        for key, value in model.decode(own, (ph, pw), (h, w)).items():
-            if key not in outputs:
-                outputs[key] = value.new_zeros((b, value.shape[1], height, width))
-            outputs[key][i, :, :h, :w] = value[0]
+    # per-image crops have a new shape almost every image: a compiled neck (compile=true) would
+    # recompile for each until dynamo's recompile_limit. Necks and heads are small: run them eager.
+    with torch.compiler.set_stance("force_eager"):
+        for i, (gh, gw) in enumerate(grid_sizes.tolist()):
+            h, w = gh * patch, gw * patch
+            ph, pw = math.ceil(h / div) * div, math.ceil(w / div) * div  # what a batch of one is padded to
+            own = {k: v[i : i + 1, :, : ph // patch, : pw // patch] for k, v in feats.items()}
+            for key, value in model.decode(own, (ph, pw), (h, w)).items():
+                if key not in outputs:
+                    outputs[key] = value.new_zeros((b, value.shape[1], height, width))
+                outputs[key][i, :, :h, :w] = value[0]
     return outputs
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,15 @@ from siglip_dense.models.backbone import (
     SIGLIP_MEAN,
     SIGLIP_STD,
     ArchConfig,
+    _act_name,
     arch_config_of,
     create_vit,
     resample_pos_embed,
 )
 
 FORMAT_NAME = "siglip_dense"
+# siglip_dense.checkpoints.EXPORT_FORMAT (not imported: checkpoints imports the tasks, which import us)
+EXPORT_FORMAT = "siglip_dense.export.v1"
 HF_MODEL_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".npz")
 # preferred weight files inside a directory, best first
@@ -207,6 +211,9 @@ def _read_torch(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}"
         ) from None
     meta: dict[str, str] = {}
+    ours = obj.get("siglip_dense") if isinstance(obj, dict) else None
+    if isinstance(ours, dict) and ours.get("arch_config"):  # our Lightning task checkpoint
+        meta = {"format": FORMAT_NAME, "arch_config": json.dumps(ours["arch_config"])}
     if isinstance(obj, dict) and "birder_version" in obj:  # birder's checkpoint_model container
         for key in ("birder_version", "task", "signature", "config", "rgb_stats"):
             if key in obj:
@@ -320,6 +327,8 @@ def _timm_arch(sd: dict[str, Tensor], path: Path, hints: dict[str, Any]) -> tupl
         act_layer=_act(hints.get("act_layer")),
         has_head=any(k.startswith("attn_pool.") for k in sd),
         arch=hints.get("arch"),
+        head_norm_eps=hints.get("head_norm_eps"),
+        head_act_layer=hints.get("head_act_layer"),
         mean=tuple(hints.get("mean") or SIGLIP_MEAN),
         std=tuple(hints.get("std") or SIGLIP_STD),
     )
@@ -335,7 +344,10 @@ def _timm_hints(config: dict[str, Any] | None) -> dict[str, Any]:
     if name:
         try:
             ref = arch_config_of(name)
-            hints.update(num_heads=ref.num_heads, norm_eps=ref.norm_eps, arch=ref.arch)
+            # the activation timm (and open_clip's timm trunk) builds for that name: its own definition's
+            hints.update(
+                num_heads=ref.num_heads, norm_eps=ref.norm_eps, arch=ref.arch, act_layer=ref.act_layer
+            )
         except ValueError:
             pass
     args = config.get("model_args") or {}
@@ -372,6 +384,82 @@ def _from_timm_keys(sd: dict[str, Tensor], path: Path, hints: dict[str, Any], fm
         del kept[k]
     cfg, guessed = _timm_arch(kept, path, hints)
     return LoadedCheckpoint(kept, cfg, fmt, path, dropped, guessed)
+
+
+_TIMM_NAFLEX_ANCHOR = "embeds.proj.weight"
+
+
+def _timm_naflex_model(path: Path, config: dict[str, Any] | None) -> Any:
+    """The timm NaFlexVit a hub ``config.json`` names, built on the meta device (no memory, no init):
+    its settings decide heads, activation and the position-table rule."""
+    import timm
+
+    name = (config or {}).get("architecture")
+    if not name or not timm.is_model(name):
+        raise CheckpointError(
+            f"{path}: timm NaFlexVit keys (embeds.proj, embeds.pos_embed) without a config.json naming the "
+            f"timm architecture: pass the hub directory (timm/naflexvit_*_siglip.*), or the same weights as a "
+            f"transformers Siglip2 NaFlex directory or a big_vision .npz"
+        )
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **(config.get("model_args") or {}))
+
+
+def _from_timm_naflex(sd: dict[str, Tensor], path: Path, config: dict[str, Any] | None) -> LoadedCheckpoint:
+    """timm ``NaFlexVit`` (``naflexvit_*_siglip``; timm/models/naflexvit.py) -> timm ViT keys.
+
+    Its patch embedding is ``nn.Linear`` over patches flattened (p, p, C) (``batch_patchify``,
+    channels-last), its table a (1, h, w, C) grid resampled per input grid by ``F.interpolate``
+    (``pos_embed_interp_mode``, ``pos_embed_antialias``, from the stored table): SigLIP's
+    bilinear + antialias is our ``naflex`` rule. Other settings are refused, naming them.
+    """
+    prefix, kept, dropped = _strip_prefix(sd, _TIMM_NAFLEX_ANCHOR)
+    model = _timm_naflex_model(path, config)
+    emb = model.embeds
+    settings = {
+        "pos_embed_interp_mode": emb.pos_embed_interp_mode,
+        "pos_embed_antialias": emb.pos_embed_antialias,
+        "pos_embed_align_corners": emb.pos_embed_align_corners,
+        "pos_embed_ar_preserving": emb.pos_embed_ar_preserving,
+        "channels_last": emb.channels_last,
+        "linear patch embedding": emb.is_linear,
+    }
+    want = ("bilinear", True, False, False, True, True)
+    odd = {k: v for (k, v), w in zip(settings.items(), want, strict=True) if v != w}
+    extra = [
+        k
+        for k in kept
+        if k.startswith("embeds.") and k not in ("embeds.proj.weight", "embeds.proj.bias", "embeds.pos_embed")
+    ]
+    if odd or extra or "embeds.pos_embed" not in kept or kept["embeds.pos_embed"].ndim != 4:
+        raise CheckpointError(
+            f"{path}: timm NaFlexVit with {odd or ''} {extra or ''} is not the SigLIP 2 NaFlex layout this "
+            f"backbone reproduces (learned (1, h, w, C) table, bilinear + antialias, linear (p, p, C) patches)"
+        )
+    pos = kept.pop("embeds.pos_embed")
+    channels = 3
+    kept["patch_embed.proj.weight"] = _patch_linear_to_conv(kept.pop("embeds.proj.weight"), channels)
+    if "embeds.proj.bias" in kept:
+        kept["patch_embed.proj.bias"] = kept.pop("embeds.proj.bias")
+    grid = (int(pos.shape[1]), int(pos.shape[2]))
+    kept["pos_embed"] = pos.reshape(1, grid[0] * grid[1], pos.shape[-1])
+    for k in [k for k in kept if k.startswith("head.")]:
+        dropped.append(prefix + k)
+        del kept[k]
+    blk = model.blocks[0]
+    hints = {
+        "num_heads": blk.attn.num_heads,
+        "norm_eps": float(model.norm.eps),
+        "act_layer": _act_name(blk.mlp.act),
+        "img_size": (grid[0] * int(emb.patch_size[0]), grid[1] * int(emb.patch_size[1])),
+    }
+    pcfg = config.get("pretrained_cfg") or {}
+    for k in ("mean", "std"):
+        if pcfg.get(k):
+            hints[k] = tuple(pcfg[k])
+    cfg, guessed = _timm_arch(kept, path, hints)
+    cfg.pos_resample = "naflex"
+    return LoadedCheckpoint(kept, cfg, "timm_naflex", path, dropped, guessed)
 
 
 def _patch_linear_to_conv(w: Tensor, channels: int = 3) -> Tensor:
@@ -521,9 +609,34 @@ _BIRDER_DEFAULTS: dict[str, Any] = {
     "num_reg_tokens": 0,
     "class_token": False,
     "stem_type": "patchify",
-    "pos_embed_interpolation_mode": "bicubic",
-    "pos_embed_antialias": False,
 }
+# birder's table rule (pos_embed_interpolation_mode, pos_embed_antialias) -> our POS_RESAMPLE entry
+_BIRDER_POS_RULES = {("bicubic", False): "birder", ("bilinear", True): "naflex"}
+# birder's registered configs (net/_vit_configs.py, net/naflex_vit.py, birder 0.8.4) of the networks it
+# ships SigLIP weights for, as far as they change numerics; used when birder itself is not installed
+# (tests/test_fix16.py checks them against birder's registry). A birder file stores only overrides.
+_BIRDER_SIGLIP_NETS: dict[str, dict[str, Any]] = {
+    **{n: {"attn_pool_norm_eps": 1e-6} for n in ("vit_b16_ap_c1", "vit_l16_ap_c1", "vit_so400m_p14_ap_c1")},
+    **{
+        n: {
+            "attn_pool_norm_eps": 1e-6,
+            "attn_pool_act_layer_type": "gelu_tanh",
+            "act_layer_type": "gelu_tanh",
+            "pos_embed_interpolation_mode": "bilinear",
+            "pos_embed_antialias": True,
+            "naflex_pos_embed_resize_mode": "interpolate",
+        }
+        for n in ("naflex_i_vit_b16_ap_c1", "naflex_i_vit_so400m_p16_ap_c1")
+    },
+}
+_BIRDER_NUMERICS = (
+    "act_layer_type",
+    "attn_pool_act_layer_type",
+    "attn_pool_norm_eps",
+    "norm_layer_eps",
+    "pos_embed_interpolation_mode",
+    "pos_embed_antialias",
+)
 
 
 def _meta_json(meta: dict[str, str], key: str, path: Path) -> Any:
@@ -535,14 +648,56 @@ def _meta_json(meta: dict[str, str], key: str, path: Path) -> Any:
         raise CheckpointError(f"{path}: birder metadata {key!r} is not JSON") from None
 
 
+def _birder_registry() -> dict[str, dict[str, Any]] | None:
+    """birder's registered network configs by name (None: birder is not installed)."""
+    try:
+        from birder.model_registry import registry
+    except ImportError:
+        return None
+    return {name: dict(t.config or {}) for name, t in registry.registered_configs.items()}
+
+
+def _birder_network(path: Path, names: Any) -> str | None:
+    """The registered network a birder file was saved from: birder names files ``<network>_<epoch>.pt``
+    and its hub weights ``<network>_<tag>.pt``; the file itself does not store the name."""
+    stem = path.stem.lower()
+    hits = [n for n in names if stem == n or stem.startswith(n + "_")]
+    return max(hits, key=len) if hits else None
+
+
+def _birder_config(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """The network's registered config updated by the file's overrides (what birder itself builds)."""
+    own = _meta_json(meta, "config", path) or {}
+    registered = _birder_registry()
+    network = _birder_network(path, registered if registered is not None else _BIRDER_SIGLIP_NETS)
+    if network is None:
+        if own.get("act_layer_type") is None:
+            warnings.warn(
+                f"{path}: birder file without a registered network name, read with birder's ViT class "
+                f"defaults (exact GELU, bicubic table); birder's SigLIP 2 networks "
+                f"({', '.join(sorted(_BIRDER_SIGLIP_NETS))}) register other numerics: keep birder's file "
+                f"name <network>_<epoch>.pt (or <network>_<tag>.pt) so the loader can read them",
+                stacklevel=3,
+            )
+        return own
+    base = registered[network] if registered is not None else _BIRDER_SIGLIP_NETS[network]
+    return {**base, **own}
+
+
 def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> LoadedCheckpoint:
     """birder ``vit_*`` (e.g. ``vit_so400m_p14_ap``): ``.pt`` ``{"state": ...}`` or ``.safetensors``.
 
     Keys from birder's ``ViT`` (net/vit.py); exact GELU unless its config names another activation;
     the position table is resampled as birder's ``_get_pos_embed`` does (bicubic, no antialias).
     """
-    config = _meta_json(meta, "config", path) or {}
+    config = _birder_config(meta, path)
     odd = {k: config[k] for k, v in _BIRDER_DEFAULTS.items() if k in config and config[k] != v}
+    rule = (
+        config.get("pos_embed_interpolation_mode", "bicubic"),
+        bool(config.get("pos_embed_antialias", False)),
+    )
+    if rule not in _BIRDER_POS_RULES:
+        odd["pos_embed_interpolation_mode, pos_embed_antialias"] = rule
     if odd:
         raise CheckpointError(
             f"{path}: birder config {odd} is not a SigLIP-shaped ViT this backbone reproduces"
@@ -568,6 +723,9 @@ def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> Loa
         "act_layer": config.get("act_layer_type") or "gelu",  # birder's FFN default: nn.GELU (exact)
         "norm_eps": float(config.get("norm_layer_eps", 1e-6)),
     }
+    if any(k.startswith("attn_pool.") for k in out):  # birder's MultiHeadAttentionPool defaults
+        hints["head_norm_eps"] = float(config.get("attn_pool_norm_eps", 1e-5))
+        hints["head_act_layer"] = _act(config.get("attn_pool_act_layer_type") or "gelu")
     if "num_heads" in config:
         hints["num_heads"] = int(config["num_heads"])
     stats = _meta_json(meta, "rgb_stats", path) or {}
@@ -583,7 +741,7 @@ def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> Loa
     if _TIMM_ANCHOR not in out:
         raise CheckpointError(f"{path}: birder checkpoint without conv_proj.weight: {_first(sd)}")
     cfg, guessed = _timm_arch(out, path, hints)
-    cfg.pos_resample = "birder"
+    cfg.pos_resample = _BIRDER_POS_RULES[rule]
     return LoadedCheckpoint(out, cfg, "birder", path, dropped, guessed)
 
 
@@ -710,11 +868,20 @@ def _from_tensors(
         return _from_transformers(sd, path, config, img_size)
     if any(k.endswith(_TIMM_ANCHOR) for k in sd):
         return _from_timm_keys(sd, path, _timm_hints(config), "timm")
+    if any(k.endswith(_TIMM_NAFLEX_ANCHOR) for k in sd):
+        return _from_timm_naflex(sd, path, config)
     raise CheckpointError(
         f"{path}: no SigLIP vision tower found (expected timm '{_TIMM_ANCHOR}', open_clip "
         f"'visual.trunk.{_TIMM_ANCHOR}', transformers '...{_HF_ANCHOR}' or birder '{_BIRDER_ANCHOR}'); "
         f"first keys: {_first(sd)}"
     )
+
+
+def _export_arch(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The backbone arch config an export's ``config.json`` records (None: not an export)."""
+    if not config or config.get("format") != EXPORT_FORMAT:
+        return None
+    return (config.get("siglip_dense") or {}).get("arch_config") or None
 
 
 def _read_file(path: Path, img_size: Any, config: dict[str, Any] | None = None) -> LoadedCheckpoint:
@@ -724,6 +891,10 @@ def _read_file(path: Path, img_size: Any, config: dict[str, Any] | None = None) 
         raise CheckpointError(f"{path}: a JSON config, not weights: pass the weights file or its directory")
     sd, meta = _read_tensors(path)
     cfg_path = path.parent / "config.json"
+    sibling_ours = _export_arch(_json(cfg_path)) if cfg_path.is_file() else None
+    if sibling_ours is not None and meta.get("format") == EXPORT_FORMAT:
+        # an export's model.safetensors: its arch (source rule, table grid, act) is in config.json
+        meta = {"format": FORMAT_NAME, "arch_config": json.dumps(sibling_ours)}
     if config is None and cfg_path.is_file():
         # a weight file inside a save_pretrained / timm hub directory: use the config beside it
         sibling = _json(cfg_path)
@@ -774,6 +945,38 @@ def read_checkpoint(src: str | Path, img_size: int | tuple[int, int] | None = No
     if not loaded.state_dict:
         raise CheckpointError(f"{path}: no vision weights found")
     return loaded
+
+
+def recorded_arch(path: str | Path) -> ArchConfig | None:
+    """The backbone arch our task checkpoint (``.ckpt``), export (dir or its ``model.safetensors``) or
+    ``save_checkpoint`` file records; None for files that record none (other sources' formats)."""
+    path = Path(path)
+    if path.is_dir():
+        ours = _export_arch(_json(path / "config.json")) if (path / "config.json").is_file() else None
+    elif path.suffix == ".safetensors":
+        meta = _safetensors_metadata(path)
+        ours = json.loads(meta["arch_config"]) if meta.get("format") == FORMAT_NAME else None
+        if ours is None and (path.parent / "config.json").is_file():
+            ours = _export_arch(_json(path.parent / "config.json"))
+        if ours is None and _sidecar(path).is_file():
+            ours = _json(_sidecar(path)).get("arch_config")
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - not a zip-format torch file: records nothing readable
+            return None
+        ours = (obj.get("siglip_dense") or {}).get("arch_config") if isinstance(obj, dict) else None
+    return ArchConfig.from_dict(ours) if ours else None
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
 
 
 def check_arch_matches(cfg: ArchConfig, loaded: LoadedCheckpoint) -> None:
@@ -881,6 +1084,7 @@ __all__ = [
     "hf_cache_dir",
     "load_into_vit",
     "read_checkpoint",
+    "recorded_arch",
     "resize_naflex_pos_embed",
     "save_checkpoint",
 ]

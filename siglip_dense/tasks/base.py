@@ -166,6 +166,7 @@ class InitReport:
     loaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # in the checkpoint, filtered out or unknown here
     mismatched: list[str] = field(default_factory=list)  # same name, other shape: re-initialised
+    resampled: list[str] = field(default_factory=list)  # position tables resampled to this grid
     missing: list[str] = field(default_factory=list)  # here, absent from the checkpoint
 
     def __str__(self) -> str:
@@ -173,6 +174,10 @@ class InitReport:
             return ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
 
         lines = [f"init_from {self.source}: loaded {len(self.loaded)} tensors"]
+        if self.resampled:
+            lines.append(
+                f"  resampled (source's position-table rule) {len(self.resampled)}: {head(self.resampled)}"
+            )
         if self.mismatched:
             lines.append(f"  re-initialised (shape differs) {len(self.mismatched)}: {head(self.mismatched)}")
         if self.missing:
@@ -253,12 +258,14 @@ def init_from_checkpoint(
     path: str | Path,
     filter_name: str = "all",
     components: dict[str, nn.Module] | None = None,
+    resample: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> InitReport:
     """Copy the tensors ``filter_name`` selects from ``path`` into ``module``: mapped, checked, reported.
 
     ``components`` maps this module's key prefixes (``"model.backbone."``) to the sub-modules the
     filter asks for; each is found in the source under whatever prefix it has there (a Lightning
-    checkpoint, an export, another task's layout). ``None``: the whole module, as named.
+    checkpoint, an export, another task's layout). ``None``: the whole module, as named. ``resample``
+    (name, source tensor) may fit a tensor of another shape (a position table); None re-initialises it.
 
     Raises:
         ValueError: nothing the filter asks for is in the file (naming it and the prefixes).
@@ -279,7 +286,12 @@ def init_from_checkpoint(
             if src_prefix is None or key not in src:
                 report.missing.append(name)
             elif own[name].shape != src[key].shape:
-                report.mismatched.append(f"{name} {tuple(src[key].shape)} -> {tuple(own[name].shape)}")
+                fitted = resample(name, src[key]) if resample is not None else None
+                if fitted is not None and fitted.shape == own[name].shape:
+                    to_load[name] = fitted
+                    report.resampled.append(f"{name} {tuple(src[key].shape)} -> {tuple(own[name].shape)}")
+                else:
+                    report.mismatched.append(f"{name} {tuple(src[key].shape)} -> {tuple(own[name].shape)}")
                 used.add(key)
             else:
                 to_load[name] = src[key]
@@ -373,7 +385,11 @@ class DenseTask(L.LightningModule):
         if init_from:
             self.check_init_source(init_from)
             report = init_from_checkpoint(
-                self, init_from, init_from_filter, self.init_components(init_from_filter)
+                self,
+                init_from,
+                init_from_filter,
+                self.init_components(init_from_filter),
+                resample=self.backbone.init_pos_resampler(init_from),
             )
             print(report)
             self.init_report = report

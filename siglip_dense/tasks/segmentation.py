@@ -85,7 +85,7 @@ class SegmentationTask(DenseTask):
         )
         if self.eval_cfg["mode"] == "slide" and not eval_checks_deferred():  # else checked at inference
             check_window_coverage(self.eval_cfg["crop_size"], self.eval_cfg["stride"])
-        check_naflex_eval(self.eval_cfg)
+        check_naflex_eval(self.eval_cfg, self.backbone.window_size)
         self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
         self.last_metrics: dict[str, Any] = {}
         # added to class indices when predictions are written (1 for reduce_zero_label datasets)
@@ -181,7 +181,8 @@ class SegmentationTask(DenseTask):
     @torch.no_grad()
     def infer_naflex(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """K×H×W logits per C×H×W image: one NaFlex batch at native aspect ratios (eval.mode=naflex)."""
-        check_naflex_eval(self.eval_cfg)  # set_tta may have changed it since __init__
+        # set_tta may have changed it since __init__
+        check_naflex_eval(self.eval_cfg, self.backbone.window_size)
         return naflex_inference(
             lambda x, grid: self.model(x, grid_sizes=grid)["logits"],
             [x.to(self.device) for x in images],
