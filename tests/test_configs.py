@@ -229,7 +229,6 @@ def test_task_constructors_refuse_unknown_dict_option_keys(
         "task.tasks.seg.layer_decay=0.5",
         "task.tasks.depth.freeze_backbone=true",
         "task.tasks.seg.optimizer={_target_:torch.optim.SGD,_partial_:true,lr:0.1}",
-        "task.tasks.seg.init_from_filter=backbone",
     ],
 )
 def test_multitask_member_refuses_settings_made_once_at_the_top(

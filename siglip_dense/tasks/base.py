@@ -167,6 +167,7 @@ class InitReport:
     skipped: list[str] = field(default_factory=list)  # in the checkpoint, filtered out or unknown here
     mismatched: list[str] = field(default_factory=list)  # same name, other shape: re-initialised
     missing: list[str] = field(default_factory=list)  # here, absent from the checkpoint
+    absent: list[str] = field(default_factory=list)  # components (key prefixes) the file does not hold
 
     def __str__(self) -> str:
         def head(keys: list[str]) -> str:
@@ -175,6 +176,8 @@ class InitReport:
         lines = [f"init_from {self.source}: loaded {len(self.loaded)} tensors"]
         if self.mismatched:
             lines.append(f"  re-initialised (shape differs) {len(self.mismatched)}: {head(self.mismatched)}")
+        if self.absent:
+            lines.append(f"  components not in checkpoint (kept fresh): {', '.join(self.absent)}")
         if self.missing:
             lines.append(f"  not in checkpoint (kept fresh) {len(self.missing)}: {head(self.missing)}")
         if self.skipped:
@@ -243,6 +246,24 @@ def find_source_prefix(src: dict[str, torch.Tensor], rel_keys: list[str], own_pr
     return max(candidates, key=lambda p: (score[p], p == own_prefix, -len(p)))
 
 
+def split_components(module: nn.Module, prefix: str, taken: set[str]) -> dict[str, nn.Module]:
+    """``module``'s children by key prefix, descending into those that contain a ``taken`` prefix.
+
+    With ``taken`` = the backbone and neck prefixes this yields the remaining parts (heads, RPN,
+    RoI heads, extra pyramid levels), each a component :func:`init_from_checkpoint` locates on its own.
+    """
+    out: dict[str, nn.Module] = {}
+    for name, child in module.named_children():
+        child_prefix = f"{prefix}{name}."
+        if child_prefix in taken:
+            continue
+        if any(t.startswith(child_prefix) for t in taken):
+            out.update(split_components(child, child_prefix, taken))
+        elif any(True for _ in child.state_dict()):
+            out[child_prefix] = child
+    return out
+
+
 def source_layout(src: dict[str, torch.Tensor]) -> list[str]:
     """The first two key levels of a state dict (error messages show what a file holds)."""
     return sorted({".".join(k.split(".")[:2]) + "." for k in src})[:12]
@@ -271,8 +292,13 @@ def init_from_checkpoint(
     used: set[str] = set()
     looked: list[str] = []
     for own_prefix, component in components.items():
-        rel_keys = list(component.state_dict())
+        # a component's own state dict may hold keys the module drops (multitask backbone aliases)
+        rel_keys = [k for k in component.state_dict() if own_prefix + k in own]
+        if not rel_keys:
+            continue
         src_prefix = find_source_prefix(src, rel_keys, own_prefix)
+        if src_prefix is None:
+            report.absent.append(own_prefix)
         looked.append(f"'{own_prefix or '<all>'}' (keys such as '{rel_keys[0] if rel_keys else '?'}')")
         for rel in rel_keys:
             name, key = own_prefix + rel, (src_prefix or "") + rel
@@ -428,13 +454,17 @@ class DenseTask(L.LightningModule):
             self.init_report = report
 
     def init_components(self, filter_name: str) -> dict[str, nn.Module]:
-        """This model's parts ``init_from_filter`` selects, by their key prefix in this module."""
+        """This model's parts ``init_from_filter`` selects, by their key prefix in this module.
+
+        ``all``: the backbone, the neck and every other part (heads) separately, so that each is
+        found in the source under its own prefix (another task's or a multi-task checkpoint).
+        """
         prefixes = filter_prefixes(filter_name, f"model.{self.backbone_prefix}", f"model.{self.neck_prefix}")
+        if prefixes == ("",):
+            parts = self.init_components("backbone+neck")
+            return {**parts, **split_components(self.model, "model.", set(parts))}
         out = {}
         for prefix in prefixes:
-            if prefix == "":
-                out["model."] = self.model
-                continue
             try:
                 out[prefix] = self.get_submodule(prefix.rstrip("."))
             except AttributeError:

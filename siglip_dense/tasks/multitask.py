@@ -182,7 +182,6 @@ class MultiTask(DenseTask):
             "scheduler": scheduler,
             "layer_decay": layer_decay,
             "freeze_backbone": freeze_backbone,
-            "init_from_filter": init_from_filter,
         }
         for name in names:
             _check_member_settings(name, tasks[name], shared_settings)
@@ -265,6 +264,18 @@ class MultiTask(DenseTask):
         }
         cfg["freeze_backbone"] = False
         return cfg
+
+    def init_components(self, filter_name: str) -> dict[str, nn.Module]:
+        """The shared backbone, then each task's own parts (``tasks.<name>.model.<part>.``) for
+        ``backbone+neck`` (necks) and ``all`` (necks and heads), each located on its own in the source."""
+        out = super().init_components("backbone")
+        if filter_name == "backbone":
+            return out
+        for name, sub in self.sub_tasks.items():
+            for prefix, part in sub.init_components(filter_name).items():
+                if prefix != f"model.{sub.backbone_prefix}":
+                    out[f"model.tasks.{name}.{prefix}"] = part
+        return out
 
     # -- the pieces ---------------------------------------------------------------------------------
     @property
