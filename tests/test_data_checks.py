@@ -222,3 +222,18 @@ def test_depth_map_without_its_image_is_an_error_naming_it(tmp_path: Path) -> No
         DepthFolderDataset(tmp_path, "val")
     with pytest.warns(UserWarning, match="skipped 1 depth maps"):
         assert len(DepthFolderDataset(tmp_path, "val", skip_bad=True)) == 2
+
+
+def test_multitask_member_data_errors_name_the_member_key(toy_data_root: Path, tmp_path: Path) -> None:
+    from siglip_dense.data.multitask import MultiTaskDataModule
+
+    seg = {"_target_": "siglip_dense.data.datamodule.SegDataModule", "crop_size": [64, 64], "num_workers": 0}
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=rf"data\.datamodules\.seg\.root {missing} does not exist"):
+        MultiTaskDataModule({"seg": {**seg, "root": str(missing)}})
+    root = _copy(toy_data_root, tmp_path / "ds")
+    bad = sorted((root / "images" / "validation").glob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    dm = MultiTaskDataModule({"seg": {**seg, "root": str(root)}})
+    with pytest.raises(DataError, match=r"set data\.datamodules\.seg\.skip_bad=true"):
+        dm.setup("validate")
