@@ -344,3 +344,26 @@ def test_ddp_sim_det_resume_from_mid_epoch_checkpoint_is_bit_identical(
     proc = train_py([*base, f"ckpt_path={step2}", f"hydra.run.dir={resumed}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+
+
+def test_per_rank_random_states_refuse_another_world_size_mid_epoch() -> None:
+    """A checkpoint holds each rank's states; resuming mid-epoch on another process count is refused
+    (the missing ranks' streams cannot continue), at an epoch end rank r takes saved rank r's."""
+    from siglip_dense.tasks.base import (
+        checkpoint_is_mid_epoch,
+        collect_rng_states,
+        gather_rng_states,
+        rng_states_for_rank,
+    )
+
+    torch.manual_seed(3)
+    saved = gather_rng_states()  # one process: [this process's states]
+    assert saved["world_size"] == 1 and torch.equal(saved["ranks"][0]["torch"], torch.get_rng_state())
+    two = {"world_size": 2, "ranks": [saved["ranks"][0], collect_rng_states()]}
+    mid = {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"is_last_batch": False}}}}
+    end = {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"is_last_batch": True}}}}
+    assert checkpoint_is_mid_epoch(mid) and not checkpoint_is_mid_epoch(end)
+    with pytest.raises(ValueError, match="random states of 2 process.*this run has 1"):
+        rng_states_for_rank(two, mid_epoch=True)
+    assert rng_states_for_rank(two, mid_epoch=False) is two["ranks"][0]
+    assert rng_states_for_rank(saved["ranks"][0], mid_epoch=True) is saved["ranks"][0]  # older layout
