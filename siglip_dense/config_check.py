@@ -46,6 +46,32 @@ def unknown_key_message(key: str, path: str, valid: Iterable[str], owner: str) -
     return f"unknown config key '{where}' ({owner} has no such setting){hint} Valid keys: {shown}"
 
 
+def check_option_keys(options: Mapping[str, Any] | None, valid: Iterable[str], path: str, owner: str) -> None:
+    """A dict option without ``_target_`` (``task.eval``, ``task.loss``) holds only keys its code reads.
+
+    Raises:
+        ConfigKeyError: naming the first unknown key as ``<path>.<key>`` and the nearest valid one.
+    """
+    valid = set(valid)
+    for key in options or {}:
+        if key not in valid:
+            raise ConfigKeyError(unknown_key_message(str(key), path, valid, owner))
+
+
+def option_keys_of(target: str) -> dict[str, set[str]]:
+    """``{parameter: valid keys}`` for the dict parameters of ``target`` that declare them.
+
+    A class declares them with a ``option_keys()`` classmethod (the tasks: their DEFAULT_EVAL,
+    DEFAULT_LOSS, detector options); anything else declares none.
+    """
+    try:
+        fn = get_method(target)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    declared = getattr(fn, "option_keys", None)
+    return {k: set(v) for k, v in declared().items()} if callable(declared) else {}
+
+
 def accepted_keys(target: str) -> set[str] | None:
     """The keyword arguments ``target`` accepts; ``None`` when it takes arbitrary ``**kwargs``."""
     try:
@@ -78,6 +104,11 @@ def check_targets(node: Any, path: str = "") -> None:
                 for key in node:
                     if not str(key).startswith("_") and key not in valid:
                         raise ConfigKeyError(unknown_key_message(str(key), path, valid, target))
+            for param, keys in option_keys_of(target).items():
+                options = node.get(param)
+                if isinstance(options, Mapping) and "_target_" not in options:
+                    where = f"{path}.{param}" if path else param
+                    check_option_keys(options, keys, where, target)
         for key, value in node.items():
             check_targets(value, f"{path}.{key}" if path else str(key))
     elif isinstance(node, list):
@@ -137,6 +168,25 @@ def check_top_level(raw: Mapping[str, Any], config_file: Path) -> None:
             )
 
 
+def compile_option_keys() -> set[str]:
+    """What ``compile_options`` may hold: ``torch.compile``'s keyword arguments (its model is ours)."""
+    import torch
+
+    return set(inspect.signature(torch.compile).parameters) - {"model"}
+
+
+def check_section_keys(raw: Mapping[str, Any], config_file: Path) -> None:
+    """``paths`` holds only the keys ``configs/paths`` defines; ``compile_options`` only torch.compile's."""
+    paths = raw.get("paths")
+    if isinstance(paths, Mapping):
+        defined = OmegaConf.to_container(OmegaConf.load(config_file.parent / "paths" / "default.yaml"))
+        assert isinstance(defined, dict)
+        check_option_keys(paths, defined, "paths", "configs/paths/default.yaml")
+    options = raw.get("compile_options")
+    if isinstance(options, Mapping):
+        check_option_keys(options, compile_option_keys(), "compile_options", "torch.compile")
+
+
 def check_train_config(cfg: DictConfig, config_name: str = "train") -> None:
     """Refuse keys no code reads, in the composed train config (call first in ``run_train``).
 
@@ -145,5 +195,10 @@ def check_train_config(cfg: DictConfig, config_name: str = "train") -> None:
     """
     raw = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(raw, dict)
-    check_top_level(raw, primary_config_file(config_name))
+    config_file = primary_config_file(config_name)
+    check_top_level(raw, config_file)
+    if (config_file.parent / "paths" / "default.yaml").is_file():
+        check_section_keys(raw, config_file)
+    else:  # an entry config elsewhere (tests, user dirs): the repository's paths group
+        check_section_keys(raw, CONFIG_DIR / "train.yaml")
     check_targets(raw)

@@ -35,9 +35,45 @@ def eval_data_config(cfg: DictConfig, task: DenseTask) -> dict[str, Any]:
             "pass data=<name> data.root=DIR"
         )
     data = dict(task.data_config)
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = {k: v for k, v in overrides.items() if v is not None and k != "datamodules"}
+    members = {
+        str(name): {k: v for k, v in (keys or {}).items() if v is not None}
+        for name, keys in (overrides.get("datamodules") or {}).items()
+    }
+    members = {name: keys for name, keys in members.items() if keys}
+    if "datamodules" in data:
+        return _override_members(data, given, members, cfg.ckpt_path)
+    if members:
+        raise ValueError(
+            f"{cfg.ckpt_path} is a single-task checkpoint: override data.<key>, not "
+            f"data.datamodules.{next(iter(members))}.*"
+        )
+    return _override(data, given)
+
+
+def _override(data: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     if "root" in given and "toy" not in given:
         data["toy"] = False  # a real dataset at the new root, not generated toy scenes
+    data.update(given)
+    return data
+
+
+def _override_members(
+    data: dict[str, Any], given: dict[str, Any], members: dict[str, dict[str, Any]], ckpt: str
+) -> dict[str, Any]:
+    """A multi-task checkpoint's data config: ``data.datamodules.<name>.<key>`` overrides one member."""
+    names = list(data["datamodules"])
+    if "root" in given:
+        raise ValueError(
+            f"{ckpt} is a multi-task checkpoint (tasks {names}): set each task's dataset with "
+            f"data.datamodules.<name>.root=DIR, e.g. data.datamodules.{names[0]}.root=DIR"
+        )
+    unknown = sorted(set(members) - set(names))
+    if unknown:
+        raise ValueError(f"data.datamodules.{unknown[0]}: {ckpt} has no task {unknown[0]!r}; tasks: {names}")
+    data["datamodules"] = {
+        name: _override(dict(member), members.get(name, {})) for name, member in data["datamodules"].items()
+    }
     data.update(given)
     return data
 

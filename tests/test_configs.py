@@ -6,6 +6,7 @@ their models are built on the meta device (shapes only, no memory) with the chec
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,7 @@ def _user_experiment(tmp_path: Path, body: str) -> Path:
     [
         ("task:\n  layer_dacay: 0.5\n", "task.layer_dacay", "task.layer_decay"),
         ("data:\n  batchsize: 2\n", "data.batchsize", "data.batch_size"),
+        ("task:\n  eval:\n    strid: [9, 9]\n", "task.eval.strid", "task.eval.stride"),
     ],
 )
 def test_misspelt_key_in_an_experiment_file_exits_naming_it(
@@ -175,3 +177,66 @@ def test_task_constructors_take_no_unknown_keyword(tmp_path: Path, hydra_cleanup
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     with pytest.raises(Exception, match="unexpected keyword argument .layer_dacay."):
         instantiate({**task_cfg, "layer_dacay": 0.5}, _recursive_=False, _convert_="all")
+
+
+@pytest.mark.parametrize(
+    ("experiment", "override", "suggested"),
+    [
+        ("toy_seg", "+task.eval.strid=[9,9]", "task.eval.stride"),
+        ("toy_depth", "+task.eval.short_sid=64", "task.eval.short_side"),
+        ("toy_depth", "+task.loss.grad_weigth=1.0", "task.loss.grad_weight"),
+        ("toy_multitask", "+task.tasks.seg.eval.strid=[9,9]", "task.tasks.seg.eval.stride"),
+        ("toy_multitask", "+task.tasks.depth.loss.grad_weigth=1.0", "task.tasks.depth.loss.grad_weight"),
+        ("toy_det", "+task.detector.anchor_scal=4.0", "task.detector.anchor_scale"),
+        ("toy_det", "+task.detector.representation_siz=64", "task.detector.representation_size"),
+        ("toy_seg", "+paths.data_dri=/nowhere", "paths.data_dir"),
+        ("toy_seg", "+compile_options.modee=max-autotune", "compile_options.mode"),
+    ],
+)
+def test_unknown_key_in_a_dict_option_is_refused_with_the_nearest(
+    experiment: str, override: str, suggested: str, tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """Dict options without ``_target_`` (eval, loss, detector, paths, compile_options) are checked too:
+    a misspelt key used to be merged over the defaults (or passed into torchvision's ``**kwargs``)."""
+    named = override.removeprefix("+").split("=")[0]
+    cfg = compose_train_cfg([f"experiment={experiment}", override], tmp_path / "run")
+    with pytest.raises(ConfigKeyError, match=rf"'{re.escape(named)}'.*did you mean '{re.escape(suggested)}'"):
+        check_train_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "option", "value", "named"),
+    [
+        ("toy_seg", "eval", {"strid": [9, 9]}, "eval.strid"),
+        ("toy_depth", "loss", {"grad_weigth": 1.0}, "loss.grad_weigth"),
+        ("toy_det", "detector", {"kind": "mask_rcnn", "anchor_scal": 4.0}, "detector.anchor_scal"),
+    ],
+)
+def test_task_constructors_refuse_unknown_dict_option_keys(
+    experiment: str, option: str, value: dict, named: str, tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """Built from Python (not train.py's config check), the task itself refuses the key."""
+    classes = [] if experiment == "toy_depth" else ["+task.num_classes=3"]
+    cfg = compose_train_cfg([f"experiment={experiment}", *classes], tmp_path / "run")
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    with pytest.raises(Exception, match=rf"ConfigKeyError.*'{re.escape(named)}'"):  # Hydra wraps it
+        instantiate({**task_cfg, option: value}, _recursive_=False, _convert_="all")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "task.tasks.seg.layer_decay=0.5",
+        "task.tasks.depth.freeze_backbone=true",
+        "task.tasks.seg.optimizer={_target_:torch.optim.SGD,_partial_:true,lr:0.1}",
+    ],
+)
+def test_multitask_member_refuses_settings_made_once_at_the_top(
+    override: str, tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """Optimiser, schedule, layer decay, freezing and init_from belong to the whole multi-task model."""
+    cfg = compose_train_cfg(["experiment=toy_multitask", override], tmp_path / "run")
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    key = override.split("=")[0].split(".")[3]
+    with pytest.raises(Exception, match=rf"{re.escape(override.split('=')[0])}.*task\.{key}"):
+        instantiate(task_cfg, _recursive_=False, _convert_="all")

@@ -179,3 +179,61 @@ def test_corrupt_validation_image_stops_train_before_any_step(toy_data_root: Pat
     assert not list((tmp_path / "run").rglob("*.ckpt"))
     logged = "".join(p.read_text() for p in (tmp_path / "run").rglob("metrics.csv"))
     assert "train/loss" not in logged
+
+
+def test_annotation_without_its_image_is_an_error_naming_it(toy_data_root: Path, tmp_path: Path) -> None:
+    """A deleted validation image used to shrink the validation set silently (its annotation ignored)."""
+    root = _copy(toy_data_root, tmp_path / "ds")
+    gone = sorted((root / "images" / "validation").glob("*.jpg"))[2]
+    gone.unlink()
+    orphan = root / "annotations" / "validation" / f"{gone.stem}.png"
+    with pytest.raises(DataError, match=f"annotation {orphan} has no image"):
+        _seg_dm(root).setup("validate")
+    dm = SegDataModule(root, crop_size=(64, 64), num_workers=0, skip_bad=True)
+    with pytest.warns(UserWarning, match="skipped 1 annotations"):
+        dm.setup("validate")
+
+
+def test_coco_image_missing_on_disk_is_named_by_the_scan(tmp_path: Path) -> None:
+    from siglip_dense.data.coco import DetDataModule
+
+    root = ensure_toy_data(tmp_path / "coco", num_train=2, num_val=2, layout="coco")
+    data = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    gone = root / "val2017" / data["images"][1]["file_name"]
+    gone.unlink()
+    with pytest.raises(DataError, match=str(gone)):
+        DetDataModule(root, image_size=64, num_workers=0).setup("validate")
+
+
+def test_depth_map_without_its_image_is_an_error_naming_it(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from siglip_dense.data.nyu import DepthFolderDataset
+
+    for stem in ("a", "b", "c"):
+        (tmp_path / "depth" / "val").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "depth" / "val" / f"{stem}.png")
+        if stem != "c":
+            (tmp_path / "images" / "val").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "images" / "val" / f"{stem}.png")
+    orphan = tmp_path / "depth" / "val" / "c.png"
+    with pytest.raises(DataError, match=f"depth map {orphan} has no image"):
+        DepthFolderDataset(tmp_path, "val")
+    with pytest.warns(UserWarning, match="skipped 1 depth maps"):
+        assert len(DepthFolderDataset(tmp_path, "val", skip_bad=True)) == 2
+
+
+def test_multitask_member_data_errors_name_the_member_key(toy_data_root: Path, tmp_path: Path) -> None:
+    from siglip_dense.data.multitask import MultiTaskDataModule
+
+    seg = {"_target_": "siglip_dense.data.datamodule.SegDataModule", "crop_size": [64, 64], "num_workers": 0}
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=rf"data\.datamodules\.seg\.root {missing} does not exist"):
+        MultiTaskDataModule({"seg": {**seg, "root": str(missing)}})
+    root = _copy(toy_data_root, tmp_path / "ds")
+    bad = sorted((root / "images" / "validation").glob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    dm = MultiTaskDataModule({"seg": {**seg, "root": str(root)}})
+    with pytest.raises(DataError, match=r"set data\.datamodules\.seg\.skip_bad=true"):
+        dm.setup("validate")

@@ -25,6 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 from siglip_dense.data.toy import ensure_toy_data
 from siglip_dense.train import run_train
 from tests.conftest import compose_train_cfg
+from tests.test_coco_data import toy_coco_root  # noqa: F401 - shared session fixture
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -316,3 +317,53 @@ def test_slurm_requeue_signal_saves_at_a_batch_boundary_and_requeues(toy_root: P
     assert hpc["global_step"] == last["global_step"] == 5
     assert hpc["loops"] == last["loops"]
     assert all(torch.equal(v, last["state_dict"][k]) for k, v in hpc["state_dict"].items())
+
+
+@pytest.mark.slow
+def test_ddp_sim_det_resume_from_mid_epoch_checkpoint_is_bit_identical(
+    toy_coco_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Mask R-CNN's samplers draw from each rank's own torch generator: a mid-epoch resume under 2 gloo
+    processes ends bit-identical to the uninterrupted run only if every rank gets its own random states
+    back (with rank 0's states on both ranks, every tensor differed)."""
+    base = ["experiment=toy_det", f"data.root={toy_coco_root}", "data.num_workers=0", "data.batch_size=1"]
+    base += ["data.image_size=96", "trainer=ddp_sim", "trainer.max_steps=4", "+trainer.val_check_interval=2"]
+    base += ["trainer.check_val_every_n_epoch=null", "+trainer.limit_val_batches=1", "num_vis=0"]
+    base += ["validate=false", "monitor=step", "monitor_mode=min"]
+    base += ["task.detector.rpn_post_nms_top_n_test=20", "task.detector.box_detections_per_img=10"]
+    every_val = ["+callbacks.every_val._target_=lightning.pytorch.callbacks.ModelCheckpoint"]
+    every_val += ["+callbacks.every_val.save_top_k=-1", "+callbacks.every_val.filename='step{step}'"]
+    every_val += ["+callbacks.every_val.auto_insert_metric_name=false"]
+    straight = tmp_path / "straight"  # 8 images / 2 ranks / batch 1: 4 steps per epoch, step 2 is mid-epoch
+    proc = train_py([*base, *every_val, f"hydra.run.dir={straight}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step2 = straight / "checkpoints" / "step2.ckpt"
+    assert load(step2)["rng_states"]["world_size"] == 2
+    resumed = tmp_path / "resumed"
+    proc = train_py([*base, f"ckpt_path={step2}", f"hydra.run.dir={resumed}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+
+
+def test_per_rank_random_states_refuse_another_world_size_mid_epoch() -> None:
+    """A checkpoint holds each rank's states; resuming mid-epoch on another process count is refused
+    (the missing ranks' streams cannot continue), at an epoch end rank r takes saved rank r's."""
+    from siglip_dense.tasks.base import (
+        checkpoint_is_mid_epoch,
+        collect_rng_states,
+        gather_rng_states,
+        rng_states_for_rank,
+    )
+
+    torch.manual_seed(3)
+    saved = gather_rng_states()  # one process: [this process's states]
+    assert saved["world_size"] == 1 and torch.equal(saved["ranks"][0]["torch"], torch.get_rng_state())
+    two = {"world_size": 2, "ranks": [saved["ranks"][0], collect_rng_states()]}
+    mid = {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"is_last_batch": False}}}}
+    end = {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"is_last_batch": True}}}}
+    assert checkpoint_is_mid_epoch(mid) and not checkpoint_is_mid_epoch(end)
+    with pytest.raises(ValueError, match="random states of 2 process.*this run has 1"):
+        rng_states_for_rank(two, mid_epoch=True)
+    assert rng_states_for_rank(two, mid_epoch=False) is two["ranks"][0]
+    assert rng_states_for_rank(saved["ranks"][0], mid_epoch=True) is saved["ranks"][0]  # older layout

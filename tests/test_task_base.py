@@ -281,3 +281,54 @@ def test_multitask_backbone_starts_a_detector_and_back(tmp_path: Path) -> None:
     )
     own = back.backbone.state_dict()
     assert all(torch.equal(own[k], theirs[k]) for k in own)
+
+
+def _same_shape_counterparts(
+    own: dict[str, torch.Tensor], src: dict[str, torch.Tensor], own_prefix: str, src_prefix: str
+) -> dict[str, str]:
+    """``{own key: source key}`` for the non-backbone tensors both hold (same relative name and shape)."""
+    return {
+        k: src_prefix + k[len(own_prefix) :]
+        for k in own
+        if k.startswith(own_prefix)
+        and not k.startswith(f"{own_prefix}backbone.")
+        and src_prefix + k[len(own_prefix) :] in src
+        and src[src_prefix + k[len(own_prefix) :]].shape == own[k].shape
+    }
+
+
+def test_init_from_all_between_multitask_and_single_task_loads_necks_and_heads(tmp_path: Path) -> None:
+    """``all`` finds each component under its own prefix: a multi-task file holds the seg task's neck and
+    heads under ``model.tasks.seg.model.*`` (and the reverse); they used to be kept fresh silently."""
+    torch.manual_seed(0)
+    mt = _multitask(tmp_path)
+    mt_ckpt = _lightning_checkpoint(mt, tmp_path / "mt.ckpt")
+    torch.manual_seed(1)
+    seg = _task(tmp_path, "toy_seg", init_from=str(mt_ckpt))
+    src, own = mt.state_dict(), seg.state_dict()
+    pairs = _same_shape_counterparts(own, src, "model.", "model.tasks.seg.model.")
+    assert any(k.startswith("model.neck.") for k in pairs) and any(k.startswith("model.head.") for k in pairs)
+    assert set(pairs) <= set(seg.init_report.loaded)
+    assert all(torch.equal(own[k], src[s]) for k, s in pairs.items())
+
+    torch.manual_seed(2)
+    seg_src = _task(tmp_path, "toy_seg")
+    torch.manual_seed(3)
+    back = _multitask(tmp_path, init_from=str(_lightning_checkpoint(seg_src, tmp_path / "seg.ckpt")))
+    src, own = seg_src.state_dict(), back.state_dict()
+    pairs = _same_shape_counterparts(own, src, "model.tasks.seg.model.", "model.")
+    assert any(".neck." in k for k in pairs) and set(pairs) <= set(back.init_report.loaded)
+    assert all(torch.equal(own[k], src[s]) for k, s in pairs.items())
+    assert "model.tasks.depth.model.head." in back.init_report.absent  # the seg file has no depth head
+
+
+def test_init_from_all_from_another_task_loads_what_it_holds(tmp_path: Path) -> None:
+    """det -> seg with ``all``: the backbone is there (under ``model.backbone.body.``), the heads are not."""
+    torch.manual_seed(0)
+    det = _task(tmp_path, "toy_det", category_ids=[1, 2, 3])
+    torch.manual_seed(1)
+    seg = _task(tmp_path, "toy_seg", init_from=str(_lightning_checkpoint(det, tmp_path / "det.ckpt")))
+    own, theirs = seg.backbone.state_dict(), det.backbone.state_dict()
+    assert {f"model.backbone.{k}" for k in own} <= set(seg.init_report.loaded)
+    assert all(torch.equal(own[k], theirs[k]) for k in own)
+    assert {"model.neck.", "model.head."} <= set(seg.init_report.absent)

@@ -39,6 +39,37 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IGNORE_INDEX = 255
 
 
+def orphan_annotations(ann_dir: Path, image_stems: set[str], suffixes: tuple[str, ...]) -> list[Path]:
+    """Annotation files in ``ann_dir`` whose image is missing (a split that would silently shrink)."""
+    if not ann_dir.is_dir():
+        return []
+    return sorted(p for p in ann_dir.iterdir() if p.suffix.lower() in suffixes and p.stem not in image_stems)
+
+
+def report_orphans(orphans: list[Path], kind: str, img_dir: Path, skip_bad: bool) -> int:
+    """An annotation without its image is an error naming it, or (``skip_bad``) a counted warning.
+
+    Returns:
+        the number of orphans skipped.
+
+    Raises:
+        DataError: naming the first orphan and the count, unless ``skip_bad``.
+    """
+    if not orphans:
+        return 0
+    if not skip_bad:
+        raise DataError(
+            f"{kind} {orphans[0]} has no image {img_dir / orphans[0].stem}.* ({len(orphans)} {kind}s in "
+            f"{orphans[0].parent} lack one; set data.skip_bad=true to skip them)"
+        )
+    warnings.warn(
+        f"skipped {len(orphans)} {kind}s in {orphans[0].parent} without an image in {img_dir} "
+        f"(e.g. {orphans[0].name})",
+        stacklevel=4,
+    )
+    return len(orphans)
+
+
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """ADE20K convention: 0 (other) → 255 (ignored), v → v - 1; an existing 255 stays ignored."""
     out = label.astype(np.int16) - 1
@@ -129,6 +160,8 @@ class SegFolderDataset(Dataset):
             )
         if not samples:
             raise DataError(f"no image in {img_dir} has an annotation in {ann_dir}")
+        orphans = orphan_annotations(ann_dir, {img.stem for img in images}, (".png",))
+        self.num_orphans = report_orphans(orphans, "annotation", img_dir, self.skip_bad)
         return samples
 
     def __len__(self) -> int:

@@ -7,13 +7,35 @@ task, in the order of ``datamodules`` (Lightning passes the index as ``dataloade
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader
+
+from siglip_dense.data.io import DataError
+
+
+@contextlib.contextmanager
+def member_keys(name: str) -> Iterator[None]:
+    """Data errors of member ``name`` name its own keys (``data.datamodules.<name>.root``, not ``data.root``)."""
+    try:
+        yield
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, DataError):
+            raise DataError(_member_message(name, str(exc.__cause__))) from exc.__cause__
+        raise
+    except DataError as exc:
+        raise DataError(_member_message(name, str(exc))) from exc
+
+
+def _member_message(name: str, message: str) -> str:
+    return re.sub(r"\bdata\.(?!datamodules\.)", f"data.datamodules.{name}.", message)
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -39,7 +61,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             if dm is None:
                 raise ValueError(f"task {name!r} has no data module config (datamodules.{name} is null)")
             if isinstance(dm, Mapping):
-                dm = instantiate(dict(dm), _convert_="all")
+                with member_keys(str(name)):
+                    dm = instantiate(dict(dm), _convert_="all")
             if not isinstance(dm, L.LightningDataModule):
                 raise TypeError(f"datamodules.{name} is a {type(dm).__name__}, not a LightningDataModule")
             self.datamodules[str(name)] = dm
@@ -95,8 +118,9 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._attach()
-        for dm in self.datamodules.values():
-            dm.setup(stage)
+        for name, dm in self.datamodules.items():
+            with member_keys(name):
+                dm.setup(stage)
 
     def teardown(self, stage: str | None = None) -> None:
         for dm in self.datamodules.values():

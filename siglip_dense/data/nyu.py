@@ -22,6 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from siglip_dense.data.ade20k import orphan_annotations, report_orphans
 from siglip_dense.data.datamodule import DenseDataModule, worker_seed
 from siglip_dense.data.io import DataError, read_image
 from siglip_dense.data.scan import resolve_root, scan_datamodule
@@ -303,6 +304,8 @@ class DepthFolderDataset(DepthDataset):
             warnings.warn(f"dropped {len(missing)} images in {img_dir} without a depth map", stacklevel=3)
         if not samples:
             raise DataError(f"no image in {img_dir} has a depth map in {depth_dir}")
+        orphans = orphan_annotations(depth_dir, {img.stem for img in images}, DEPTH_SUFFIXES)
+        self.num_orphans = report_orphans(orphans, "depth map", img_dir, self.skip_bad)
         return samples
 
 

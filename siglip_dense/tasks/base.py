@@ -168,6 +168,7 @@ class InitReport:
     mismatched: list[str] = field(default_factory=list)  # same name, other shape: re-initialised
     resampled: list[str] = field(default_factory=list)  # position tables resampled to this grid
     missing: list[str] = field(default_factory=list)  # here, absent from the checkpoint
+    absent: list[str] = field(default_factory=list)  # components (key prefixes) the file does not hold
 
     def __str__(self) -> str:
         def head(keys: list[str]) -> str:
@@ -180,6 +181,8 @@ class InitReport:
             )
         if self.mismatched:
             lines.append(f"  re-initialised (shape differs) {len(self.mismatched)}: {head(self.mismatched)}")
+        if self.absent:
+            lines.append(f"  components not in checkpoint (kept fresh): {', '.join(self.absent)}")
         if self.missing:
             lines.append(f"  not in checkpoint (kept fresh) {len(self.missing)}: {head(self.missing)}")
         if self.skipped:
@@ -248,6 +251,24 @@ def find_source_prefix(src: dict[str, torch.Tensor], rel_keys: list[str], own_pr
     return max(candidates, key=lambda p: (score[p], p == own_prefix, -len(p)))
 
 
+def split_components(module: nn.Module, prefix: str, taken: set[str]) -> dict[str, nn.Module]:
+    """``module``'s children by key prefix, descending into those that contain a ``taken`` prefix.
+
+    With ``taken`` = the backbone and neck prefixes this yields the remaining parts (heads, RPN,
+    RoI heads, extra pyramid levels), each a component :func:`init_from_checkpoint` locates on its own.
+    """
+    out: dict[str, nn.Module] = {}
+    for name, child in module.named_children():
+        child_prefix = f"{prefix}{name}."
+        if child_prefix in taken:
+            continue
+        if any(t.startswith(child_prefix) for t in taken):
+            out.update(split_components(child, child_prefix, taken))
+        elif any(True for _ in child.state_dict()):
+            out[child_prefix] = child
+    return out
+
+
 def source_layout(src: dict[str, torch.Tensor]) -> list[str]:
     """The first two key levels of a state dict (error messages show what a file holds)."""
     return sorted({".".join(k.split(".")[:2]) + "." for k in src})[:12]
@@ -278,8 +299,13 @@ def init_from_checkpoint(
     used: set[str] = set()
     looked: list[str] = []
     for own_prefix, component in components.items():
-        rel_keys = list(component.state_dict())
+        # a component's own state dict may hold keys the module drops (multitask backbone aliases)
+        rel_keys = [k for k in component.state_dict() if own_prefix + k in own]
+        if not rel_keys:
+            continue
         src_prefix = find_source_prefix(src, rel_keys, own_prefix)
+        if src_prefix is None:
+            report.absent.append(own_prefix)
         looked.append(f"'{own_prefix or '<all>'}' (keys such as '{rel_keys[0] if rel_keys else '?'}')")
         for rel in rel_keys:
             name, key = own_prefix + rel, (src_prefix or "") + rel
@@ -322,6 +348,55 @@ def collect_rng_states() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def _world() -> tuple[int, int]:
+    """(global rank, world size) of the initialised process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_rng_states() -> dict[str, Any]:
+    """Every rank's random states, indexed by global rank: ``{"world_size": W, "ranks": [states_0, ...]}``.
+
+    Under DDP each rank's streams differ (e.g. Mask R-CNN's proposal and mask samplers draw from the
+    global torch generator on each rank), so an exact resume restores each rank's own states. A
+    collective: every rank must call it (Lightning dumps checkpoints on every rank, rank 0 writes).
+    """
+    states = collect_rng_states()
+    rank, world = _world()
+    if world == 1:
+        return {"world_size": 1, "ranks": [states]}
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, states)
+    return {"world_size": world, "ranks": gathered}
+
+
+def rng_states_for_rank(saved: dict[str, Any], mid_epoch: bool) -> dict[str, Any]:
+    """This rank's states from a checkpoint's ``rng_states`` (per-rank layout or the older rank-0-only one).
+
+    Raises:
+        ValueError: a mid-epoch checkpoint written with another number of processes (the random
+            streams of the missing or extra ranks cannot be continued exactly).
+    """
+    if "ranks" not in saved:  # checkpoints written before per-rank states: rank 0's, on every rank
+        return saved
+    rank, world = _world()
+    saved_world = int(saved["world_size"])
+    if saved_world != world and mid_epoch:
+        raise ValueError(
+            f"cannot resume mid-epoch: the checkpoint holds the random states of {saved_world} process(es), "
+            f"this run has {world}. Resume with the same number of processes, or from an end-of-epoch "
+            "checkpoint."
+        )
+    return saved["ranks"][rank % saved_world]
+
+
+def checkpoint_is_mid_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Whether a Lightning checkpoint was written before its epoch's last training batch."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return not bool(progress.get("is_last_batch", True))
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
@@ -395,13 +470,17 @@ class DenseTask(L.LightningModule):
             self.init_report = report
 
     def init_components(self, filter_name: str) -> dict[str, nn.Module]:
-        """This model's parts ``init_from_filter`` selects, by their key prefix in this module."""
+        """This model's parts ``init_from_filter`` selects, by their key prefix in this module.
+
+        ``all``: the backbone, the neck and every other part (heads) separately, so that each is
+        found in the source under its own prefix (another task's or a multi-task checkpoint).
+        """
         prefixes = filter_prefixes(filter_name, f"model.{self.backbone_prefix}", f"model.{self.neck_prefix}")
+        if prefixes == ("",):
+            parts = self.init_components("backbone+neck")
+            return {**parts, **split_components(self.model, "model.", set(parts))}
         out = {}
         for prefix in prefixes:
-            if prefix == "":
-                out["model."] = self.model
-                continue
             try:
                 out[prefix] = self.get_submodule(prefix.rstrip("."))
             except AttributeError:
@@ -504,14 +583,17 @@ class DenseTask(L.LightningModule):
             "data": copy.deepcopy(self.data_config),
         }
 
-        checkpoint["rng_states"] = collect_rng_states()
+        trainer = self._trainer
+        # once per checkpoint: a multitask model's sub-tasks share its trainer and are not its module
+        if trainer is not None and trainer.lightning_module is self:
+            checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.on_load_meta(checkpoint.get("siglip_dense", {}))
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and "rng_states" in checkpoint:
             # resuming a fit: continue the random streams (shuffle, augmentation, dropout) exactly
-            set_rng_states(checkpoint["rng_states"])
+            set_rng_states(rng_states_for_rank(checkpoint["rng_states"], checkpoint_is_mid_epoch(checkpoint)))
 
     def on_load_meta(self, meta: dict[str, Any]) -> None:
         """Restore what the checkpoint says beyond the weights (the data config)."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from siglip_dense.config_check import check_option_keys
 from siglip_dense.evaluation.depth_metrics import DEPTH_METRIC_KEYS, DepthMetric, format_depth_table
 from siglip_dense.models.heads.depth import DepthModel
 from siglip_dense.tasks.base import DenseTask
@@ -71,6 +72,11 @@ class DepthTask(DenseTask):
 
     task_name = "depth"
 
+    @classmethod
+    def option_keys(cls) -> dict[str, set[str]]:
+        """The keys of the dict options (see ``config_check.option_keys_of``)."""
+        return {"eval": set(DEFAULT_EVAL), "loss": set(DEFAULT_LOSS)}
+
     def __init__(
         self,
         backbone: dict[str, Any],
@@ -90,6 +96,8 @@ class DepthTask(DenseTask):
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()
+        for name, options in (("eval", eval), ("loss", loss)):
+            check_option_keys(options, self.option_keys()[name], name, type(self).__name__)
         # the data decides the protocol (train.py passes datamodule.task_kwargs()); NYUv2 otherwise
         self.min_depth = float(min_depth) if min_depth is not None else 1e-3
         self.max_depth = float(max_depth) if max_depth is not None else 10.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 
+from siglip_dense.config_check import check_option_keys
 from siglip_dense.evaluation.coco_eval import (
     detections_to_coco,
     evaluate_coco,
@@ -21,6 +23,31 @@ from siglip_dense.models.heads.detection import build_detector
 from siglip_dense.tasks.base import DenseTask
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+# what build_detector passes to the torchvision constructor itself (not settable from task.detector)
+_BUILT_BY_US = {"backbone", "num_classes", "anchor_generator", "rpn_anchor_generator", "head", "rpn_head"}
+_BUILT_BY_US |= {"box_roi_pool", "box_predictor", "mask_roi_pool", "mask_predictor", "mask_head"}
+_BUILT_BY_US |= {"min_size", "max_size", "image_mean", "image_std", "size_divisible", "_skip_resize"}
+
+
+def detector_option_keys() -> set[str]:
+    """Keys ``task.detector`` may hold: ``kind``, :func:`build_detector`'s options and the torchvision
+    constructors' keyword arguments that it forwards (score thresholds, sampler sizes).
+
+    torchvision's detectors take ``**kwargs``, so without this check a misspelt key
+    (``anchor_scal``) would be swallowed there and the default used silently.
+    """
+    from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+
+    def named(fn: Any) -> set[str]:
+        params = inspect.signature(fn).parameters.values()
+        return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    keys = named(build_detector) - {"body", "neck", "num_classes", "image_size"}
+    for cls in (FasterRCNN, MaskRCNN, RetinaNet, FCOS):
+        keys |= named(cls.__init__) - {"self"}
+    return (keys - _BUILT_BY_US) | {"kind"}
 
 
 class DetectionTask(DenseTask):
@@ -85,9 +112,16 @@ class DetectionTask(DenseTask):
         self.last_results: list[dict[str, Any]] = []
         self.finish_init(freeze_backbone, init_from, init_from_filter)
 
+    @classmethod
+    def option_keys(cls) -> dict[str, set[str]]:
+        """The keys of the dict options (see ``config_check.option_keys_of``)."""
+        return {"detector": detector_option_keys()}
+
     def build_model(
         self, backbone_cfg: dict[str, Any], neck_cfg: dict[str, Any], detector_cfg: dict[str, Any]
     ) -> torch.nn.Module:
+        options = {k: v for k, v in detector_cfg.items() if k != "_target_"}
+        check_option_keys(options, detector_option_keys(), "detector", type(self).__name__)
         body = self.build_backbone(backbone_cfg)
         if not neck_cfg or "_target_" not in neck_cfg:
             raise ValueError(

@@ -113,6 +113,21 @@ def _fill_backbone_aliases(module: MultiTaskModel, state_dict: dict[str, Any], p
             state_dict.setdefault(alias + key[len(shared) :], state_dict[key])
 
 
+def _check_member_settings(name: str, cfg: Any, shared: dict[str, Any]) -> None:
+    """A member's optimiser / schedule / layer decay / freezing differing from the model's: refused.
+
+    The multi-task model optimises all tasks with one set of these (``task.<key>``); the member
+    configs carry the same keys (they are the single-task configs), interpolated from the top in
+    ``configs/task/multitask_*.yaml``. A different value there would be silently unused.
+    """
+    for key, value in shared.items():
+        if isinstance(cfg, dict) and key in cfg and cfg[key] != value:
+            raise ValueError(
+                f"task.tasks.{name}.{key}={cfg[key]!r} would not be used: {key} is set once for the "
+                f"whole multi-task model, at task.{key} (now {value!r}); set it there"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # the LightningModule
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +177,14 @@ class MultiTask(DenseTask):
         if tasks_kwargs is not None:
             check_task_data(names, list(tasks_kwargs))
 
+        shared_settings = {
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "layer_decay": layer_decay,
+            "freeze_backbone": freeze_backbone,
+        }
+        for name in names:
+            _check_member_settings(name, tasks[name], shared_settings)
         shared = self.build_backbone(backbone)
         self._backbone_overrides: dict[str, dict[str, Any]] = {}
         sub_tasks: dict[str, DenseTask] = {}
@@ -241,6 +264,18 @@ class MultiTask(DenseTask):
         }
         cfg["freeze_backbone"] = False
         return cfg
+
+    def init_components(self, filter_name: str) -> dict[str, nn.Module]:
+        """The shared backbone, then each task's own parts (``tasks.<name>.model.<part>.``) for
+        ``backbone+neck`` (necks) and ``all`` (necks and heads), each located on its own in the source."""
+        out = super().init_components("backbone")
+        if filter_name == "backbone":
+            return out
+        for name, sub in self.sub_tasks.items():
+            for prefix, part in sub.init_components(filter_name).items():
+                if prefix != f"model.{sub.backbone_prefix}":
+                    out[f"model.tasks.{name}.{prefix}"] = part
+        return out
 
     # -- the pieces ---------------------------------------------------------------------------------
     @property

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from siglip_dense.config_check import check_option_keys
 from siglip_dense.evaluation.deferred import eval_checks_deferred
 from siglip_dense.evaluation.naflex import check_naflex_eval, naflex_inference
 from siglip_dense.evaluation.seg_metrics import SegmentationMetric, format_seg_table
@@ -52,6 +53,11 @@ class SegmentationTask(DenseTask):
 
     task_name = "segmentation"
 
+    @classmethod
+    def option_keys(cls) -> dict[str, set[str]]:
+        """The keys of the dict options (see ``config_check.option_keys_of``)."""
+        return {"eval": set(DEFAULT_EVAL)}
+
     def __init__(
         self,
         backbone: dict[str, Any],
@@ -72,6 +78,7 @@ class SegmentationTask(DenseTask):
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()
+        check_option_keys(eval, DEFAULT_EVAL, "eval", type(self).__name__)
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         if len(self.class_names) != self.num_classes:
