@@ -206,21 +206,44 @@ def test_init_from_other_img_size_resamples_the_table(tmp_path: Path) -> None:
 
 
 # -- F6: a timm hub config.json without act_layer: timm builds its registered definition's activation ------
-def test_timm_hub_dir_without_act_layer_follows_timms_definition(tmp_path: Path) -> None:
+def test_timm_hub_dir_without_act_layer_loads_the_trained_tanh_gelu(tmp_path: Path) -> None:
+    """Issue 16: tanh-GELU for SigLIP checkpoints, as transformers (and big_vision's training) compute,
+    although timm's older definition (here base16) builds exact GELU; ``model_args.act_layer`` wins."""
     import timm
     from timm.models import save_for_hf
 
     torch.manual_seed(0)
-    kw = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, img_size=64)  # no act_layer: timm's own
-    ref = timm.create_model("vit_base_patch16_siglip_224", num_classes=0, dynamic_img_size=True, **kw).eval()
-    assert isinstance(ref.blocks[0].mlp.act, torch.nn.GELU) and ref.blocks[0].mlp.act.approximate == "none"
-    save_for_hf(ref, str(tmp_path), model_args=kw, safe_serialization=True)
+    kw = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, img_size=64)  # no act_layer: timm's exact
+    exact = timm.create_model(
+        "vit_base_patch16_siglip_224", num_classes=0, dynamic_img_size=True, **kw
+    ).eval()
+    assert (
+        isinstance(exact.blocks[0].mlp.act, torch.nn.GELU) and exact.blocks[0].mlp.act.approximate == "none"
+    )
+    with torch.no_grad():  # MLP inputs of a trained model's size, where exact and tanh GELU differ
+        for blk in exact.blocks:
+            blk.mlp.fc1.weight.mul_(30.0)
+    save_for_hf(exact, str(tmp_path), model_args=kw, safe_serialization=True)
+    tanh = timm.create_model(
+        "vit_base_patch16_siglip_224", num_classes=0, dynamic_img_size=True, act_layer="gelu_tanh", **kw
+    ).eval()
+    tanh.load_state_dict(exact.state_dict())
     bb = build_backbone(checkpoint=tmp_path, verbose=False).eval()
-    assert bb.arch_config.act_layer == "gelu"
+    assert bb.arch_config.act_layer == "gelu_tanh"
     for hw in [(64, 64), (96, 80)]:
         x = torch.randn(1, 3, *hw)
         with torch.no_grad():
-            torch.testing.assert_close(bb.forward_features(x), ref.forward_features(x), rtol=0, atol=1e-5)
+            ours = bb.forward_features(x)
+            torch.testing.assert_close(ours, tanh.forward_features(x), rtol=0, atol=1e-5)
+            assert (ours - exact.forward_features(x)).abs().max() > 1e-4  # the choice is visible
+    # a config that names its activation is followed
+    explicit = tmp_path / "explicit"
+    save_for_hf(exact, str(explicit), model_args={**kw, "act_layer": "gelu"}, safe_serialization=True)
+    bb = build_backbone(checkpoint=explicit, verbose=False).eval()
+    assert bb.arch_config.act_layer == "gelu"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.forward_features(x), exact.forward_features(x), rtol=0, atol=1e-5)
 
 
 # -- F7: timm's NaFlexVit SigLIP 2 (naflexvit_*_siglip) hub directories ----------------------------------

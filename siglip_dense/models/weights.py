@@ -344,10 +344,10 @@ def _timm_hints(config: dict[str, Any] | None) -> dict[str, Any]:
     if name:
         try:
             ref = arch_config_of(name)
-            # the activation timm (and open_clip's timm trunk) builds for that name: its own definition's
-            hints.update(
-                num_heads=ref.num_heads, norm_eps=ref.norm_eps, arch=ref.arch, act_layer=ref.act_layer
-            )
+            # not the activation: timm's older SigLIP definitions (base16, large16, so400m14) build exact
+            # GELU, but every SigLIP / SigLIP 2 checkpoint was trained with tanh-GELU (big_vision;
+            # transformers' gelu_pytorch_tanh), so DEFAULT_ACT applies unless model_args says otherwise
+            hints.update(num_heads=ref.num_heads, norm_eps=ref.norm_eps, arch=ref.arch)
         except ValueError:
             pass
     args = config.get("model_args") or {}
