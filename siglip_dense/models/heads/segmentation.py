@@ -2,7 +2,7 @@
 
 Every head takes ``in_channels`` and ``num_classes``, reads named NCHW maps from a dict, and returns
 logits at the resolution of its first input map. Input selection, resizing, dropout and the final
-1×1 classifier ``conv_seg`` (MMSeg's N(0, 0.01²) init; ``init_from`` re-initialises it when the class
+1×1 classifier ``conv_seg`` (PyTorch's default init; MMSeg's N(0, 0.01²) with ``init_std=0.01``; ``init_from`` re-initialises it when the class
 count changes) come from :class:`~siglip_dense.models.heads.base.BaseDecodeHead`. Upsampling to the
 image is the segmentor's job.
 """
