@@ -28,7 +28,10 @@ from tests.conftest import compose_train_cfg
 from tests.test_coco_data import toy_coco_root  # noqa: F401 - shared session fixture
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# train.py subprocesses use this process's intra-op thread count: CPU reductions are bit-identical only
+# at equal thread counts, and the uninterrupted run they are compared with runs in this process
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+ENV["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 MAX_STEPS = 10  # not a multiple of the validation interval: the last 2 steps follow no validation
 
 
