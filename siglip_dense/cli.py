@@ -175,7 +175,7 @@ def run_convert(cfg: DictConfig) -> int:
     A checkpoint that cannot be read prints ``error: <reason naming the file>`` to stderr and
     returns 1 (no traceback); an ``out`` not ending in ``.safetensors`` returns 2.
     """
-    from siglip_dense.models.backbone import match_timm_arch
+    from siglip_dense.models.arch import match_timm_arch
     from siglip_dense.models.weights import CheckpointError, read_checkpoint, save_checkpoint
 
     require(cfg, "siglip-dense-convert src=SRC out=OUT.safetensors [img_size=N]")

@@ -9,7 +9,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from siglip_dense.models import ArchConfig, SigLIP2Backbone, build_backbone
-from siglip_dense.models.backbone import arch_config_of, match_timm_arch, resolve_arch
+from siglip_dense.models.arch import arch_config_of, match_timm_arch, resolve_arch
 
 
 def tiny_cfg(patch: int = 16, img: int = 64, depth: int = 3) -> ArchConfig:
@@ -199,7 +199,7 @@ def test_drop_smaller_than_a_patch_is_an_error() -> None:
 
 def test_pos_resample_rules_follow_their_formulas() -> None:
     """Each rule is F.interpolate with the source's mode/antialias (timm: resample_abs_pos_embed)."""
-    from siglip_dense.models.backbone import POS_RESAMPLE, resample_pos_embed
+    from siglip_dense.models.pos_embed import POS_RESAMPLE, resample_pos_embed
 
     table = torch.randn(1, 16, 8)
     grid = table.reshape(1, 4, 4, 8).permute(0, 3, 1, 2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from siglip_dense.models import build_backbone
-from siglip_dense.models.backbone import arch_config_of
+from siglip_dense.models.arch import arch_config_of
 from siglip_dense.tasks.base import DenseTask
 
 

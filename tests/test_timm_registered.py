@@ -22,9 +22,9 @@ from timm.data import resolve_data_config
 from timm.layers import create_feature_extractor, get_graph_node_names
 from timm.models import model_entrypoint
 
-from siglip_dense.models import backbone
+from siglip_dense.models import arch
 
-OURS = sorted(n for n in timm.list_models() if model_entrypoint(n).__module__ == backbone.__name__)
+OURS = sorted(n for n in timm.list_models() if model_entrypoint(n).__module__ == arch.__name__)
 # timm feeds the features_only / forward_intermediates tests at most this size unless the cfg says
 # fixed_input_size (TARGET_FFEAT_SIZE in timm's tests)
 FEATURE_TARGET = 96
@@ -71,8 +71,8 @@ def cfg_problems(cfg: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor])
 
 
 def test_every_registered_model_is_found_and_has_its_own_cfg() -> None:
-    assert OURS, "siglip_dense registers no timm model (import of siglip_dense.models.backbone?)"
-    assert set(OURS) == {name.split(".")[0] for name in backbone.default_cfgs}
+    assert OURS, "siglip_dense registers no timm model (import of siglip_dense.models.arch?)"
+    assert set(OURS) == {name.split(".")[0] for name in arch.default_cfgs}
 
 
 def test_cfg_problems_rejects_an_incomplete_cfg() -> None:

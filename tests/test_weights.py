@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from siglip_dense.models import build_backbone
-from siglip_dense.models.backbone import ArchConfig, create_vit
+from siglip_dense.models.arch import ArchConfig, create_vit
 from siglip_dense.models.weights import (
     CheckpointError,
     check_arch_matches,
@@ -381,7 +381,7 @@ def test_our_format_non_square_grid(tmp_path: Path) -> None:
 
 
 def read_checkpoint_arch(vit: torch.nn.Module) -> ArchConfig:
-    from siglip_dense.models.backbone import arch_config_of_vit
+    from siglip_dense.models.arch import arch_config_of_vit
 
     return arch_config_of_vit(vit)
 

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import Block
 
+from siglip_dense.models.arch import arch_config_of
 from siglip_dense.models.backbone import (
     VITDET_GLOBAL_BLOCKS,
     SigLIP2Backbone,
     WindowedBlock,
-    arch_config_of,
     build_backbone,
 )
 from tests.conftest import compose_train_cfg

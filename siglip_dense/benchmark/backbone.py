@@ -16,7 +16,7 @@ from torch import nn
 from siglip_dense.benchmark.common import DTYPES, device_name, peak_tflops
 from siglip_dense.benchmark.timing import time_interleaved
 from siglip_dense.models import build_backbone
-from siglip_dense.models.backbone import arch_config_of, create_vit
+from siglip_dense.models.arch import arch_config_of, create_vit
 
 NAME = "backbone"
 HELP = "ours vs plain timm vs transformers SiglipVisionModel"

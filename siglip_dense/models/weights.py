@@ -28,17 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from siglip_dense.models.backbone import (
-    _FAMILIES,
+from siglip_dense.models.arch import (
     DEFAULT_ACT,
+    FAMILIES,
     SIGLIP_MEAN,
     SIGLIP_STD,
     ArchConfig,
-    _act_name,
+    act_name,
     arch_config_of,
     create_vit,
-    resample_pos_embed,
 )
+from siglip_dense.models.pos_embed import resample_pos_embed
 
 FORMAT_NAME = "siglip_dense"
 # siglip_dense.checkpoints.EXPORT_FORMAT (not imported: checkpoints imports the tasks, which import us)
@@ -259,10 +259,10 @@ def _read_hf_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
 # ------------------------------------------------------------------------------------------------
 def _guess_heads(embed_dim: int, depth: int, mlp_dim: int) -> int:
     """Heads are invisible in tensor shapes: use the SigLIP family table, else 64-wide heads."""
-    for dims in _FAMILIES.values():
+    for dims in FAMILIES.values():
         if dims[0] == embed_dim and dims[1] == depth and dims[3] == mlp_dim:
             return dims[2]
-    for dims in _FAMILIES.values():
+    for dims in FAMILIES.values():
         if dims[0] == embed_dim:
             return dims[2]
     for head_dim in (64, 72, 96, 32):
@@ -450,7 +450,7 @@ def _from_timm_naflex(sd: dict[str, Tensor], path: Path, config: dict[str, Any] 
     hints = {
         "num_heads": blk.attn.num_heads,
         "norm_eps": float(model.norm.eps),
-        "act_layer": _act_name(blk.mlp.act),
+        "act_layer": act_name(blk.mlp.act),
         "img_size": (grid[0] * int(emb.patch_size[0]), grid[1] * int(emb.patch_size[1])),
     }
     pcfg = config.get("pretrained_cfg") or {}
