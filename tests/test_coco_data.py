@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from siglip_dense.data.coco import CategoryMap, CocoDetection, DetDataModule, load_coco_json
+from siglip_dense.data.coco import CategoryMap, CocoDetection, load_coco_json
+from siglip_dense.data.detection import DetDataModule
 from siglip_dense.data.io import DataError
 from siglip_dense.data.toy import ensure_toy_data
 from siglip_dense.data.transforms import (

@@ -13,14 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip_dense.data.ade20k import (
-    ADE20K_CLASSES,
-    SegFolderDataset,
-    load_class_names,
-    reduce_zero_label,
-)
-from siglip_dense.data.datamodule import SegDataModule, collate_eval, worker_seed
+from siglip_dense.data.ade20k import ADE20K_CLASSES
 from siglip_dense.data.io import DataError, read_image, read_label, write_label
+from siglip_dense.data.samplers import worker_seed
+from siglip_dense.data.seg_folder import SegFolderDataset, load_class_names, reduce_zero_label
+from siglip_dense.data.segmentation import SegDataModule, collate_seg_eval
 from siglip_dense.data.toy import (
     MARKER,
     SIZE_RANGE,
@@ -287,7 +284,7 @@ def test_datamodule_val_and_train_batches(toy_data_root: Path) -> None:
     val = next(iter(dm.val_dataloader()))
     assert isinstance(val["image"], list) and len(val["image"]) == 1
     assert val["image"][0].shape[1:] == val["mask"][0].shape == val["meta"][0]["orig_size"]
-    pair = collate_eval([dm.val_dataset[0], dm.val_dataset[1]])
+    pair = collate_seg_eval([dm.val_dataset[0], dm.val_dataset[1]])
     assert len(pair["image"]) == 2
 
 

@@ -14,9 +14,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from siglip_dense.data.datamodule import SegDataModule
 from siglip_dense.data.io import DataError
 from siglip_dense.data.scan import scan_datamodule
+from siglip_dense.data.segmentation import SegDataModule
 from siglip_dense.data.toy import ensure_toy_data
 from tests.conftest import CONFIG_DIR, compose_train_cfg
 
@@ -66,7 +66,7 @@ def test_eval_on_a_missing_root_names_it(tmp_path: Path) -> None:
 
 def test_toy_scenes_only_when_asked(tmp_path: Path) -> None:
     """No root: the toy default is generated; an explicit toy flag generates at the root named."""
-    from siglip_dense.data.nyu import DepthDataModule
+    from siglip_dense.data.depth import DepthDataModule
 
     dm = DepthDataModule(root=None, toy_root=tmp_path / "default", toy_num_train=2, toy_num_val=1)
     assert dm.root == tmp_path / "default" and (dm.root / "splits" / "val.txt").is_file()
@@ -113,7 +113,7 @@ def test_training_split_headers_and_sizes_are_checked(toy_data_root: Path, tmp_p
 
 
 def test_depth_validation_scan_names_the_file(tmp_path: Path) -> None:
-    from siglip_dense.data.nyu import DepthDataModule
+    from siglip_dense.data.depth import DepthDataModule
 
     root = ensure_toy_data(tmp_path / "nyu", num_train=2, num_val=2, layout="nyu")
     depth = root / (root / "splits" / "val.txt").read_text().split()[1]
@@ -123,7 +123,7 @@ def test_depth_validation_scan_names_the_file(tmp_path: Path) -> None:
 
 
 def test_coco_validation_without_annotations(tmp_path: Path) -> None:
-    from siglip_dense.data.coco import DetDataModule
+    from siglip_dense.data.detection import DetDataModule
 
     root = ensure_toy_data(tmp_path / "coco", num_train=2, num_val=2, layout="coco")
     ann = root / "annotations" / "instances_val2017.json"
@@ -195,7 +195,7 @@ def test_annotation_without_its_image_is_an_error_naming_it(toy_data_root: Path,
 
 
 def test_coco_image_missing_on_disk_is_named_by_the_scan(tmp_path: Path) -> None:
-    from siglip_dense.data.coco import DetDataModule
+    from siglip_dense.data.detection import DetDataModule
 
     root = ensure_toy_data(tmp_path / "coco", num_train=2, num_val=2, layout="coco")
     data = json.loads((root / "annotations" / "instances_val2017.json").read_text())
@@ -209,7 +209,7 @@ def test_depth_map_without_its_image_is_an_error_naming_it(tmp_path: Path) -> No
     import numpy as np
     from PIL import Image
 
-    from siglip_dense.data.nyu import DepthFolderDataset
+    from siglip_dense.data.depth_folder import DepthFolderDataset
 
     for stem in ("a", "b", "c"):
         (tmp_path / "depth" / "val").mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,11 @@ def test_depth_map_without_its_image_is_an_error_naming_it(tmp_path: Path) -> No
 def test_multitask_member_data_errors_name_the_member_key(toy_data_root: Path, tmp_path: Path) -> None:
     from siglip_dense.data.multitask import MultiTaskDataModule
 
-    seg = {"_target_": "siglip_dense.data.datamodule.SegDataModule", "crop_size": [64, 64], "num_workers": 0}
+    seg = {
+        "_target_": "siglip_dense.data.segmentation.SegDataModule",
+        "crop_size": [64, 64],
+        "num_workers": 0,
+    }
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError, match=rf"data\.datamodules\.seg\.root {missing} does not exist"):
         MultiTaskDataModule({"seg": {**seg, "root": str(missing)}})

@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 
-from siglip_dense.data.datamodule import SegDataModule
+from siglip_dense.data.segmentation import SegDataModule
 from siglip_dense.data.toy import ensure_toy_data
 from siglip_dense.tasks.segmentation import SegmentationTask
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip_dense.data.io import DataError
-from siglip_dense.data.nyu import DepthFolderDataset, NYUDepthDataset, read_depth
+from siglip_dense.data.depth_folder import DepthFolderDataset
+from siglip_dense.data.io import DataError, read_depth
+from siglip_dense.data.nyu import NYUDepthDataset
 from siglip_dense.data.toy import ensure_toy_data
 from siglip_dense.data.transforms import build_depth_train_transform
 from siglip_dense.evaluation.depth_metrics import DEPTH_METRIC_KEYS, DepthMetric, crop_box, valid_mask

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from siglip_dense.data.nyu import DepthDataModule
+from siglip_dense.data.depth import DepthDataModule
 from siglip_dense.data.toy import ensure_toy_data
 from siglip_dense.evaluation.depth_metrics import DEPTH_METRIC_KEYS
 from siglip_dense.tasks.depth import DepthTask

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from siglip_dense.data.coco import DetDataModule
+from siglip_dense.data.detection import DetDataModule
 from siglip_dense.models import build_backbone
 from siglip_dense.models.heads.detection import NominalStrideAnchorGenerator, build_detector
 from siglip_dense.models.necks import SimpleFeaturePyramid

@@ -14,8 +14,8 @@ from tests.conftest import compose_cfg
 
 def _multitask_checkpoint_data(root: Path) -> dict:
     """The data config a toy_multitask checkpoint stores (members with their toy roots)."""
-    seg = {"_target_": "siglip_dense.data.datamodule.SegDataModule", "root": str(root / "seg"), "toy": True}
-    depth = {"_target_": "siglip_dense.data.nyu.DepthDataModule", "root": str(root / "nyu"), "toy": True}
+    seg = {"_target_": "siglip_dense.data.segmentation.SegDataModule", "root": str(root / "seg"), "toy": True}
+    depth = {"_target_": "siglip_dense.data.depth.DepthDataModule", "root": str(root / "nyu"), "toy": True}
     return {
         "_target_": "siglip_dense.data.multitask.MultiTaskDataModule",
         "_recursive_": False,

@@ -1,7 +1,9 @@
-"""Image and label-map I/O that fails loudly, naming the file, instead of training on garbage."""
+"""Image, label-map and depth-map I/O (and image/annotation pairing checks) that fail loudly, naming the
+file, instead of training on garbage."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,78 @@ def write_label(path: str | Path, array: np.ndarray) -> None:
         arr = arr.astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)  # 2-D uint8 -> mode "L"
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def read_depth(path: str | Path, depth_scale: float = 1000.0) -> np.ndarray:
+    """Decode a depth map to H×W float32 metres: 16-bit PNG ÷ ``depth_scale``, or ``.npy`` (metres).
+
+    An 8-bit or colour PNG is refused (a visualisation, not a measurement), as is a non-float or
+    non-2-D ``.npy``; the error names the file. Invalid values are kept here (see
+    :func:`siglip_dense.data.depth_folder.sanitize_depth`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"depth file not found: {path}")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read depth {path}: {exc}") from exc
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+            raise DataError(
+                f"depth {path} has dtype {arr.dtype} and shape {arr.shape}: a .npy depth map must be a "
+                "2-D float array in metres"
+            )
+        return arr.astype(np.float32)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise DataError(f"cannot decode depth {path}: {exc} (corrupt or truncated file?)") from exc
+    if mode == "F":  # 32-bit float TIFF/PNG-like: already metres
+        return arr.astype(np.float32)
+    if mode not in _SIXTEEN_BIT_MODES or arr.ndim != 2:
+        raise DataError(
+            f"depth {path} is a PIL mode {mode!r} image of dtype {arr.dtype} and shape {arr.shape}: "
+            f"expected a single-channel 16-bit PNG in millimetres (depth_scale={depth_scale:g}) or a "
+            ".npy in metres"
+        )
+    return (arr.astype(np.float64) / float(depth_scale)).astype(np.float32)
+
+
+def orphan_annotations(ann_dir: Path, image_stems: set[str], suffixes: tuple[str, ...]) -> list[Path]:
+    """Annotation files in ``ann_dir`` whose image is missing (a split that would silently shrink)."""
+    if not ann_dir.is_dir():
+        return []
+    return sorted(p for p in ann_dir.iterdir() if p.suffix.lower() in suffixes and p.stem not in image_stems)
+
+
+def report_orphans(orphans: list[Path], kind: str, img_dir: Path, skip_bad: bool) -> int:
+    """An annotation without its image is an error naming it, or (``skip_bad``) a counted warning.
+
+    Returns:
+        the number of orphans skipped.
+
+    Raises:
+        DataError: naming the first orphan and the count, unless ``skip_bad``.
+    """
+    if not orphans:
+        return 0
+    if not skip_bad:
+        raise DataError(
+            f"{kind} {orphans[0]} has no image {img_dir / orphans[0].stem}.* ({len(orphans)} {kind}s in "
+            f"{orphans[0].parent} lack one; set data.skip_bad=true to skip them)"
+        )
+    warnings.warn(
+        f"skipped {len(orphans)} {kind}s in {orphans[0].parent} without an image in {img_dir} "
+        f"(e.g. {orphans[0].name})",
+        stacklevel=4,
+    )
+    return len(orphans)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
-from siglip_dense.data.ade20k import IGNORE_INDEX
-from siglip_dense.data.datamodule import SegDataModule, worker_seed
-from siglip_dense.data.transforms import PhotoMetricDistortion, RandomCropCatMax, seed_transform
+from siglip_dense.data.samplers import worker_seed
+from siglip_dense.data.segmentation import SegDataModule
+from siglip_dense.data.transforms import IGNORE_INDEX, PhotoMetricDistortion, RandomCropCatMax, seed_transform
 
 _EPS = 1e-5
 

@@ -8,7 +8,7 @@ the ignore index, depth with 0 (invalid). Evaluation pads with :func:`pad_normal
 
 Every random draw goes through the Compose's own RNG (``py_random`` / ``random_generator``), so
 seeding the Compose makes augmentation reproducible: training seeds it per sample from (run seed,
-epoch, pass, index) before each load (``PerSampleSeeded`` in :mod:`siglip_dense.data.datamodule`,
+epoch, pass, index) before each load (``PerSampleSeeded`` in :mod:`siglip_dense.data.samplers`,
 via :func:`seed_transform`), so the draws do not depend on workers or on where a resumed run restarted.
 """
 

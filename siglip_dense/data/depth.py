@@ -1,0 +1,129 @@
+"""LightningDataModule for monocular depth: the NYUv2 split-file layout or an RGB + depth folder. The
+evaluation protocol (depth range, crop) lives here and reaches the task through ``task_kwargs``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siglip_dense.data.base import DenseDataModule
+from siglip_dense.data.depth_folder import DepthDataset, DepthFolderDataset
+from siglip_dense.data.nyu import NYUDepthDataset
+from siglip_dense.data.samplers import worker_seed
+from siglip_dense.data.scan import resolve_root, scan_datamodule
+from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
+from siglip_dense.data.transforms import build_depth_eval_transform, build_depth_train_transform
+
+
+def collate_depth_train(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack fixed-size crops; ``meta`` stays a list of per-image dicts."""
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "depth": torch.stack([b["depth"] for b in batch]),
+        "meta": [b["meta"] for b in batch],
+    }
+
+
+def collate_depth_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lists of per-image tensors: evaluation runs at each image's own (ground-truth) size."""
+    return {
+        "image": [b["image"] for b in batch],
+        "depth": [b["depth"] for b in batch],
+        "meta": [b["meta"] for b in batch],
+    }
+
+
+DATASETS: dict[str, type[DepthDataset]] = {"nyu": NYUDepthDataset, "folder": DepthFolderDataset}
+
+
+class DepthDataModule(DenseDataModule):
+    """NYUv2 layout or an RGB + depth folder; the evaluation protocol (depth range, crop) lives here and
+    reaches the task through :meth:`task_kwargs`, so pointing ``data`` at KITTI-like data changes both.
+    """
+
+    collate_train = staticmethod(collate_depth_train)
+    collate_eval = staticmethod(collate_depth_eval)
+
+    def __init__(
+        self,
+        root: str | Path | None,
+        dataset: str = "nyu",
+        toy: bool = False,
+        toy_root: str | Path | None = None,
+        toy_num_train: int = DEFAULT_NUM_TRAIN,
+        toy_num_val: int = DEFAULT_NUM_VAL,
+        train_split: str = "train",
+        val_split: str = "val",
+        crop_size: Sequence[int] = (416, 544),
+        short_side: int | None = None,
+        scale_range: Sequence[float] = (1.0, 1.0),
+        rotate: float = 2.5,
+        flip: bool = True,
+        photometric: bool = True,
+        depth_scale: float = 1000.0,
+        min_depth: float = 1e-3,
+        max_depth: float = 10.0,
+        eval_crop: str = "eigen",
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 8,
+        skip_bad: bool = False,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        seed: int | None = None,
+        scan: bool = True,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+        layout = "nyu" if dataset == "nyu" else "depth_folder"
+        self.root = resolve_root(root, layout, toy, toy_root, num_train=toy_num_train, num_val=toy_num_val)
+        self.scan = bool(scan)
+        self.dataset, self.toy = dataset, toy
+        self.train_split, self.val_split = train_split, val_split
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.short_side = int(short_side) if short_side else None
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.rotate, self.flip, self.photometric = float(rotate), bool(flip), bool(photometric)
+        self.depth_scale = float(depth_scale)
+        self.min_depth, self.max_depth, self.eval_crop = float(min_depth), float(max_depth), str(eval_crop)
+        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
+        self.num_workers = int(num_workers)
+        self.skip_bad = bool(skip_bad)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed = seed
+        self.train_dataset: DepthDataset | None = None
+        self.val_dataset: DepthDataset | None = None
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """The evaluation protocol the task must use for this data (train.py passes it on)."""
+        return {"min_depth": self.min_depth, "max_depth": self.max_depth, "eval_crop": self.eval_crop}
+
+    def _dataset(self, split: str, transform: Any) -> DepthDataset:
+        cls = DATASETS[self.dataset]
+        return cls(
+            self.root, split, transform=transform, depth_scale=self.depth_scale, skip_bad=self.skip_bad
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            transform = build_depth_train_transform(
+                self.crop_size,
+                short_side=self.short_side,
+                scale_range=self.scale_range,
+                rotate=self.rotate,
+                flip=self.flip,
+                photometric=self.photometric,
+                mean=self.mean,
+                std=self.std,
+                seed=worker_seed(self.run_seed, 0, self._global_rank()),
+            )
+            self.train_dataset = self._dataset(self.train_split, transform)
+        self.val_dataset = self._dataset(self.val_split, build_depth_eval_transform(self.mean, self.std))
+        scan_datamodule(self, stage)
+
+
+__all__ = ["DATASETS", "DepthDataModule", "collate_depth_eval", "collate_depth_train"]
