@@ -15,41 +15,23 @@ import torch
 from siglip_dense.models import build_backbone
 from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.weights import read_checkpoint, save_checkpoint
+from tests.conftest import PEER_TOL, save_siglip2_vision, siglip2_patchify
 
 transformers = pytest.importorskip("transformers")
 
 P = 16
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def naflex(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     """A tiny Siglip2VisionModel with a 4×4 position table, saved in transformers' format."""
-    torch.manual_seed(0)
-    cfg = transformers.Siglip2VisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        patch_size=P,
-        num_patches=16,
-    )
-    model = transformers.Siglip2VisionModel(cfg).eval()
     path = tmp_path_factory.mktemp("siglip2")
-    model.save_pretrained(path)
-    return path, model
-
-
-def _patches(img: torch.Tensor) -> torch.Tensor:
-    """C×H×W -> (h·w)×(p·p·C), Siglip2ImageProcessor's layout."""
-    c, h, w = img.shape
-    gh, gw = h // P, w // P
-    return img.reshape(c, gh, P, gw, P).permute(1, 3, 2, 4, 0).reshape(gh * gw, P * P * c)
+    return path, save_siglip2_vision(path, patch_size=P, num_patches=16)
 
 
 def _hf_tokens(model: torch.nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each image's valid last_hidden_state tokens from one padded transformers batch."""
-    seqs = [_patches(im) for im in images]
+    seqs = [siglip2_patchify(im[None], P)[0] for im in images]
     n = max(s.shape[0] for s in seqs)
     pixels = torch.zeros(len(seqs), n, seqs[0].shape[1])
     mask = torch.zeros(len(seqs), n, dtype=torch.long)
@@ -97,7 +79,7 @@ def test_naflex_image_at_grid_not_built_for(
     img = torch.randn(3, *hw)
     with torch.no_grad():
         ours = bb.forward_features(img[None])[0]
-    assert (ours - _hf_tokens(model, [img])[0]).abs().max().item() <= TOL
+    assert (ours - _hf_tokens(model, [img])[0]).abs().max().item() <= PEER_TOL
 
 
 def test_padded_batch_of_two_aspect_ratios(naflex: tuple[Path, torch.nn.Module]) -> None:
@@ -115,15 +97,15 @@ def test_padded_batch_of_two_aspect_ratios(naflex: tuple[Path, torch.nn.Module])
     assert tokens.shape == (2, padded[0] * padded[1], 64)
     for i, g in enumerate(grids.tolist()):
         mine = _valid(tokens[i], g, padded)
-        assert (mine - alone[i]).abs().max().item() <= TOL
-        assert (mine - refs[i]).abs().max().item() <= TOL
+        assert (mine - alone[i]).abs().max().item() <= PEER_TOL
+        assert (mine - refs[i]).abs().max().item() <= PEER_TOL
         # padded tokens are zero; the last map is the final normed tokens on the image's grid
         outside = torch.ones(padded, dtype=torch.bool)
         outside[: g[0], : g[1]] = False
         assert tokens[i].view(*padded, -1)[outside].abs().max() == 0
         last = maps["blocks.1"][i].permute(1, 2, 0)
         assert last.shape[:2] == padded and last[outside].abs().max() == 0
-        assert (last[: g[0], : g[1]].reshape(-1, 64) - alone[i]).abs().max().item() <= TOL
+        assert (last[: g[0], : g[1]].reshape(-1, 64) - alone[i]).abs().max().item() <= PEER_TOL
 
 
 def test_grid_sizes_errors(naflex: tuple[Path, torch.nn.Module]) -> None:
@@ -153,4 +135,4 @@ def test_fine_tuned_model_keeps_the_convention(naflex: tuple[Path, torch.nn.Modu
     for m in (again, rebuilt):
         assert m.pos_resample == "naflex" and m.img_size == (96, 96)
         with torch.no_grad():
-            assert (m.forward_features(img[None])[0] - ref).abs().max().item() <= TOL
+            assert (m.forward_features(img[None])[0] - ref).abs().max().item() <= PEER_TOL

@@ -18,37 +18,28 @@ import torch
 
 from siglip_dense.models import build_backbone
 from siglip_dense.models.weights import read_checkpoint
+from tests.conftest import (
+    PEER_TOL,
+    max_abs_diff,
+    save_siglip2_vision,
+    save_siglip_vision,
+    siglip2_patchify,
+    to_big_vision,
+)
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 birder = pytest.importorskip("birder")
 
-TOL = 1e-4
 SIZES = [(64, 64), (96, 96), (80, 112), (112, 48)]
 SIZE_IDS = ["build", "square", "wide", "tall"]
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 # ---- transformers SiglipVisionModel (fixed resolution, interpolate_pos_encoding) ---------------------
 @pytest.fixture(scope="module")
 def hf_siglip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
-    torch.manual_seed(0)
-    cfg = transformers.SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        patch_size=16,
-        image_size=64,
-    )
-    model = transformers.SiglipVisionModel(cfg).eval()
     path = tmp_path_factory.mktemp("siglip")
-    model.save_pretrained(path)
-    return path, model
+    return path, save_siglip_vision(path, patch_size=16, image_size=64)
 
 
 @pytest.mark.parametrize("hw", SIZES, ids=SIZE_IDS)
@@ -61,7 +52,7 @@ def test_transformers_siglip_at_any_size(
     x = torch.randn(2, 3, *hw)
     with torch.no_grad():
         ref = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-        assert _diff(bb.forward_features(x), ref) <= TOL
+        assert max_abs_diff(bb.forward_features(x), ref) <= PEER_TOL
 
 
 def test_transformers_siglip_built_at_another_size(hf_siglip: tuple[Path, torch.nn.Module]) -> None:
@@ -72,29 +63,21 @@ def test_transformers_siglip_built_at_another_size(hf_siglip: tuple[Path, torch.
     x = torch.randn(1, 3, 80, 112)
     with torch.no_grad():
         ref = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-        assert _diff(bb.forward_features(x), ref) <= TOL
+        assert max_abs_diff(bb.forward_features(x), ref) <= PEER_TOL
 
 
 def test_patch14_at_384_with_patch_remainder_drop(tmp_path: Path) -> None:
     """siglip2-so400m-patch14-384's case: 384 = 27·14 + 6, the sources drop the last 6 pixels."""
-    torch.manual_seed(0)
-    cfg = transformers.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        patch_size=14,
-        image_size=384,
+    model = save_siglip_vision(
+        tmp_path, hidden_size=32, intermediate_size=64, num_hidden_layers=1, patch_size=14, image_size=384
     )
-    model = transformers.SiglipVisionModel(cfg).eval()
-    model.save_pretrained(tmp_path)
     drop = build_backbone(checkpoint=tmp_path, patch_remainder="drop", verbose=False).eval()
     pad = build_backbone(checkpoint=tmp_path, verbose=False).eval()
     x = torch.randn(1, 3, 384, 384)
     with torch.no_grad():
         ref = model(pixel_values=x).last_hidden_state
         assert ref.shape[1] == 27 * 27
-        assert _diff(drop.forward_features(x), ref) <= TOL
+        assert max_abs_diff(drop.forward_features(x), ref) <= PEER_TOL
         assert drop(x)["blocks.0"].shape[-2:] == (27, 27)
         assert pad.forward_features(x).shape[1] == 28 * 28  # pad covers the last 6 pixels instead
 
@@ -102,22 +85,14 @@ def test_patch14_at_384_with_patch_remainder_drop(tmp_path: Path) -> None:
 @pytest.mark.parametrize("hw", [(448, 448), (336, 476)], ids=["448", "336x476"])
 def test_transformers_patch14_interpolated(tmp_path: Path, hw: tuple[int, int]) -> None:
     """The issue's case: p14 built at 224, run at 448² / 336×476 (bicubic without antialias)."""
-    torch.manual_seed(0)
-    cfg = transformers.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        patch_size=14,
-        image_size=224,
+    model = save_siglip_vision(
+        tmp_path, hidden_size=32, intermediate_size=64, num_hidden_layers=1, patch_size=14, image_size=224
     )
-    model = transformers.SiglipVisionModel(cfg).eval()
-    model.save_pretrained(tmp_path)
     bb = build_backbone(checkpoint=tmp_path, verbose=False).eval()
     x = torch.randn(1, 3, *hw)
     with torch.no_grad():
         ref = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-        assert _diff(bb.forward_features(x), ref) <= TOL
+        assert max_abs_diff(bb.forward_features(x), ref) <= PEER_TOL
 
 
 # ---- timm ------------------------------------------------------------------------------------
@@ -143,7 +118,7 @@ def test_timm_at_any_size(timm_dir: tuple[Path, torch.nn.Module], hw: tuple[int,
     assert bb.pos_resample == "timm" and bb.arch_config.act_layer == "gelu_tanh"
     x = torch.randn(2, 3, *hw)
     with torch.no_grad():
-        assert _diff(bb.forward_features(x), model.forward_features(x)) <= TOL
+        assert max_abs_diff(bb.forward_features(x), model.forward_features(x)) <= PEER_TOL
 
 
 # ---- open_clip ----------------------------------------------------------------------------------
@@ -197,7 +172,7 @@ def test_open_clip_at_any_size(open_clip_dir: tuple[Path, torch.nn.Module], hw: 
     visual.set_input_size(hw)  # open_clip's way to run another size (timm's resample)
     x = torch.randn(1, 3, *hw)
     with torch.no_grad():
-        assert _diff(bb.forward_features(x), visual.trunk.forward_features(x)) <= TOL
+        assert max_abs_diff(bb.forward_features(x), visual.trunk.forward_features(x)) <= PEER_TOL
 
 
 # ---- birder -----------------------------------------------------------------------------------
@@ -262,32 +237,20 @@ def test_birder_at_any_size(birder_files: dict[str, Path], fmt: str, hw: tuple[i
     bb = build_backbone(checkpoint=path, out_indices=(0, 1), norm_intermediates=False, verbose=False).eval()
     x = torch.randn(2, 3, *hw)
     with torch.no_grad():
-        assert _diff(bb.forward_features(x), ref.forward_features(x)) <= TOL
+        assert max_abs_diff(bb.forward_features(x), ref.forward_features(x)) <= PEER_TOL
         # birder's detection_features: un-normed maps of out_indices = ours with norm_intermediates=False
         theirs, ours = ref.detection_features(x), bb(x)
         for stage, key in zip(("stage1", "stage2"), ("blocks.0", "blocks.1")):
-            assert _diff(ours[key], theirs[stage]) <= TOL
+            assert max_abs_diff(ours[key], theirs[stage]) <= PEER_TOL
 
 
 # ---- big_vision NaFlex .npz --------------------------------------------------------------------
 def test_big_vision_naflex_npz(tmp_path: Path) -> None:
     """A NaFlex archive (Dense patch kernel (p·p·C, D), (n, n, D) table) equals transformers' Siglip2
     holding the same numbers, at a grid the table was not built for."""
-    from tests.test_weights import _to_big_vision
-
-    torch.manual_seed(0)
-    cfg = transformers.Siglip2VisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        patch_size=16,
-        num_patches=16,
-    )
-    ref = transformers.Siglip2VisionModel(cfg).eval()
-    ref.save_pretrained(tmp_path / "hf")
+    ref = save_siglip2_vision(tmp_path / "hf", patch_size=16, num_patches=16)
     vit = build_backbone(checkpoint=tmp_path / "hf", keep_head=True, verbose=False).vit
-    arrays = _to_big_vision(vit, "params/img/")
+    arrays = to_big_vision(vit, "params/img/")
     conv = arrays["params/img/embedding/kernel"]  # (p, p, C, D) conv kernel
     arrays["params/img/embedding/kernel"] = conv.reshape(-1, conv.shape[-1])  # NaFlex Dense: (p·p·C, D)
     arrays["params/img/pos_embedding"] = arrays["params/img/pos_embedding"].reshape(4, 4, 64)
@@ -295,14 +258,14 @@ def test_big_vision_naflex_npz(tmp_path: Path) -> None:
     bb = build_backbone(checkpoint=tmp_path / "naflex.npz", verbose=False).eval()
     assert bb.pos_resample == "naflex" and bb.pos_grid == (4, 4)
     img = torch.randn(3, 80, 112)
-    patches = img.reshape(3, 5, 16, 7, 16).permute(1, 3, 2, 4, 0).reshape(1, 35, -1)
+    patches = siglip2_patchify(img[None], 16)
     with torch.no_grad():
         theirs = ref(
             pixel_values=patches,
             pixel_attention_mask=torch.ones(1, 35, dtype=torch.long),
             spatial_shapes=torch.tensor([[5, 7]]),
         ).last_hidden_state
-        assert _diff(bb.forward_features(img[None]), theirs) <= TOL
+        assert max_abs_diff(bb.forward_features(img[None]), theirs) <= PEER_TOL
 
 
 def test_converted_birder_keeps_its_rule(birder_files: dict[str, Path], tmp_path: Path) -> None:
@@ -321,4 +284,4 @@ def test_converted_birder_keeps_its_rule(birder_files: dict[str, Path], tmp_path
     ref = _birder_reference(birder_files["pt"])
     x = torch.randn(1, 3, 98, 98)
     with torch.no_grad():
-        assert _diff(bb.forward_features(x), ref.forward_features(x)) <= TOL
+        assert max_abs_diff(bb.forward_features(x), ref.forward_features(x)) <= PEER_TOL

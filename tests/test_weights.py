@@ -28,18 +28,19 @@ from siglip_dense.models.weights import (
     read_checkpoint,
     save_checkpoint,
 )
+from tests.conftest import (
+    PEER_TOL,
+    max_abs_diff,
+    save_siglip_vision,
+    siglip2_patchify,
+    tiny_hf_vision_kwargs,
+    to_big_vision,
+)
 
 transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
-TOL = 1e-4
 TINY = dict(embed_dim=64, depth=2, num_heads=2, mlp_dim=128)
-
-
-def _hf_vision_kwargs(**kw: object) -> dict:
-    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
-    base.update(kw)
-    return base
 
 
 def _text_kwargs() -> dict:
@@ -56,26 +57,14 @@ def _text_kwargs() -> dict:
     )
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
-
-
-def _save_siglip_vision(tmp: Path, **kw: object) -> transformers.SiglipVisionModel:
-    torch.manual_seed(0)
-    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**_hf_vision_kwargs(**kw))).eval()
-    model.save_pretrained(tmp)
-    return model
-
-
 def _check_hf_parity(ckpt: Path | str, ref: torch.nn.Module, size: int) -> None:
     """``forward_features`` == ``last_hidden_state`` and ``forward_pooled`` == ``pooler_output``."""
     bb = build_backbone(checkpoint=ckpt, keep_head=True, verbose=False).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         out = ref(pixel_values=x)
-        assert _max_diff(bb.forward_features(x), out.last_hidden_state) <= TOL
-        assert _max_diff(bb.forward_pooled(x), out.pooler_output) <= TOL
+        assert max_abs_diff(bb.forward_features(x), out.last_hidden_state) <= PEER_TOL
+        assert max_abs_diff(bb.forward_pooled(x), out.pooler_output) <= PEER_TOL
 
 
 # ---- transformers Siglip ------------------------------------------------------------------------
@@ -88,9 +77,7 @@ def _check_hf_parity(ckpt: Path | str, ref: torch.nn.Module, size: int) -> None:
     ],
 )
 def test_siglip_vision_model_parity(tmp_path: Path, patch: int, image: int, eps: float, act: str) -> None:
-    ref = _save_siglip_vision(
-        tmp_path, patch_size=patch, image_size=image, layer_norm_eps=eps, hidden_act=act
-    )
+    ref = save_siglip_vision(tmp_path, patch_size=patch, image_size=image, layer_norm_eps=eps, hidden_act=act)
     loaded = read_checkpoint(tmp_path)
     assert loaded.source_format == "transformers"
     a = loaded.arch
@@ -103,7 +90,7 @@ def test_siglip_vision_model_parity(tmp_path: Path, patch: int, image: int, eps:
 def test_siglip_model_drops_text_tower(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = transformers.SiglipConfig(
-        vision_config=_hf_vision_kwargs(patch_size=16, image_size=64), text_config=_text_kwargs()
+        vision_config=tiny_hf_vision_kwargs(patch_size=16, image_size=64), text_config=_text_kwargs()
     )
     ref = transformers.SiglipModel(cfg).eval()
     ref.save_pretrained(tmp_path)
@@ -119,7 +106,7 @@ def test_siglip_model_drops_text_tower(tmp_path: Path) -> None:
 
 def test_single_safetensors_file(tmp_path: Path) -> None:
     # 64-wide heads: without a config, the head count is inferred from the width
-    ref = _save_siglip_vision(tmp_path / "hf", hidden_size=128, num_attention_heads=2, image_size=64)
+    ref = save_siglip_vision(tmp_path / "hf", hidden_size=128, num_attention_heads=2, image_size=64)
     alone = tmp_path / "alone" / "model.safetensors"
     alone.parent.mkdir()
     shutil.copy(tmp_path / "hf" / "model.safetensors", alone)
@@ -133,7 +120,7 @@ def test_single_safetensors_file(tmp_path: Path) -> None:
 def test_siglip_model_single_file_with_prefix(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = transformers.SiglipConfig(
-        vision_config=_hf_vision_kwargs(hidden_size=128, image_size=32, patch_size=16),
+        vision_config=tiny_hf_vision_kwargs(hidden_size=128, image_size=32, patch_size=16),
         text_config=_text_kwargs(),
     )
     ref = transformers.SiglipModel(cfg).eval()
@@ -146,7 +133,7 @@ def test_siglip_model_single_file_with_prefix(tmp_path: Path) -> None:
 def test_sharded_and_bin_save_pretrained(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = transformers.SiglipVisionModel(
-        transformers.SiglipVisionConfig(**_hf_vision_kwargs(image_size=32, patch_size=16))
+        transformers.SiglipVisionConfig(**tiny_hf_vision_kwargs(image_size=32, patch_size=16))
     ).eval()
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
@@ -160,19 +147,10 @@ def test_sharded_and_bin_save_pretrained(tmp_path: Path) -> None:
 
 
 # ---- transformers Siglip2 (NaFlex) ----------------------------------------------------------------
-def _patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """Siglip2ImageProcessor's layout: patches in row-major order, each flattened (p, p, C)."""
-    b, c, h, w = x.shape
-    gh, gw = h // patch, w // patch
-    return (
-        x.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch * patch * c)
-    )
-
-
 @pytest.mark.parametrize(("with_text", "img_size"), [(False, 96), (False, 48), (False, None), (True, 80)])
 def test_siglip2_naflex_parity(tmp_path: Path, with_text: bool, img_size: int | None) -> None:
     torch.manual_seed(0)
-    vkw = _hf_vision_kwargs(patch_size=16, num_patches=16, layer_norm_eps=1e-5)  # 4x4 position table
+    vkw = tiny_hf_vision_kwargs(patch_size=16, num_patches=16, layer_norm_eps=1e-5)  # 4x4 position table
     if with_text:
         model = transformers.Siglip2Model(
             transformers.Siglip2Config(vision_config=vkw, text_config=_text_kwargs())
@@ -190,12 +168,12 @@ def test_siglip2_naflex_parity(tmp_path: Path, with_text: bool, img_size: int | 
     g = size // 16
     with torch.no_grad():
         out = ref(
-            pixel_values=_patchify(x, 16),
+            pixel_values=siglip2_patchify(x, 16),
             pixel_attention_mask=torch.ones(2, g * g, dtype=torch.long),
             spatial_shapes=torch.tensor([[g, g]] * 2),
         )
-        assert _max_diff(bb.forward_features(x), out.last_hidden_state) <= TOL
-        assert _max_diff(bb.forward_pooled(x), out.pooler_output) <= TOL
+        assert max_abs_diff(bb.forward_features(x), out.last_hidden_state) <= PEER_TOL
+        assert max_abs_diff(bb.forward_pooled(x), out.pooler_output) <= PEER_TOL
 
 
 # ---- timm / open_clip / big_vision ----------------------------------------------------------------
@@ -262,61 +240,6 @@ def test_training_container_is_unwrapped(tmp_path: Path) -> None:
     _assert_same_outputs(tmp_path / "last.pth", src)
 
 
-def _to_big_vision(vit: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
-    """Write a timm ViT in big_vision's naming (the inverse of timm's ``_load_weights``)."""
-    sd = {k: v.detach().numpy() for k, v in vit.state_dict().items()}
-    c = vit.embed_dim
-    h = vit.blocks[0].attn.num_heads
-    d = c // h
-    out = {
-        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
-        "embedding/bias": sd["patch_embed.proj.bias"],
-        "pos_embedding": sd["pos_embed"],
-        "Transformer/encoder_norm/scale": sd["norm.weight"],
-        "Transformer/encoder_norm/bias": sd["norm.bias"],
-    }
-
-    def mha(dst: str, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b) -> None:
-        for n, w, b in (("query", q_w, q_b), ("key", k_w, k_b), ("value", v_w, v_b)):
-            out[f"{dst}{n}/kernel"] = w.T.reshape(c, h, d)
-            out[f"{dst}{n}/bias"] = b.reshape(h, d)
-        out[f"{dst}out/kernel"] = o_w.reshape(c, h, d).transpose(1, 2, 0)
-        out[f"{dst}out/bias"] = o_b
-
-    def mlp(dst: str, src: str) -> None:
-        for r in range(2):
-            out[f"{dst}Dense_{r}/kernel"] = sd[f"{src}fc{r + 1}.weight"].T
-            out[f"{dst}Dense_{r}/bias"] = sd[f"{src}fc{r + 1}.bias"]
-
-    for i in range(len(vit.blocks)):
-        bp, tp = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
-        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_1", "norm2")):
-            out[f"{bp}{ln}/scale"], out[f"{bp}{ln}/bias"] = sd[f"{tp}{norm}.weight"], sd[f"{tp}{norm}.bias"]
-        qw, qb = sd[f"{tp}attn.qkv.weight"], sd[f"{tp}attn.qkv.bias"]
-        mha(
-            f"{bp}MultiHeadDotProductAttention_0/",
-            *(qw[:c], qb[:c], qw[c : 2 * c], qb[c : 2 * c], qw[2 * c :], qb[2 * c :]),
-            sd[f"{tp}attn.proj.weight"],
-            sd[f"{tp}attn.proj.bias"],
-        )
-        mlp(f"{bp}MlpBlock_0/", f"{tp}mlp.")
-    hp = "MAPHead_0/"
-    out[f"{hp}probe"] = sd["attn_pool.latent"]
-    kw, kb = sd["attn_pool.kv.weight"], sd["attn_pool.kv.bias"]
-    mha(
-        f"{hp}MultiHeadDotProductAttention_0/",
-        *(sd["attn_pool.q.weight"], sd["attn_pool.q.bias"], kw[:c], kb[:c], kw[c:], kb[c:]),
-        sd["attn_pool.proj.weight"],
-        sd["attn_pool.proj.bias"],
-    )
-    out[f"{hp}LayerNorm_0/scale"], out[f"{hp}LayerNorm_0/bias"] = (
-        sd["attn_pool.norm.weight"],
-        sd["attn_pool.norm.bias"],
-    )
-    mlp(f"{hp}MlpBlock_0/", "attn_pool.mlp.")
-    return {prefix + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
-
-
 def _stack_blocks(arrays: dict[str, np.ndarray], prefix: str, depth: int) -> dict[str, np.ndarray]:
     """big_vision's scanned layout: one ``encoderblock`` whose arrays carry a leading depth axis."""
     first = f"{prefix}Transformer/encoderblock_0/"
@@ -333,7 +256,7 @@ def test_big_vision_npz(tmp_path: Path, scanned: bool) -> None:
     from timm.models.vision_transformer import _load_weights
 
     src = _tiny_timm()
-    arrays = _to_big_vision(src, "params/img/")
+    arrays = to_big_vision(src, "params/img/")
     if scanned:
         arrays = _stack_blocks(arrays, "params/img/", len(src.blocks))
     arrays["params/txt/Embed_0/embedding"] = np.zeros((10, 32), np.float32)
@@ -388,7 +311,7 @@ def read_checkpoint_arch(vit: torch.nn.Module) -> ArchConfig:
 
 @pytest.mark.slow
 def test_convert_weights_cli_round_trip(tmp_path: Path) -> None:
-    _save_siglip_vision(tmp_path / "hf", patch_size=14, image_size=98, layer_norm_eps=1e-5)
+    save_siglip_vision(tmp_path / "hf", patch_size=14, image_size=98, layer_norm_eps=1e-5)
     out = tmp_path / "out" / "b.safetensors"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
@@ -432,7 +355,7 @@ def test_hub_id_from_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     cache = tmp_path / "hub"
     repo = cache / "models--acme--siglip-tiny"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    ref = _save_siglip_vision(repo / "snapshots" / commit, image_size=32)
+    ref = save_siglip_vision(repo / "snapshots" / commit, image_size=32)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -474,7 +397,7 @@ def test_truncated_torch_and_npz(tmp_path: Path) -> None:
 
 
 def test_wrong_arch(tmp_path: Path) -> None:
-    _save_siglip_vision(tmp_path / "tiny_dir", image_size=32)
+    save_siglip_vision(tmp_path / "tiny_dir", image_size=32)
     with pytest.raises(CheckpointError) as e:
         build_backbone(arch="vit_base_patch16_siglip_224", checkpoint=tmp_path / "tiny_dir", verbose=False)
     msg = str(e.value)
@@ -531,7 +454,7 @@ def test_missing_path(tmp_path: Path) -> None:
 
 # ---- load_into_vit ---------------------------------------------------------------------------------
 def test_load_into_vit_reports(tmp_path: Path) -> None:
-    _save_siglip_vision(tmp_path, image_size=64)
+    save_siglip_vision(tmp_path, image_size=64)
     loaded = read_checkpoint(tmp_path)
     vit = create_vit(replace(loaded.arch, img_size=(96, 96)), keep_head=False)
     report = load_into_vit(vit, loaded)
