@@ -20,8 +20,12 @@ from siglip_dense.tasks.multitask import MultiTask
 from siglip_dense.train import build_task, run_train
 from tests.conftest import compose_cfg, compose_train_cfg
 
+# toy_multitask without its detection member: the seg + depth multi-task model these tests are about
 SMALL = [
     "experiment=toy_multitask",
+    "task=multitask_seg_depth",
+    "~task.tasks.det",
+    "~data.datamodules.det",
     "data.num_workers=0",
     "data.batch_size=2",
     "data.datamodules.depth.toy_num_train=12",
