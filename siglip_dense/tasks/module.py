@@ -478,8 +478,6 @@ class DenseModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if not self.multitask:
             return
-        from siglip_dense.tasks.multitask import check_task_data
-
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         names = getattr(dm, "task_names", None)
         if names is not None:
@@ -574,8 +572,6 @@ class DenseModule(L.LightningModule):
         if not self.multitask:
             next(iter(self.components.values())).bind_data(datamodule)
             return
-        from siglip_dense.tasks.multitask import check_task_data
-
         members = getattr(datamodule, "datamodules", None)
         if members is None:
             raise ValueError(
@@ -706,8 +702,22 @@ class DenseModule(L.LightningModule):
             component.load_meta((meta.get("tasks") or {}).get(name, {}))
 
 
+def check_task_data(task_names: list[str], data_names: list[str]) -> None:
+    """Every task has data and all data has a task (the message names both lists)."""
+    no_data = [n for n in task_names if n not in data_names]
+    no_task = [n for n in data_names if n not in task_names]
+    if no_data:
+        raise ValueError(
+            f"task(s) {no_data} have no data: the data module has {data_names} (tasks: {task_names})"
+        )
+    if no_task:
+        raise ValueError(
+            f"the data module has data for {no_task} but there is no such task (tasks: {task_names})"
+        )
+
+
 def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-__all__ = ["DenseModule", "MultiTaskModel", "component_parts"]
+__all__ = ["DenseModule", "MultiTaskModel", "check_task_data", "component_parts"]

@@ -23,7 +23,7 @@ from hydra.utils import get_class
 
 from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.tasks.component import TaskComponent
-from siglip_dense.tasks.module import DenseModule
+from siglip_dense.tasks.module import DenseModule, check_task_data
 
 # keys that belong to the multi-task module: the same keys in a member config are not used
 TOP_LEVEL_KEYS = ("optimizer", "scheduler", "layer_decay", "freeze_backbone", "init_from", "init_from_filter")
@@ -234,20 +234,6 @@ def _constructor_defaults(cls: type) -> dict[str, Any]:
             continue
         out[p.name] = None if p.default is inspect.Parameter.empty else copy.deepcopy(p.default)
     return out
-
-
-def check_task_data(task_names: list[str], data_names: list[str]) -> None:
-    """Every task has data and all data has a task (the message names both lists)."""
-    no_data = [n for n in task_names if n not in data_names]
-    no_task = [n for n in data_names if n not in task_names]
-    if no_data:
-        raise ValueError(
-            f"task(s) {no_data} have no data: the data module has {data_names} (tasks: {task_names})"
-        )
-    if no_task:
-        raise ValueError(
-            f"the data module has data for {no_task} but there is no such task (tasks: {task_names})"
-        )
 
 
 def _check_reads_named_maps(name: str, component: TaskComponent) -> None:
