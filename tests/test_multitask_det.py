@@ -8,13 +8,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 from torch import nn
 
 from siglip_dense.data.toy import ensure_toy_data
 from siglip_dense.evaluate import run_eval
+from siglip_dense.predict import run_predict
 from siglip_dense.tasks.multitask import MultiTask
 from siglip_dense.train import build_task, run_train
 from tests.conftest import compose_cfg, compose_train_cfg
@@ -134,3 +137,16 @@ def test_toy_multitask_with_detection_trains_and_writes_per_task_metrics(
     evaluated = run_eval(compose_cfg("eval", over, tmp_path / "hydra"))
     assert json.loads(json.dumps(evaluated)) == written
     assert (out / "det" / "coco_results.json").exists()
+
+    # tools/predict.py: each task's raw output and picture in its own folder
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (72, 100, 3), dtype=np.uint8)).save(image)
+    files = run_predict(ckpt, image, tmp_path / "pred")
+    assert {p.relative_to(tmp_path / "pred").as_posix() for p in files} == {
+        "seg/in.png",
+        "seg/in_vis.png",
+        "depth/in.npy",
+        "depth/in_vis.png",
+        "det/in.json",
+        "det/in_vis.png",
+    }

@@ -587,12 +587,13 @@ class DenseModule(L.LightningModule):
         next(iter(self.components.values())).set_tta(tta)
 
     # -- inference without Hydra or a datamodule (tools/predict.py, load_model) ---------------------
-    def predict(self, images: list[Any]) -> Any:
-        """Single task: the component's predictions for RGB uint8 H×W×3 images; multi-task:
-        ``{task: predictions}``."""
+    def predict(self, images: list[Any]) -> list[Any]:
+        """Predictions for RGB uint8 H×W×3 images: single task, the component's (one per image);
+        multi-task, one ``{task: prediction}`` per image."""
         if not self.multitask:
             return next(iter(self.components.values())).predict(images)
-        return {name: c.predict(images) for name, c in self.components.items()}
+        per_task = {name: c.predict(images) for name, c in self.components.items()}
+        return [{name: preds[i] for name, preds in per_task.items()} for i in range(len(images))]
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
         """Raw output file(s) and a PNG visualisation for one image (multi-task: ``out_dir/<task>/``)."""
