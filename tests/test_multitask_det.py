@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -57,6 +58,9 @@ def test_detection_member_uses_the_shared_backbone_and_its_loss_is_in_the_total(
     assert task.task_names == ["seg", "depth", "det"]
     det = task.model.tasks["det"]
     assert det.model.backbone.body is task.backbone, "the detector must run the shared backbone module"
+    # one LightningModule: the task components are plain modules (no nested Lightning, nothing patched)
+    assert not [n for n, m in task.named_modules() if n and isinstance(m, L.LightningModule)]
+    assert "log" not in vars(det) and "trainer" not in vars(det)
     for m in task.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = 0.0
