@@ -32,6 +32,7 @@ existing task is only a config (``task.head._target_``).
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -635,8 +636,6 @@ class DenseModule(L.LightningModule):
         return written[0] if written else None
 
     def warn_once(self, message: str) -> None:
-        import warnings
-
         warned: set[str] = self.__dict__.setdefault("_warned", set())
         if message not in warned:
             warned.add(message)
