@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from siglip_dense.evaluation.deferred import defer_eval_checks
-from siglip_dense.tasks.base import DenseTask
 
 # task name stored in checkpoints -> "module:Class"
 TASK_CLASSES: dict[str, str] = {
@@ -34,7 +34,7 @@ class CheckpointFormatError(ValueError):
     """The file is not a siglip-dense checkpoint or export (the message names it)."""
 
 
-def task_class(name: str) -> type[DenseTask]:
+def task_class(name: str) -> type[L.LightningModule]:
     if name not in TASK_CLASSES:
         raise CheckpointFormatError(f"unknown task {name!r}; known: {sorted(TASK_CLASSES)}")
     module, cls = TASK_CLASSES[name].split(":")
@@ -67,7 +67,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return ckpt["siglip_dense"]
 
 
-def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> DenseTask:
+def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
     """Rebuild the task of a Lightning checkpoint or an export directory, weights loaded, eval mode."""
     path = Path(path)
     meta = read_meta(path)
@@ -77,7 +77,9 @@ def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> Den
     return task.eval()
 
 
-def _rebuild(cls: type[DenseTask], path: Path, meta: dict[str, Any], map_location: Any) -> DenseTask:
+def _rebuild(
+    cls: type[L.LightningModule], path: Path, meta: dict[str, Any], map_location: Any
+) -> L.LightningModule:
     if path.is_dir():
         from safetensors.torch import load_file
 
@@ -116,7 +118,7 @@ def export(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DenseTask:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> L.LightningModule:
     """A ready model from a checkpoint or an export: ``model.predict(images)``; no Hydra needed."""
     return load_task(path, map_location=device)
 

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from siglip_dense.checkpoints import load_task
-from siglip_dense.tasks.base import DenseTask
+from siglip_dense.tasks.module import DenseModule
 from siglip_dense.train import output_dir_of
 
 
@@ -24,7 +24,7 @@ def _data_group_chosen() -> bool:
         return False
 
 
-def eval_data_config(cfg: DictConfig, task: DenseTask) -> dict[str, Any]:
+def eval_data_config(cfg: DictConfig, task: DenseModule) -> dict[str, Any]:
     """``data=<name>`` picks a config; otherwise the checkpoint's own, with single keys overridden."""
     overrides = OmegaConf.to_container(cfg.get("data") or {}, resolve=True)
     if _data_group_chosen() or "_target_" in overrides:
@@ -78,7 +78,7 @@ def _override_members(
     return data
 
 
-def apply_detection_options(cfg: DictConfig, task: DenseTask) -> None:
+def apply_detection_options(cfg: DictConfig, task: DenseModule) -> None:
     """``category_map`` (checkpoint id → data id) and ``test_protocol``: detection only."""
     mapping = cfg.get("category_map")
     protocol = cfg.get("test_protocol")

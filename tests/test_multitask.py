@@ -20,8 +20,12 @@ from siglip_dense.tasks.multitask import MultiTask
 from siglip_dense.train import build_task, run_train
 from tests.conftest import compose_cfg, compose_train_cfg
 
+# toy_multitask without its detection member: the seg + depth multi-task model these tests are about
 SMALL = [
     "experiment=toy_multitask",
+    "task=multitask_seg_depth",
+    "~task.tasks.det",
+    "~data.datamodules.det",
     "data.num_workers=0",
     "data.batch_size=2",
     "data.datamodules.depth.toy_num_train=12",
@@ -111,7 +115,7 @@ def test_one_backbone_pass_gives_the_weighted_sum_of_task_losses(
     # each task's own training step (its own backbone pass), weighted as configured
     w = task.loss_weights
     assert w == {"seg": 1.0, "depth": 0.5}
-    separate = sum(w[n] * task.model.tasks[n].training_step(batch[n], 0) for n in ("seg", "depth"))
+    separate = sum(w[n] * task.model.tasks[n].training_losses(batch[n])["loss"] for n in ("seg", "depth"))
     torch.testing.assert_close(total, separate, rtol=0, atol=1e-5)
 
     # different image sizes: one pass per task (warned), same losses
@@ -124,7 +128,7 @@ def test_one_backbone_pass_gives_the_weighted_sum_of_task_losses(
         total_small = task.training_step(small, 0)
     handle.remove()
     assert len(calls) == 2
-    separate = sum(w[n] * task.model.tasks[n].training_step(small[n], 0) for n in ("seg", "depth"))
+    separate = sum(w[n] * task.model.tasks[n].training_losses(small[n])["loss"] for n in ("seg", "depth"))
     torch.testing.assert_close(total_small, separate, rtol=0, atol=1e-5)
 
 
@@ -146,7 +150,7 @@ def test_zero_depth_weight_gives_the_segmentation_gradients(
     depth_head = [p.grad for p in task.model.tasks["depth"].model.head.parameters()]
     assert all(g is not None for g in depth_head), "every depth-head parameter is in the graph"
     assert not any(g.any() for g in depth_head), "weight 0: zero depth-head gradients"
-    seg_only = backbone_grads(task.model.tasks["seg"].training_step(batch["seg"], 0))
+    seg_only = backbone_grads(task.model.tasks["seg"].training_losses(batch["seg"])["loss"])
     assert multi.keys() == seg_only.keys() and len(multi) > 0
     for name in multi:
         torch.testing.assert_close(multi[name], seg_only[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -252,7 +252,9 @@ def _multitask(tmp_path: Path, **extra: Any) -> DenseTask:
 
     from tests.conftest import compose_train_cfg
 
-    cfg = compose_train_cfg(["experiment=toy_multitask"], tmp_path / "run")
+    # the seg + depth model (toy_multitask without its detection member)
+    seg_depth = ["task=multitask_seg_depth", "~task.tasks.det", "~data.datamodules.det"]
+    cfg = compose_train_cfg(["experiment=toy_multitask", *seg_depth], tmp_path / "run")
     GlobalHydra.instance().clear()
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     task_cfg["tasks_kwargs"] = {"seg": {"num_classes": 3, "class_names": ["a", "b", "c"]}, "depth": {}}

@@ -11,12 +11,8 @@ every image gets the logits it would get evaluated by itself.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from siglip_dense.models.dense_model import DenseModel
 
 
 def check_grid_sizes(grid_sizes: torch.Tensor, batch: int, height: int, width: int, patch: int) -> None:
@@ -35,7 +31,7 @@ def check_grid_sizes(grid_sizes: torch.Tensor, batch: int, height: int, width: i
 
 
 def naflex_forward(
-    model: DenseModel, images: torch.Tensor, grid_sizes: torch.Tensor
+    model: torch.nn.Module, images: torch.Tensor, grid_sizes: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Outputs B×K×H×W for a NaFlex batch; image i's are in its top-left ``h_i·p × w_i·p``, 0 elsewhere.
 

@@ -13,11 +13,14 @@ from hydra.utils import instantiate
 
 from siglip_dense.config_check import check_option_keys
 from siglip_dense.evaluation.depth_metrics import DEPTH_METRIC_KEYS, DepthMetric, format_depth_table
+from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.heads.depth import DepthModel
-from siglip_dense.tasks.base import DenseTask
+from siglip_dense.tasks.component import EvalContext, TaskComponent
+from siglip_dense.tasks.module import DenseModule
 
 DEFAULT_LOSS = {"variance_focus": 0.85, "scale": 10.0, "eps": 1e-6, "grad_weight": 0.0, "grad_scales": 4}
 DEFAULT_EVAL = {"short_side": None, "max_long_side": None, "flip": False}
+OPTION_KEYS = {"eval": set(DEFAULT_EVAL), "loss": set(DEFAULT_LOSS)}
 
 
 def silog_loss(
@@ -67,79 +70,72 @@ def gradient_loss(
     return total / count.clamp_min(1.0)
 
 
-class DepthTask(DenseTask):
-    """SILog (+ optional gradient) training; NYUv2 / KITTI metrics, averaged over images, DDP-synced."""
+class DepthComponent(TaskComponent):
+    """SILog (+ optional gradient) training; NYUv2 / KITTI metrics, averaged over images, DDP-synced.
 
-    task_name = "depth"
+    ``model`` is a :class:`~siglip_dense.models.heads.depth.DepthModel` (backbone → (neck →) head).
+    """
 
-    @classmethod
-    def option_keys(cls) -> dict[str, set[str]]:
-        """The keys of the dict options (see ``config_check.option_keys_of``)."""
-        return {"eval": set(DEFAULT_EVAL), "loss": set(DEFAULT_LOSS)}
+    kind = "depth"
 
     def __init__(
         self,
-        backbone: dict[str, Any],
+        model: DepthModel,
+        min_depth: float | None = None,
+        max_depth: float | None = None,
+        eval_crop: str | None = None,
+        loss: dict[str, Any] | None = None,
+        eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
+    ) -> None:
+        super().__init__(model)
+        self.min_depth, self.max_depth, self.eval_crop = depth_range(min_depth, max_depth, eval_crop)
+        for name, options in (("eval", eval), ("loss", loss)):
+            check_option_keys(options, OPTION_KEYS[name], name, "DepthTask")
+        self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
+        self.eval_cfg = {**DEFAULT_EVAL, **(eval or {})}
+        self.val_metric = DepthMetric(self.min_depth, self.max_depth, self.eval_crop)
+
+    @classmethod
+    def build(
+        cls,
+        backbone: SigLIP2Backbone,
         head: dict[str, Any],
         neck: dict[str, Any] | None = None,
         min_depth: float | None = None,
         max_depth: float | None = None,
         eval_crop: str | None = None,
         loss: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        layer_decay: float = 1.0,
-        freeze_backbone: bool = False,
-        eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
-        init_from: str | None = None,
-        init_from_filter: str = "all",
-    ) -> None:
-        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
-        self.save_hyperparameters()
-        for name, options in (("eval", eval), ("loss", loss)):
-            check_option_keys(options, self.option_keys()[name], name, type(self).__name__)
-        # the data decides the protocol (train.py passes datamodule.task_kwargs()); NYUv2 otherwise
-        self.min_depth = float(min_depth) if min_depth is not None else 1e-3
-        self.max_depth = float(max_depth) if max_depth is not None else 10.0
-        self.eval_crop = str(eval_crop) if eval_crop is not None else "eigen"
-        if not 0 < self.min_depth < self.max_depth:
-            raise ValueError(f"need 0 < min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
-        self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
-        self.eval_cfg = {**DEFAULT_EVAL, **(eval or {})}
-        self.model = self.build_model(backbone, neck, head)
-        self.val_metric = DepthMetric(self.min_depth, self.max_depth, self.eval_crop)
-        self.last_metrics: dict[str, Any] = {}
-        self.finish_init(freeze_backbone, init_from, init_from_filter)
-
-    def build_model(
-        self, backbone_cfg: dict[str, Any], neck_cfg: dict[str, Any] | None, head_cfg: dict[str, Any]
-    ) -> DepthModel:
-        backbone = self.build_backbone(backbone_cfg)
-        neck = None
-        if neck_cfg:
-            neck_cfg = dict(neck_cfg)
+        eval: dict[str, Any] | None = None,  # noqa: A002
+        out_keys: list[str] | None = None,
+    ) -> DepthComponent:
+        """Neck and head from their configs on ``backbone`` (whose maps ``out_keys`` this task reads)."""
+        keys = list(out_keys) if out_keys is not None else list(backbone.out_keys)
+        lo, hi, _ = depth_range(min_depth, max_depth, eval_crop)
+        neck_module = None
+        if neck:
+            neck_cfg = dict(neck)
             if "in_keys" in neck_cfg and neck_cfg["in_keys"] is None:
-                neck_cfg["in_keys"] = backbone.out_keys
-            neck = instantiate(
+                neck_cfg["in_keys"] = keys
+            neck_module = instantiate(
                 neck_cfg, in_channels=backbone.embed_dim, in_stride=backbone.patch_size, _convert_="all"
             )
-        head_cfg = dict(head_cfg)
-        if neck is not None:
-            head_cfg.setdefault("in_channels", neck.out_channels)
+        head_cfg = dict(head)
+        if neck_module is not None:
+            head_cfg.setdefault("in_channels", neck_module.out_channels)
             if head_cfg.get("in_keys") is None:
-                head_cfg["in_keys"] = list(neck.strides)
+                head_cfg["in_keys"] = list(neck_module.strides)
         else:
             head_cfg.setdefault("in_channels", backbone.embed_dim)
             if head_cfg.get("in_keys") is None:
-                head_cfg["in_keys"] = backbone.out_keys
+                head_cfg["in_keys"] = keys
         target = str(head_cfg.get("_target_", ""))
-        extra: dict[str, Any] = {"min_depth": self.min_depth, "max_depth": self.max_depth}
         if target.endswith("DPTHead"):
-            if neck is not None:
+            if neck_module is not None:
                 raise ValueError("DPTHead reassembles the backbone's block maps itself: use neck=none")
             head_cfg.setdefault("patch_size", backbone.patch_size)
-        head = instantiate(head_cfg, **extra, _convert_="all")
-        return DepthModel(backbone, head, neck)
+        head_module = instantiate(head_cfg, min_depth=lo, max_depth=hi, _convert_="all")
+        model = DepthModel(backbone, head_module, neck_module)
+        return cls(model, min_depth, max_depth, eval_crop, loss, eval)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """B×3×H×W normalised images → B×1×H×W depth in metres."""
@@ -172,12 +168,8 @@ class DepthTask(DenseTask):
             names = [m.get("depth_path", "?") for m in batch.get("meta", [])][:4]
             self.warn_once(f"a training batch has no valid depth pixel (e.g. {names}): its loss is 0")
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images, target = batch["image"], batch["depth"].float()
-        losses = self.compute_loss(self(images), target)
-        self.track_finite("depth", losses["loss"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
-        return losses["loss"]
+    def losses(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.compute_loss(out["depth"], batch["depth"].float())
 
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -206,7 +198,7 @@ class DepthTask(DenseTask):
         """B×H×W depth in metres, clipped to the valid range (what metrics and pictures use)."""
         return self.infer(image)[:, 0]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def eval_step(self, batch: dict[str, Any]) -> None:
         images, depths = batch["image"], batch["depth"]
         if isinstance(images, torch.Tensor):
             images, depths = list(images), list(depths)
@@ -253,21 +245,15 @@ class DepthTask(DenseTask):
         canvas.save(vis)
         return [raw, vis]
 
-    def on_validation_epoch_end(self) -> None:
+    def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         metrics = self.val_metric.compute()
         num_images, num_empty = int(metrics.pop("num_images")), int(metrics.pop("num_empty"))
         self.val_metric.reset()
         if num_empty:
             self.warn_once(f"{num_empty} evaluation images had no valid depth pixel and were skipped")
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
         self.last_metrics = {k: float(metrics[k]) for k in DEPTH_METRIC_KEYS}
         self.last_metrics.update(num_images=num_images, num_empty=num_empty)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+        return dict(metrics)
 
     # -- results ------------------------------------------------------------------------------------
     def summarize(self, metrics: dict[str, Any]) -> str:
@@ -278,12 +264,68 @@ class DepthTask(DenseTask):
 
         return save_depth_grid(self, datamodule, path, num)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+    def meta(self) -> dict[str, Any]:
         # the protocol the weights were trained for travels with them (a reload must not fall back
         # to NYUv2 defaults for a KITTI model)
-        hp = checkpoint["hyper_parameters"]
-        hp.update(min_depth=self.min_depth, max_depth=self.max_depth, eval_crop=self.eval_crop)
-        checkpoint["siglip_dense"].update(
-            min_depth=self.min_depth, max_depth=self.max_depth, eval_crop=self.eval_crop
+        return {"min_depth": self.min_depth, "max_depth": self.max_depth, "eval_crop": self.eval_crop}
+
+    def update_hparams(self, hparams: dict[str, Any]) -> None:
+        hparams.update(self.meta())
+
+
+def depth_range(
+    min_depth: float | None, max_depth: float | None, eval_crop: str | None
+) -> tuple[float, float, str]:
+    """The data decides the protocol (train.py passes datamodule.task_kwargs()); NYUv2 otherwise.
+
+    Raises:
+        ValueError: not ``0 < min_depth < max_depth``.
+    """
+    lo = float(min_depth) if min_depth is not None else 1e-3
+    hi = float(max_depth) if max_depth is not None else 10.0
+    if not 0 < lo < hi:
+        raise ValueError(f"need 0 < min_depth < max_depth, got {lo}, {hi}")
+    return lo, hi, str(eval_crop) if eval_crop is not None else "eigen"
+
+
+class DepthTask(DenseModule):
+    """Monocular depth as a one-task :class:`~siglip_dense.tasks.module.DenseModule`.
+
+    The constructor arguments are the ``task`` config's keys (``configs/task/depth_*.yaml``).
+    """
+
+    task_name = "depth"
+    component_class = DepthComponent
+
+    @classmethod
+    def option_keys(cls) -> dict[str, set[str]]:
+        """The keys of the dict options (see ``config_check.option_keys_of``)."""
+        return dict(OPTION_KEYS)
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        head: dict[str, Any],
+        neck: dict[str, Any] | None = None,
+        min_depth: float | None = None,
+        max_depth: float | None = None,
+        eval_crop: str | None = None,
+        loss: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+        eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
+        init_from: str | None = None,
+        init_from_filter: str = "all",
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
+        self.save_hyperparameters()
+        component = DepthComponent.build(
+            self.build_backbone(backbone), head, neck, min_depth, max_depth, eval_crop, loss, eval
         )
+        self.attach({self.task_name: component})
+        self.finish_init(freeze_backbone, init_from, init_from_filter)
+
+
+__all__ = ["DEFAULT_EVAL", "DEFAULT_LOSS", "DepthComponent", "DepthTask", "gradient_loss", "silog_loss"]

@@ -20,7 +20,8 @@ from siglip_dense.evaluation.coco_eval import (
 )
 from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.heads.detection import build_detector
-from siglip_dense.tasks.base import DenseTask
+from siglip_dense.tasks.component import EvalContext, TaskComponent
+from siglip_dense.tasks.module import DenseModule
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -50,39 +51,33 @@ def detector_option_keys() -> set[str]:
     return (keys - _BUILT_BY_US) | {"kind"}
 
 
-class DetectionTask(DenseTask):
+class DetectionComponent(TaskComponent):
     """Sum of the detector's losses for training; COCO AP (pycocotools / faster-coco-eval) for validation.
 
-    ``self.model`` is the torchvision detector; its ``.backbone`` is a PyramidBackbone whose ``body``
-    is the SigLIP2Backbone, hence the prefixes used by layer decay and ``init_from`` filters.
+    ``model`` is the torchvision detector; its ``.backbone`` is a PyramidBackbone whose ``body`` is
+    the SigLIP2Backbone, hence the paths used by layer decay and ``init_from`` filters. Its images
+    (a list of any sizes: the detector resizes and batches them) take their own backbone pass.
     """
 
-    task_name = "detection"
-    backbone_prefix = "backbone.body."
-    neck_prefix = "backbone.neck."
+    kind = "detection"
+    backbone_path = "backbone.body"
+    neck_path = "backbone.neck"
+    shares_backbone_pass = False
+    log_prog_bar = False
 
     def __init__(
         self,
-        backbone: dict[str, Any],
-        neck: dict[str, Any],
-        detector: dict[str, Any],
+        model: torch.nn.Module,
         num_classes: int,
         class_names: list[str] | None = None,
         category_ids: list[int] | None = None,
         image_size: int | list[int] = 1024,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        layer_decay: float = 1.0,
-        freeze_backbone: bool = False,
         evaluator: str = "pycocotools",
         save_results: bool = True,
         mask_threshold: float = 0.5,
         vis_score_threshold: float = 0.5,
-        init_from: str | None = None,
-        init_from_filter: str = "all",
     ) -> None:
-        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
-        self.save_hyperparameters()
+        super().__init__(model)
         self.num_classes = int(num_classes)
         self.class_names = (
             list(class_names) if class_names else [f"class_{i}" for i in range(self.num_classes)]
@@ -97,51 +92,65 @@ class DetectionTask(DenseTask):
             raise ValueError(
                 f"category_ids {self.category_ids} must be {self.num_classes} distinct ids (one per class)"
             )
-        self.image_size = (
-            [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
-        )
+        self.image_size = image_size_pair(image_size)
         self.evaluator = resolve_evaluator(evaluator)
         self.save_results = bool(save_results)
         self.mask_threshold = float(mask_threshold)
         self.vis_score_threshold = float(vis_score_threshold)
-        self.model = self.build_model(backbone, neck, detector)
         self.has_masks = bool(self.model.has_masks)
         self.label_offset = int(self.model.label_offset)
         self._val_results: dict[int, list[dict[str, Any]]] = {}
-        self.last_metrics: dict[str, Any] = {}
         self.last_results: list[dict[str, Any]] = []
-        self.finish_init(freeze_backbone, init_from, init_from_filter)
 
     @classmethod
-    def option_keys(cls) -> dict[str, set[str]]:
-        """The keys of the dict options (see ``config_check.option_keys_of``)."""
-        return {"detector": detector_option_keys()}
-
-    def build_model(
-        self, backbone_cfg: dict[str, Any], neck_cfg: dict[str, Any], detector_cfg: dict[str, Any]
-    ) -> torch.nn.Module:
-        options = {k: v for k, v in detector_cfg.items() if k != "_target_"}
-        check_option_keys(options, detector_option_keys(), "detector", type(self).__name__)
-        body = self.build_backbone(backbone_cfg)
-        if not neck_cfg or "_target_" not in neck_cfg:
+    def build(
+        cls,
+        backbone: SigLIP2Backbone,
+        neck: dict[str, Any],
+        detector: dict[str, Any],
+        num_classes: int,
+        class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
+        image_size: int | list[int] = 1024,
+        evaluator: str = "pycocotools",
+        save_results: bool = True,
+        mask_threshold: float = 0.5,
+        vis_score_threshold: float = 0.5,
+        out_keys: list[str] | None = None,
+    ) -> DetectionComponent:
+        """The pyramid neck and the torchvision detector on ``backbone`` (maps ``out_keys``)."""
+        options = {k: v for k, v in detector.items() if k != "_target_"}
+        check_option_keys(options, detector_option_keys(), "detector", "DetectionTask")
+        if not neck or "_target_" not in neck:
             raise ValueError(
                 "detection needs a neck that builds a pyramid (neck=simple_fpn_p6 or simple_fpn)"
             )
-        neck_cfg = dict(neck_cfg)
+        neck_cfg = dict(neck)
         if "in_keys" in neck_cfg and neck_cfg["in_keys"] is None:
-            neck_cfg["in_keys"] = body.out_keys
-        neck = instantiate(neck_cfg, in_channels=body.embed_dim, in_stride=body.patch_size, _convert_="all")
+            neck_cfg["in_keys"] = list(out_keys) if out_keys is not None else list(backbone.out_keys)
+        neck_module = instantiate(
+            neck_cfg, in_channels=backbone.embed_dim, in_stride=backbone.patch_size, _convert_="all"
+        )
         # null = the detector's default (one config file serves R-CNNs and single-stage detectors)
-        cfg = {k: v for k, v in detector_cfg.items() if v is not None}
+        cfg = {k: v for k, v in detector.items() if v is not None}
         if "kind" not in cfg:
             raise ValueError("detector config needs 'kind': faster_rcnn, mask_rcnn, retinanet or fcos")
         kind = cfg.pop("kind")
         cfg.pop("_target_", None)
-        return build_detector(kind, body, neck, self.num_classes, image_size=self.image_size, **cfg)
-
-    @property
-    def backbone(self) -> SigLIP2Backbone:
-        return self.model.backbone.body
+        model = build_detector(
+            kind, backbone, neck_module, int(num_classes), image_size=image_size_pair(image_size), **cfg
+        )
+        return cls(
+            model,
+            num_classes,
+            class_names,
+            category_ids,
+            image_size,
+            evaluator,
+            save_results,
+            mask_threshold,
+            vis_score_threshold,
+        )
 
     # -- training -----------------------------------------------------------------------------------
     def check_batch(self, batch: dict[str, Any]) -> None:
@@ -171,15 +180,12 @@ class DetectionTask(DenseTask):
             out.append(mt)
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The detector's losses (its own backbone pass) and their sum ``loss``."""
         images = [im.to(self.device) for im in batch["image"]]
         targets = self.to_model_targets(batch["target"], batch)
         losses = self.model(images, targets)
-        loss = sum(v.float() for v in losses.values())
-        self.track_finite("detection", loss)
-        losses = {**losses, "loss": loss}
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
-        return loss
+        return {**losses, "loss": sum(v.float() for v in losses.values())}
 
     # -- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -244,10 +250,10 @@ class DetectionTask(DenseTask):
         self.save_predictions(out_dir)
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
+    def on_eval_epoch_start(self) -> None:
         self._val_results = {}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def eval_step(self, batch: dict[str, Any]) -> None:
         outs = self.detect(batch["image"])
         out_ids = self.result_category_ids
         for out, meta in zip(outs, batch["meta"]):
@@ -356,18 +362,17 @@ class DetectionTask(DenseTask):
         """``vitdet`` (square pad to the training size) or ``long_side`` (pad to the divisibility)."""
         self.model.transform.set_test_protocol(name)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_state_dict(self, state: dict[str, Any], prefix: str) -> None:
         """A checkpoint whose RPN head has another conv count than the rebuilt model: a named error.
 
         Checkpoints written before ``rpn_conv_depth`` existed have no such key and rebuild with
         torchvision's single conv, so they load as they were trained.
         """
-        super().on_load_checkpoint(checkpoint)
         rpn = getattr(self.model, "rpn", None)
-        state = checkpoint.get("state_dict", {})
-        if rpn is None or not state:
+        if rpn is None:
             return
-        depth = len({k.split(".")[4] for k in state if k.startswith("model.rpn.head.conv.")})
+        head = f"{prefix}rpn.head.conv."
+        depth = len({k[len(head) :].split(".")[0] for k in state if k.startswith(head)})
         built = len(rpn.head.conv)
         if depth and depth != built:
             raise ValueError(
@@ -376,31 +381,18 @@ class DetectionTask(DenseTask):
                 "written before the option 1)"
             )
 
-    def _ground_truth(self) -> Any:
-        """The validation split's pycocotools COCO (the dataset keeps it; any COCO json works)."""
-        trainer = self.trainer
-        for loaders in (trainer.val_dataloaders, trainer.test_dataloaders):
-            if loaders is None:
-                continue
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            coco = getattr(getattr(loader, "dataset", None), "coco", None)
-            if coco is not None:
-                return coco
-        dm = getattr(trainer, "datamodule", None)
-        coco = getattr(getattr(dm, "val_dataset", None), "coco", None)
-        if coco is None:
-            raise RuntimeError("detection evaluation needs a COCO dataset (with .coco) behind the val loader")
-        return coco
-
-    def on_validation_epoch_end(self) -> None:
+    def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
+        """COCO AP on rank 0 (broadcast to all ranks); ``coco_results.json`` into ``results_dir``."""
         results, image_ids = gather_results(self._val_results)
         self._val_results = {}
         metrics: dict[str, Any] | None = None
-        if self.trainer.is_global_zero:
+        if context.is_global_zero:
             iou_types = ("bbox", "segm") if self.has_masks else ("bbox",)
-            metrics = evaluate_coco(self._ground_truth(), results, iou_types, image_ids, self.evaluator)
-            if self.save_results and self.trainer.default_root_dir:
-                write_coco_results(Path(self.trainer.default_root_dir) / "coco_results.json", results)
+            metrics = evaluate_coco(
+                ground_truth(context.dataset), results, iou_types, image_ids, self.evaluator
+            )
+            if self.save_results and context.results_dir is not None:
+                write_coco_results(Path(context.results_dir) / "coco_results.json", results)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             box = [metrics]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -409,18 +401,9 @@ class DetectionTask(DenseTask):
         self.last_metrics = metrics
         self.last_results = results
         # undefined values (no ground truth of that size) are not logged; bbox_AP always is (monitor)
-        loggable = {f"val/{k}": float(v) for k, v in metrics.items() if v is not None}
-        loggable.setdefault("val/bbox_AP", 0.0)
-        self.log_dict(loggable, prog_bar=False, sync_dist=False)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+        loggable = {k: float(v) for k, v in metrics.items() if v is not None}
+        loggable.setdefault("bbox_AP", 0.0)
+        return loggable
 
     @rank_zero_only
     def save_predictions(self, out_dir: str | Path) -> Path:
@@ -446,11 +429,90 @@ class DetectionTask(DenseTask):
 
         return save_detection_grid(self, datamodule, path, num)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        meta = checkpoint["siglip_dense"]
-        meta["class_names"] = list(self.class_names)
-        meta["num_classes"] = self.num_classes
-        meta["category_ids"] = list(self.category_ids)
-        meta["label_to_category_id"] = {str(i): c for i, c in enumerate(self.category_ids)}
-        meta["detector"] = self.model.kind
+    def meta(self) -> dict[str, Any]:
+        return {
+            "class_names": list(self.class_names),
+            "num_classes": self.num_classes,
+            "category_ids": list(self.category_ids),
+            "label_to_category_id": {str(i): c for i, c in enumerate(self.category_ids)},
+            "detector": self.model.kind,
+        }
+
+
+def image_size_pair(image_size: int | list[int]) -> list[int]:
+    return [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
+
+
+def ground_truth(dataset: Any) -> Any:
+    """The evaluation split's pycocotools COCO (the dataset keeps it; any COCO json works).
+
+    Raises:
+        RuntimeError: the evaluation data is not a COCO dataset.
+    """
+    coco = getattr(dataset, "coco", None)
+    if coco is None:
+        raise RuntimeError("detection evaluation needs a COCO dataset (with .coco) behind the val loader")
+    return coco
+
+
+class DetectionTask(DenseModule):
+    """Detection / instance segmentation as a one-task :class:`~siglip_dense.tasks.module.DenseModule`.
+
+    The constructor arguments are the ``task`` config's keys (``configs/task/det_*.yaml``).
+    """
+
+    task_name = "detection"
+    component_class = DetectionComponent
+
+    @classmethod
+    def option_keys(cls) -> dict[str, set[str]]:
+        """The keys of the dict options (see ``config_check.option_keys_of``)."""
+        return {"detector": detector_option_keys()}
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        neck: dict[str, Any],
+        detector: dict[str, Any],
+        num_classes: int,
+        class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
+        image_size: int | list[int] = 1024,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+        evaluator: str = "pycocotools",
+        save_results: bool = True,
+        mask_threshold: float = 0.5,
+        vis_score_threshold: float = 0.5,
+        init_from: str | None = None,
+        init_from_filter: str = "all",
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
+        self.save_hyperparameters()
+        component = DetectionComponent.build(
+            self.build_backbone(backbone),
+            neck,
+            detector,
+            num_classes,
+            class_names,
+            category_ids,
+            image_size,
+            evaluator,
+            save_results,
+            mask_threshold,
+            vis_score_threshold,
+        )
+        self.attach({self.task_name: component})
+        self.finish_init(freeze_backbone, init_from, init_from_filter)
+
+    # evaluation on other data (tools/eval.py): the detection options
+    def set_category_map(self, mapping: dict[Any, Any] | None) -> None:
+        self.components[self.task_name].set_category_map(mapping)
+
+    def set_test_protocol(self, name: str) -> None:
+        self.components[self.task_name].set_test_protocol(name)
+
+
+__all__ = ["DetectionComponent", "DetectionTask", "detector_option_keys"]

@@ -1,66 +1,32 @@
-"""Multi-task training: one shared SigLIP 2 backbone feeding several tasks' necks and heads.
+"""Multi-task training: one shared SigLIP 2 backbone feeding several tasks' components.
 
-:class:`MultiTask` composes the existing task modules (``SegmentationTask``, ``DepthTask``): each is
-built from its own config and keeps its neck, head, loss, metrics and evaluation protocol; then all
-of them are made to share ONE backbone module. A training batch is ``{task: batch}``: when every
-task's images have the same (padded) size, they are concatenated and the backbone runs once; its
-maps are split back per task and each task's neck + head + loss gets its slice. The loss is
-``Σ loss_weights[t] · loss_t``. Validation has one loader per task; each task computes its own
-metrics, logged as ``val/<task>/<metric>``; ``last_metrics`` is ``{task: {metric: value}}``.
+:class:`MultiTask` is a :class:`~siglip_dense.tasks.module.DenseModule` with several entries: each
+``tasks.<name>`` is an existing single-task config (``_target_`` SegmentationTask, DepthTask or
+DetectionTask with its neck, head, loss and evaluation protocol), built as that task's component on
+the ONE shared backbone. A training batch is ``{task: batch}``; tasks whose padded images have the
+same size share one backbone pass, the others (detection always) run their own pass through the same
+backbone. The loss is ``Σ loss_weights[t] · loss_t``. Validation has one loader per task; each task
+computes its own metrics, logged as ``val/<task>/<metric>``; ``last_metrics`` is
+``{task: {metric: value}}``.
 
-Checkpoints hold the shared backbone once (``model.backbone.*``); the tasks' heads live under
+Checkpoints hold the shared backbone once (``model.backbone.*``); the tasks' networks live under
 ``model.tasks.<task>.model.*``.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-from collections.abc import Callable
-from pathlib import Path
+import inspect
 from typing import Any
 
-import lightning as L
-import torch
-from hydra.utils import instantiate
-from torch import nn
+from hydra.utils import get_class
 
 from siglip_dense.models.backbone import SigLIP2Backbone
-from siglip_dense.tasks.base import DenseTask
-from siglip_dense.tasks.depth import DepthTask
-from siglip_dense.tasks.segmentation import SegmentationTask
+from siglip_dense.tasks.component import TaskComponent
+from siglip_dense.tasks.module import DenseModule, check_task_data
 
-# keys that belong to the multi-task module: the same keys in a sub-task config are not used
+# keys that belong to the multi-task module: the same keys in a member config are not used
 TOP_LEVEL_KEYS = ("optimizer", "scheduler", "layer_decay", "freeze_backbone", "init_from", "init_from_filter")
-
-
-# ---------------------------------------------------------------------------------------------
-# per task kind: which batch entry is the input, and the losses from the model's outputs
-# (the same calls the task's own training_step makes, minus logging)
-# ---------------------------------------------------------------------------------------------
-def _seg_losses(
-    task: SegmentationTask, batch: dict[str, Any], out: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    return task.compute_loss(out, batch["mask"].long())
-
-
-def _depth_losses(task: DepthTask, batch: dict[str, Any], out: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return task.compute_loss(out["depth"], batch["depth"].float())
-
-
-LOSS_FNS: dict[type, Callable[[Any, dict[str, Any], dict[str, Any]], dict[str, torch.Tensor]]] = {
-    SegmentationTask: _seg_losses,
-    DepthTask: _depth_losses,
-}
-
-
-def _loss_fn(task: DenseTask) -> Callable[[Any, dict[str, Any], dict[str, Any]], dict[str, torch.Tensor]]:
-    for cls, fn in LOSS_FNS.items():
-        if isinstance(task, cls):
-            return fn
-    raise ValueError(
-        f"MultiTask supports {sorted(c.__name__ for c in LOSS_FNS)} sub-tasks, got {type(task).__name__}"
-    )
 
 
 def _normalize_indices(indices: Any, depth: int) -> tuple[int, ...]:
@@ -73,44 +39,6 @@ def _normalize_indices(indices: Any, depth: int) -> tuple[int, ...]:
             raise ValueError(f"out_indices entry {i} is out of range for a {depth}-block backbone")
         out.append(j)
     return tuple(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# the model: one backbone, several task modules whose ``model.backbone`` IS that backbone
-# ---------------------------------------------------------------------------------------------
-class MultiTaskModel(nn.Module):
-    """``backbone`` + ``tasks`` (a ModuleDict of task modules sharing it).
-
-    The backbone appears in the module tree once per task too (``tasks.<t>.model.backbone``, the same
-    object); ``state_dict`` keeps only ``backbone.*`` and loading fills the aliases back in.
-    """
-
-    def __init__(self, backbone: SigLIP2Backbone, tasks: dict[str, DenseTask]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.tasks = nn.ModuleDict(tasks)
-        for task in tasks.values():
-            task.model.backbone = backbone
-        self.register_state_dict_post_hook(_drop_backbone_aliases)
-        self.register_load_state_dict_pre_hook(_fill_backbone_aliases)
-
-    def alias_prefixes(self, prefix: str = "") -> list[str]:
-        return [f"{prefix}tasks.{name}.model.backbone." for name in self.tasks]
-
-
-def _drop_backbone_aliases(
-    module: MultiTaskModel, state_dict: dict[str, Any], prefix: str, _meta: Any
-) -> None:
-    aliases = tuple(module.alias_prefixes(prefix))
-    for key in [k for k in state_dict if k.startswith(aliases)]:
-        del state_dict[key]
-
-
-def _fill_backbone_aliases(module: MultiTaskModel, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    shared = f"{prefix}backbone."
-    for key in [k for k in state_dict if k.startswith(shared)]:
-        for alias in module.alias_prefixes(prefix):
-            state_dict.setdefault(alias + key[len(shared) :], state_dict[key])
 
 
 def _check_member_settings(name: str, cfg: Any, shared: dict[str, Any]) -> None:
@@ -128,19 +56,16 @@ def _check_member_settings(name: str, cfg: Any, shared: dict[str, Any]) -> None:
             )
 
 
-# ---------------------------------------------------------------------------------------------
-# the LightningModule
-# ---------------------------------------------------------------------------------------------
-class MultiTask(DenseTask):
+class MultiTask(DenseModule):
     """Several dense tasks on one backbone, trained together with per-task loss weights.
 
     Args:
         backbone: the shared backbone config (as every task config has it).
         tasks: ``{name: task config}`` (``_target_`` + the task's own keys, e.g. the existing
-            ``seg_upernet`` / ``depth_dpt`` configs). A task's ``backbone`` may only differ from the
-            shared one in ``out_indices`` (the shared backbone returns the union). The keys in
-            ``TOP_LEVEL_KEYS`` (optimizer, schedule, layer decay, freezing, init_from) are this
-            module's; the same keys in a task config are not used.
+            ``seg_upernet`` / ``depth_dpt`` / ``det_mask_rcnn`` configs). A task's ``backbone`` may
+            only differ from the shared one in ``out_indices`` (the shared backbone returns the
+            union). The keys in ``TOP_LEVEL_KEYS`` (optimizer, schedule, layer decay, freezing,
+            init_from) are this module's; the same keys in a task config must agree or be absent.
         loss_weights: ``{name: weight}``; tasks not named get 1.0.
         tasks_kwargs: ``{name: kwargs}`` from each task's data (``MultiTaskDataModule.task_kwargs``):
             what a task config leaves null (classes, depth range) comes from here.
@@ -170,13 +95,11 @@ class MultiTask(DenseTask):
         unknown = sorted(set(weights) - set(names))
         if unknown:
             raise ValueError(f"loss_weights names {unknown}, but there is no such task; tasks: {names}")
-        self.loss_weights = {n: float(weights.get(n, 1.0)) for n in names}
-        bad = {n: w for n, w in self.loss_weights.items() if not w >= 0}
+        bad = {n: float(w) for n, w in weights.items() if not float(w) >= 0}
         if bad:
             raise ValueError(f"loss weights must be >= 0, got {bad}")
         if tasks_kwargs is not None:
             check_task_data(names, list(tasks_kwargs))
-
         shared_settings = {
             "optimizer": optimizer,
             "scheduler": scheduler,
@@ -187,56 +110,50 @@ class MultiTask(DenseTask):
             _check_member_settings(name, tasks[name], shared_settings)
         shared = self.build_backbone(backbone)
         self._backbone_overrides: dict[str, dict[str, Any]] = {}
-        sub_tasks: dict[str, DenseTask] = {}
-        indices: dict[str, tuple[int, ...]] = {}
-        for name in names:
-            cfg = self._sub_config(name, tasks[name], backbone, shared, init_from)
-            # what the task config fixes wins; the rest comes from the data (as train.py's build_task)
-            extra = {k: v for k, v in ((tasks_kwargs or {}).get(name) or {}).items() if cfg.get(k) is None}
-            if cfg.get("num_classes") is not None:
-                extra.pop("class_names", None)
-            sub = instantiate(cfg, _recursive_=False, _convert_="all", **extra)
-            if not isinstance(sub, DenseTask):
-                raise TypeError(f"tasks.{name} built a {type(sub).__name__}, not a DenseTask")
-            _loss_fn(sub)  # refuse unsupported kinds now, not at the first step
-            indices[name] = tuple(sub.backbone.out_indices)
-            sub_tasks[name] = sub
+        self._member_classes: dict[str, type[DenseModule]] = {}
+        self._member_hparams: dict[str, dict[str, Any]] = {}
+        indices = {
+            name: self._member_indices(name, tasks[name], backbone, shared, init_from) for name in names
+        }
         union = tuple(sorted(set().union(*indices.values())))
+        components: dict[str, TaskComponent] = {}
+        for name in names:
+            keys = [f"blocks.{i}" for i in indices[name]]
+            extra = {k: v for k, v in ((tasks_kwargs or {}).get(name) or {}).items()}
+            components[name] = self._build_member(name, tasks[name], extra, shared, keys)
         if union != tuple(shared.out_indices):
             shared.out_indices = union
-        for name, sub in sub_tasks.items():
+        for name, component in components.items():
             if indices[name] != union:
-                _check_reads_named_maps(name, sub)
-        self._feature_keys = {n: [f"blocks.{i}" for i in idx] for n, idx in indices.items()}
-        self.model = MultiTaskModel(shared, sub_tasks)
-        for name, sub in sub_tasks.items():
-            # the task's own logging (its validation metrics) goes to val/<name>/... on this module
-            sub.log = functools.partial(self._log_for, name)
-        self._loader_order: list[str] = list(names)
-        self.last_metrics: dict[str, Any] = {}
+                _check_reads_named_maps(name, component)
+        self.attach(
+            components,
+            multitask=True,
+            loss_weights=weights,
+            backbone=shared,
+            feature_keys={n: [f"blocks.{i}" for i in idx] for n, idx in indices.items()},
+        )
         self.finish_init(freeze_backbone, init_from, init_from_filter)
 
     # -- construction helpers ---------------------------------------------------------------------
-    def _sub_config(
+    def _member_indices(
         self,
         name: str,
-        cfg: dict[str, Any],
+        cfg: Any,
         backbone: dict[str, Any],
         shared: SigLIP2Backbone,
         init_from: str | None,
-    ) -> dict[str, Any]:
+    ) -> tuple[int, ...]:
+        """Check a member config against the shared settings; the backbone blocks it reads."""
         if not isinstance(cfg, dict) or "_target_" not in cfg:
             raise ValueError(f"tasks.{name} must be a task config with a _target_, got {cfg!r}")
-        cfg = copy.deepcopy(dict(cfg))
         sub_init = cfg.get("init_from")
         if sub_init is not None and sub_init != init_from:
             raise ValueError(
                 f"tasks.{name}.init_from={sub_init!r}: init_from applies to the whole multi-task model; "
                 "set it at the top level (it reads the shared backbone from any task's checkpoint)"
             )
-        for key in TOP_LEVEL_KEYS:
-            cfg.pop(key, None)
-        override = dict(cfg.pop("backbone", None) or {})
+        override = dict(cfg.get("backbone") or {})
         differing = sorted(
             k for k, v in override.items() if k != "out_indices" and k in backbone and backbone[k] != v
         )
@@ -251,270 +168,78 @@ class MultiTask(DenseTask):
         ):
             self._backbone_overrides[name] = {"out_indices": list(override["out_indices"])}
         out_indices = override.get("out_indices", backbone.get("out_indices", shared.out_indices))
-        # the task builds a throwaway backbone (random init, no file read) that is replaced by the shared
-        cfg["backbone"] = {
-            **backbone,
-            "checkpoint": None,
-            "arch_config": shared.arch_config.to_dict(),
-            "out_indices": list(_normalize_indices(out_indices, shared.num_layers)),
-            "freeze": False,
-            "freeze_blocks": 0,
-            "grad_checkpointing": False,
-            "verbose": False,
-        }
-        cfg["freeze_backbone"] = False
-        return cfg
+        return _normalize_indices(out_indices, shared.num_layers)
 
-    def init_components(self, filter_name: str) -> dict[str, nn.Module]:
-        """The shared backbone, then each task's own parts (``tasks.<name>.model.<part>.``) for
-        ``backbone+neck`` (necks) and ``all`` (necks and heads), each located on its own in the source."""
-        out = super().init_components("backbone")
-        if filter_name == "backbone":
-            return out
-        for name, sub in self.sub_tasks.items():
-            for prefix, part in sub.init_components(filter_name).items():
-                if prefix != f"model.{sub.backbone_prefix}":
-                    out[f"model.tasks.{name}.{prefix}"] = part
-        return out
-
-    # -- the pieces ---------------------------------------------------------------------------------
-    @property
-    def task_names(self) -> list[str]:
-        return list(self.model.tasks)
-
-    @property
-    def sub_tasks(self) -> dict[str, DenseTask]:
-        return dict(self.model.tasks.items())
-
-    @property
-    def trainer(self) -> L.Trainer:
-        return L.LightningModule.trainer.fget(self)
-
-    @trainer.setter
-    def trainer(self, trainer: L.Trainer | None) -> None:
-        L.LightningModule.trainer.fset(self, trainer)
-        model = self._modules.get("model")
-        if model is not None:
-            for sub in model.tasks.values():
-                sub.trainer = trainer
-
-    @property
-    def data_config(self) -> dict[str, Any] | None:
-        return getattr(self, "_data_config", None)
-
-    @data_config.setter
-    def data_config(self, value: dict[str, Any] | None) -> None:
-        """The multi-task data config; each task gets its own member config (``datamodules.<task>``)."""
-        self._data_config = value
-        model = self._modules.get("model")
-        if model is None:
-            return
-        members = (value or {}).get("datamodules") or {} if isinstance(value, dict) else {}
-        for name, sub in model.tasks.items():
-            sub.data_config = copy.deepcopy(members.get(name))
-
-    def _log_for(self, task: str, name: str, value: Any, **kwargs: Any) -> None:
-        """A sub-task's ``self.log``: ``val/mIoU`` of task ``seg`` → ``val/seg/mIoU`` here."""
-        stage, sep, rest = name.partition("/")
-        self.log(f"{stage}/{task}/{rest}" if sep else f"{task}/{name}", value, **kwargs)
-
-    # -- one backbone pass for all tasks ------------------------------------------------------------
-    def forward(self, images: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """``{task: B_t×3×H×W}`` → ``{task: that task's model outputs}``.
-
-        One backbone pass over the concatenated batch when every task's padded images have the same
-        size; otherwise one pass per task (warned once).
-        """
-        models = {name: self.model.tasks[name].model for name in images}
-        padded = {name: models[name].pad_input(x) for name, x in images.items()}
-        shapes = {tuple(x.shape[1:]) for x in padded.values()}
-        if len(shapes) != 1:
-            self.warn_once(
-                "multi-task batches have different image sizes "
-                f"({ {n: tuple(x.shape[-2:]) for n, x in padded.items()} }): one backbone pass per task "
-                "(give every task the same crop size for a single shared pass)"
-            )
-            return {name: models[name](x) for name, x in images.items()}
-        sizes = [len(x) for x in padded.values()]
-        feats = self.backbone(
-            torch.cat(list(padded.values())) if len(padded) > 1 else next(iter(padded.values()))
-        )
-        parts = {k: torch.split(v, sizes) for k, v in feats.items()}
-        out = {}
-        for i, name in enumerate(padded):
-            task_feats = {k: parts[k][i] for k in self._feature_keys[name]}
-            out[name] = models[name].decode(task_feats, padded[name].shape[-2:], images[name].shape[-2:])
-        return out
-
-    def check_batch(self, batch: dict[str, Any]) -> None:
-        """Each task's host-side checks on its part of the training batch."""
-        if isinstance(batch, dict):
-            for name, sub in self.model.tasks.items():
-                if batch.get(name) is not None:
-                    sub.check_batch(batch[name])
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        missing = [n for n in self.task_names if not isinstance(batch, dict) or batch.get(n) is None]
-        if missing:
-            have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(f"the training batch has no data for task(s) {missing} (it has {have})")
-        outs = self({name: batch[name]["image"] for name in self.task_names})
-        total: torch.Tensor | float = 0.0
-        for name in self.task_names:
-            sub, sub_batch = self.model.tasks[name], batch[name]
-            losses = _loss_fn(sub)(sub, sub_batch, outs[name])
-            self.track_finite(name, losses["loss"])
-            bs = len(sub_batch["image"])
-            self.log_dict({f"train/{name}/{k}": v for k, v in losses.items()}, batch_size=bs)
-            total = total + self.loss_weights[name] * losses["loss"]
-        self.log(
-            "train/loss",
-            total,
-            prog_bar=True,
-            batch_size=sum(len(batch[n]["image"]) for n in self.task_names),
-        )
-        return total
-
-    # -- data the tasks are trained on ----------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, "task_names", None)
-        if names is not None:
-            check_task_data(self.task_names, list(names))
-            self._loader_order = list(names)
-
-    # -- evaluation: each task's own, one loader per task -------------------------------------------
-    def _task_of_loader(self, dataloader_idx: int) -> DenseTask:
-        if dataloader_idx >= len(self._loader_order):
+    def _build_member(
+        self,
+        name: str,
+        cfg: dict[str, Any],
+        extra: dict[str, Any],
+        shared: SigLIP2Backbone,
+        out_keys: list[str],
+    ) -> TaskComponent:
+        """Member ``name``'s component on the shared backbone, from its single-task config."""
+        cls = get_class(str(cfg["_target_"]))
+        if not (isinstance(cls, type) and issubclass(cls, DenseModule)) or cls.component_class is None:
             raise ValueError(
-                f"evaluation loader {dataloader_idx} has no task: loaders are {self._loader_order} in order"
+                f"tasks.{name}: {cfg['_target_']} is not a single-task module (SegmentationTask, "
+                "DepthTask or DetectionTask)"
             )
-        return self.model.tasks[self._loader_order[dataloader_idx]]
-
-    def _set_predictions_dirs(self) -> None:
-        for name, sub in self.sub_tasks.items():
-            sub.predictions_dir = (
-                Path(self.predictions_dir) / name if self.predictions_dir is not None else None
-            )
-
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        self._set_predictions_dirs()
-
-    def on_test_start(self) -> None:
-        self._set_predictions_dirs()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._task_of_loader(dataloader_idx).validation_step(batch, batch_idx)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._task_of_loader(dataloader_idx).test_step(batch, batch_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        for sub in self.sub_tasks.values():
-            sub.on_validation_epoch_end()
-        self.last_metrics = {name: dict(sub.last_metrics) for name, sub in self.sub_tasks.items()}
-
-    def on_test_epoch_end(self) -> None:
-        for sub in self.sub_tasks.values():
-            sub.on_test_epoch_end()
-        self.last_metrics = {name: dict(sub.last_metrics) for name, sub in self.sub_tasks.items()}
-
-    def finalize_predictions(self, out_dir: Path) -> None:
-        for name, sub in self.sub_tasks.items():
-            sub.finalize_predictions(Path(out_dir) / name)
-
-    def bind_data(self, datamodule: Any) -> None:
-        members = getattr(datamodule, "datamodules", None)
-        if members is None:
-            raise ValueError(
-                "a multi-task model evaluates on a MultiTaskDataModule (one data module per task)"
-            )
-        check_task_data(self.task_names, list(members))
-        for name, sub in self.sub_tasks.items():
-            sub.bind_data(members[name])
-
-    # -- results -----------------------------------------------------------------------------------
-    def summarize(self, metrics: dict[str, Any]) -> str:
-        parts = []
-        for name, sub in self.sub_tasks.items():
-            if isinstance(metrics.get(name), dict):
-                parts.append(
-                    f"== {name} (loss weight {self.loss_weights[name]:g}) ==\n{sub.summarize(metrics[name])}"
-                )
-        return "\n".join(parts)
-
-    def save_visualization(self, datamodule: Any, path: Path, num: int) -> Path | None:
-        """``<stem>_<task><suffix>`` per task (each task's own picture); returns the first."""
-        members = getattr(datamodule, "datamodules", {}) or {}
-        written = []
-        for name, sub in self.sub_tasks.items():
-            if name not in members:
-                continue
-            out = sub.save_visualization(
-                members[name], path.with_name(f"{path.stem}_{name}{path.suffix}"), num
-            )
-            if out is not None:
-                written.append(out)
-        for extra in written[1:]:
-            print(f"predictions vs ground truth: {extra}")
-        return written[0] if written else None
-
-    def unused_parameter_reasons(self) -> list[str]:
-        reasons = super().unused_parameter_reasons()
-        for name, sub in self.sub_tasks.items():
-            reasons += [f"{name}: {r}" for r in sub.unused_parameter_reasons() if r not in reasons]
-        return reasons
+        kwargs = {k: v for k, v in copy.deepcopy(dict(cfg)).items() if k not in ("_target_", "backbone")}
+        for key in TOP_LEVEL_KEYS:
+            kwargs.pop(key, None)
+        # what the task config fixes wins; the rest comes from the data (as train.py's build_task)
+        extra = {k: v for k, v in extra.items() if kwargs.get(k) is None}
+        if kwargs.get("num_classes") is not None:
+            extra.pop("class_names", None)
+        kwargs.update(extra)
+        accepted = _constructor_defaults(cls)
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"tasks.{name}: {cls.__name__} has no argument(s) {unknown}")
+        self._member_classes[name] = cls
+        self._member_hparams[name] = {**accepted, **kwargs}
+        return cls.component_class.build(shared, **kwargs, out_keys=out_keys)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Self-describing: ``siglip_dense.task = "multitask"``, per-task meta under ``tasks``, and each
-        task's resolved config (classes, depth range from the data) in ``hyper_parameters.tasks``."""
-        super().on_save_checkpoint(checkpoint)
-        hp = checkpoint["hyper_parameters"]
+    def save_task_configs(self, hparams: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Self-describing: per-task meta under ``tasks``, and each task's resolved config (classes,
+        depth range from the data) in ``hyper_parameters.tasks``."""
         task_cfgs, metas = {}, {}
-        for name, sub in self.sub_tasks.items():
-            sub_ckpt: dict[str, Any] = {"hyper_parameters": copy.deepcopy(dict(sub.hparams))}
-            sub.on_save_checkpoint(sub_ckpt)
-            sub_hp = sub_ckpt["hyper_parameters"]
-            cfg = {"_target_": f"{type(sub).__module__}.{type(sub).__qualname__}"}
-            cfg.update({k: v for k, v in sub_hp.items() if k not in (*TOP_LEVEL_KEYS, "backbone")})
+        for name, component in self.components.items():
+            cls = self._member_classes[name]
+            cfg: dict[str, Any] = {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
+            cfg.update(copy.deepcopy(self._member_hparams[name]))
+            component.update_hparams(cfg)
             if name in self._backbone_overrides:
                 cfg["backbone"] = dict(self._backbone_overrides[name])
             task_cfgs[name] = cfg
-            meta = sub_ckpt["siglip_dense"]
-            for key in ("arch", "arch_config", "mean", "std"):  # the same for all: kept once, at the top
-                meta.pop(key, None)
-            metas[name] = meta
-        hp["tasks"] = task_cfgs
-        hp["tasks_kwargs"] = None  # merged into the task configs above
-        checkpoint["siglip_dense"]["tasks"] = metas
-        checkpoint["siglip_dense"]["loss_weights"] = dict(self.loss_weights)
-
-    def on_load_meta(self, meta: dict[str, Any]) -> None:
-        super().on_load_meta(meta)
-        for name, sub in self.sub_tasks.items():
-            sub.on_load_meta((meta.get("tasks") or {}).get(name, {}))
+            metas[name] = {
+                "task": component.kind,
+                **component.meta(),
+                "data": copy.deepcopy(component.data_config),
+            }
+        hparams["tasks"] = task_cfgs
+        hparams["tasks_kwargs"] = None  # merged into the task configs above
+        meta["tasks"] = metas
+        meta["loss_weights"] = dict(self.loss_weights)
 
 
-def check_task_data(task_names: list[str], data_names: list[str]) -> None:
-    """Every task has data and all data has a task (the message names both lists)."""
-    no_data = [n for n in task_names if n not in data_names]
-    no_task = [n for n in data_names if n not in task_names]
-    if no_data:
-        raise ValueError(
-            f"task(s) {no_data} have no data: the data module has {data_names} (tasks: {task_names})"
-        )
-    if no_task:
-        raise ValueError(
-            f"the data module has data for {no_task} but there is no such task (tasks: {task_names})"
-        )
+def _constructor_defaults(cls: type) -> dict[str, Any]:
+    """A single-task module's component arguments and their defaults (its ``__init__`` minus the
+    backbone and the multi-task module's own keys)."""
+    out = {}
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name in ("self", "backbone", *TOP_LEVEL_KEYS) or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        out[p.name] = None if p.default is inspect.Parameter.empty else copy.deepcopy(p.default)
+    return out
 
 
-def _check_reads_named_maps(name: str, task: DenseTask) -> None:
+def _check_reads_named_maps(name: str, component: TaskComponent) -> None:
     """With a union of out_indices, heads/necks that read "all maps" (in_keys unset) would read extra ones."""
-    for mod_name, module in task.model.named_modules():
-        if mod_name.startswith("backbone"):
+    for mod_name, module in component.model.named_modules():
+        if mod_name.startswith(component.backbone_path):
             continue
         if hasattr(module, "in_keys") and not module.in_keys:
             raise ValueError(
@@ -524,4 +249,4 @@ def _check_reads_named_maps(name: str, task: DenseTask) -> None:
             )
 
 
-__all__ = ["LOSS_FNS", "MultiTask", "MultiTaskModel", "check_task_data"]
+__all__ = ["TOP_LEVEL_KEYS", "MultiTask", "check_task_data"]

@@ -19,8 +19,10 @@ from siglip_dense.evaluation.sliding_window import (
     inference_with_tta,
     round_crop_to_patch,
 )
+from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.segmentor import Segmentor
-from siglip_dense.tasks.base import DenseTask
+from siglip_dense.tasks.component import EvalContext, TaskComponent, fill_in_keys
+from siglip_dense.tasks.module import DenseModule
 
 DEFAULT_EVAL = {
     "mode": "slide",
@@ -40,52 +42,31 @@ TTA_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _fill_head_inputs(head_cfg: dict[str, Any], in_channels: int, keys: list[str]) -> dict[str, Any]:
-    cfg = dict(head_cfg)
-    cfg.setdefault("in_channels", in_channels)
-    if "in_keys" in cfg and cfg["in_keys"] is None:
-        cfg["in_keys"] = keys
-    return cfg
+class SegmentationComponent(TaskComponent):
+    """Cross-entropy (ignore 255) training; dataset-level mIoU with the ADE20K test protocol.
 
+    ``model`` is a :class:`~siglip_dense.models.segmentor.Segmentor` (backbone → neck → head, aux head).
+    """
 
-class SegmentationTask(DenseTask):
-    """Cross-entropy (ignore 255) training; dataset-level mIoU with the ADE20K test protocol."""
-
-    task_name = "segmentation"
-
-    @classmethod
-    def option_keys(cls) -> dict[str, set[str]]:
-        """The keys of the dict options (see ``config_check.option_keys_of``)."""
-        return {"eval": set(DEFAULT_EVAL)}
+    kind = "segmentation"
 
     def __init__(
         self,
-        backbone: dict[str, Any],
-        head: dict[str, Any],
+        model: Segmentor,
         num_classes: int,
         class_names: list[str] | None = None,
-        neck: dict[str, Any] | None = None,
-        aux_head: dict[str, Any] | None = None,
         aux_weight: float = 0.4,
         ignore_index: int = 255,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        layer_decay: float = 1.0,
-        freeze_backbone: bool = False,
         eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
-        init_from: str | None = None,
-        init_from_filter: str = "all",
     ) -> None:
-        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
-        self.save_hyperparameters()
-        check_option_keys(eval, DEFAULT_EVAL, "eval", type(self).__name__)
+        super().__init__(model)
+        check_option_keys(eval, DEFAULT_EVAL, "eval", "SegmentationTask")
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for num_classes={self.num_classes}")
         self.ignore_index = int(ignore_index)
         self.aux_weight = float(aux_weight)
-        self.model = self.build_model(backbone, neck, head, aux_head)
         self.eval_cfg = {**DEFAULT_EVAL, **(eval or {})}
         self.eval_cfg["crop_size"] = list(
             round_crop_to_patch(tuple(self.eval_cfg["crop_size"]), self.backbone.patch_size)
@@ -94,44 +75,49 @@ class SegmentationTask(DenseTask):
             check_window_coverage(self.eval_cfg["crop_size"], self.eval_cfg["stride"])
         check_naflex_eval(self.eval_cfg, self.backbone.window_size)
         self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
-        self.last_metrics: dict[str, Any] = {}
         # added to class indices when predictions are written (1 for reduce_zero_label datasets)
         self.label_offset = 0
-        self.finish_init(freeze_backbone, init_from, init_from_filter)
 
-    def build_model(
-        self,
-        backbone_cfg: dict[str, Any],
-        neck_cfg: dict[str, Any] | None,
-        head_cfg: dict[str, Any],
-        aux_cfg: dict[str, Any] | None,
-    ) -> Segmentor:
-        backbone = self.build_backbone(backbone_cfg)
-        neck = None
-        if neck_cfg:
-            neck_cfg = dict(neck_cfg)
+    @classmethod
+    def build(
+        cls,
+        backbone: SigLIP2Backbone,
+        head: dict[str, Any],
+        num_classes: int,
+        class_names: list[str] | None = None,
+        neck: dict[str, Any] | None = None,
+        aux_head: dict[str, Any] | None = None,
+        aux_weight: float = 0.4,
+        ignore_index: int = 255,
+        eval: dict[str, Any] | None = None,  # noqa: A002
+        out_keys: list[str] | None = None,
+    ) -> SegmentationComponent:
+        """Neck and heads from their configs on ``backbone`` (whose maps ``out_keys`` this task reads)."""
+        keys = list(out_keys) if out_keys is not None else list(backbone.out_keys)
+        neck_module = None
+        if neck:
+            neck_cfg = dict(neck)
             if "in_keys" in neck_cfg and neck_cfg["in_keys"] is None:
-                neck_cfg["in_keys"] = backbone.out_keys
-            neck = instantiate(
+                neck_cfg["in_keys"] = keys
+            neck_module = instantiate(
                 neck_cfg, in_channels=backbone.embed_dim, in_stride=backbone.patch_size, _convert_="all"
             )
-        if neck is not None:
-            feat_channels, feat_keys = neck.out_channels, list(neck.strides)
+        if neck_module is not None:
+            feat_channels, feat_keys = neck_module.out_channels, list(neck_module.strides)
         else:
-            feat_channels, feat_keys = backbone.embed_dim, backbone.out_keys
-        head = instantiate(
-            _fill_head_inputs(head_cfg, feat_channels, feat_keys),
-            num_classes=self.num_classes,
-            _convert_="all",
+            feat_channels, feat_keys = backbone.embed_dim, keys
+        head_module = instantiate(
+            fill_in_keys(head, feat_channels, feat_keys), num_classes=int(num_classes), _convert_="all"
         )
         aux = None
-        if aux_cfg:
+        if aux_head:
             aux = instantiate(
-                _fill_head_inputs(aux_cfg, feat_channels, feat_keys),
-                num_classes=self.num_classes,
+                fill_in_keys(aux_head, feat_channels, feat_keys),
+                num_classes=int(num_classes),
                 _convert_="all",
             )
-        return Segmentor(backbone, neck, head, aux)
+        model = Segmentor(backbone, neck_module, head_module, aux)
+        return cls(model, num_classes, class_names, aux_weight, ignore_index, eval)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)["logits"]
@@ -145,12 +131,8 @@ class SegmentationTask(DenseTask):
         losses["loss"] = sum(losses.values())
         return losses
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images, target = batch["image"], batch["mask"].long()
-        losses = self.compute_loss(self.model(images), target)
-        self.track_finite("segmentation", losses["loss"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(images))
-        return losses["loss"]
+    def losses(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.compute_loss(out, batch["mask"].long())
 
     def check_batch(self, batch: dict[str, Any]) -> None:
         self.check_labels(batch["mask"], batch)
@@ -198,7 +180,7 @@ class SegmentationTask(DenseTask):
             flip=bool(self.eval_cfg["flip"]),
         )
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def eval_step(self, batch: dict[str, Any]) -> None:
         images, masks = batch["image"], batch["mask"]
         if isinstance(images, torch.Tensor):
             images, masks = list(images), list(masks)
@@ -230,22 +212,16 @@ class SegmentationTask(DenseTask):
         """H×W label maps (class indices, numpy int64) for RGB uint8 images, by the eval protocol."""
         return [self.predict_labels(x)[0].cpu().numpy() for x in self.normalize_images(images)]
 
-    def on_validation_epoch_end(self) -> None:
+    def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         metrics = self.val_metric.compute()
         self.val_metric.reset()
         per_class = metrics.pop("per_class_IoU")
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
         # classes absent from both prediction and ground truth have no IoU: null in metrics.json
         self.last_metrics["per_class_IoU"] = {
             name: (None if math.isnan(v) else v) for name, v in zip(self.class_names, per_class.tolist())
         }
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+        return dict(metrics)
 
     @torch.no_grad()
     def predict_labels(self, image: torch.Tensor) -> torch.Tensor:
@@ -294,13 +270,63 @@ class SegmentationTask(DenseTask):
         return save_segmentation_grid(self, datamodule, path, num)
 
     def unused_parameter_reasons(self) -> list[str]:
-        reasons = super().unused_parameter_reasons()
+        reasons = []
         aux = self.model.aux_head
         if aux is not None and self.aux_weight <= 0 and any(p.requires_grad for p in aux.parameters()):
             reasons.append("the auxiliary head has aux_weight=0")
         return reasons
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["siglip_dense"]["class_names"] = list(self.class_names)
-        checkpoint["siglip_dense"]["num_classes"] = self.num_classes
+    def meta(self) -> dict[str, Any]:
+        return {"class_names": list(self.class_names), "num_classes": self.num_classes}
+
+
+class SegmentationTask(DenseModule):
+    """Semantic segmentation as a one-task :class:`~siglip_dense.tasks.module.DenseModule`.
+
+    The constructor arguments are the ``task`` config's keys (``configs/task/seg_*.yaml``).
+    """
+
+    task_name = "segmentation"
+    component_class = SegmentationComponent
+
+    @classmethod
+    def option_keys(cls) -> dict[str, set[str]]:
+        """The keys of the dict options (see ``config_check.option_keys_of``)."""
+        return {"eval": set(DEFAULT_EVAL)}
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        head: dict[str, Any],
+        num_classes: int,
+        class_names: list[str] | None = None,
+        neck: dict[str, Any] | None = None,
+        aux_head: dict[str, Any] | None = None,
+        aux_weight: float = 0.4,
+        ignore_index: int = 255,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+        eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
+        init_from: str | None = None,
+        init_from_filter: str = "all",
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
+        self.save_hyperparameters()
+        component = SegmentationComponent.build(
+            self.build_backbone(backbone),
+            head,
+            num_classes,
+            class_names,
+            neck,
+            aux_head,
+            aux_weight,
+            ignore_index,
+            eval,
+        )
+        self.attach({self.task_name: component})
+        self.finish_init(freeze_backbone, init_from, init_from_filter)
+
+
+__all__ = ["DEFAULT_EVAL", "TTA_PRESETS", "SegmentationComponent", "SegmentationTask"]
