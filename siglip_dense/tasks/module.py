@@ -43,6 +43,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from siglip_dense.checkpoints import check_same_backbone, read_meta
+from siglip_dense.legacy import upgrade_config
 from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.tasks.component import EvalContext, TaskComponent
 from siglip_dense.tasks.init_from import filter_prefixes, init_from_checkpoint, split_components
@@ -693,7 +694,8 @@ class DenseModule(L.LightningModule):
 
     def on_load_meta(self, meta: dict[str, Any]) -> None:
         """Restore what the checkpoint says beyond the weights (the data config, per-task meta)."""
-        self.data_config = meta.get("data")
+        # data configs name their classes by path: old checkpoints name paths since moved
+        self.data_config = upgrade_config(meta.get("data"))
         if not self.multitask:
             for component in self.components.values():
                 component.load_meta(meta)
