@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ def export(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
+    # safetensors writes through a private temporary file (mode 0600): give it a new file's mode
+    chmod_as_new_file(out_dir / WEIGHTS_FILE)
     config = {
         "format": EXPORT_FORMAT,
         "siglip_dense": ckpt["siglip_dense"],
@@ -118,8 +121,19 @@ def export(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def chmod_as_new_file(path: Path) -> None:
+    """The mode ``open()`` gives a new file: 0666 minus the process umask (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> L.LightningModule:
-    """A ready model from a checkpoint or an export: ``model.predict(images)``; no Hydra needed."""
+    """A ready model from a checkpoint or an export, in eval mode; no Hydra needed.
+
+    ``model.predict(images, score_threshold=None)`` takes paths, PIL images, numpy arrays or tensors,
+    one or a batch, and returns per task the structures of :mod:`siglip_dense.predict`.
+    """
     return load_task(path, map_location=device)
 
 

@@ -134,7 +134,8 @@ def predict_app(cfg: DictConfig) -> list[Path]:
     from siglip_dense.predict import run_predict
 
     require(cfg, "siglip-dense-predict ckpt_path=PATH input=IMAGE_OR_DIR output=DIR [device=cuda]")
-    return run_predict(cfg.ckpt_path, cfg.input, cfg.output, device=cfg.device)
+    thr = cfg.get("score_threshold")
+    return run_predict(cfg.ckpt_path, cfg.input, cfg.output, device=cfg.device, score_threshold=thr)
 
 
 def predict(argv: Sequence[str] | None = None) -> None:

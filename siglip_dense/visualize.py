@@ -1,4 +1,5 @@
-"""Pictures people look at: segmentation overlays and prediction-vs-truth grids."""
+"""Pictures people look at: segmentation overlays and prediction-vs-truth grids, each with a legend
+of the class colours it shows (:func:`with_legend`)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,60 @@ def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: floa
     return (image.astype(np.float32) * (1 - alpha) + colour * alpha).round().astype(np.uint8)
 
 
+LEGEND_ROW = 16  # legend row height in pixels: a 12-px swatch and the class name
+
+
+def legend_layout(
+    class_ids: list[int], class_names: list[str], width: int
+) -> tuple[list[tuple[int, int, int]], int]:
+    """Where each legend entry goes: ``[(class id, x, y)]`` of its swatch's top-left corner, entries
+    flowing left to right in rows ``LEGEND_ROW`` high within ``width``, and the strip's height."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    x, y, out = 4, 2, []
+    for c in class_ids:
+        entry = 22 + int(draw.textlength(class_names[c])) + 12
+        if x > 4 and x + entry > width:
+            x, y = 4, y + LEGEND_ROW
+        out.append((int(c), x, y))
+        x += entry
+    return out, (y + LEGEND_ROW + 2 if out else 0)
+
+
+def legend_strip(class_ids: list[int], class_names: list[str], width: int) -> Image.Image | None:
+    """A white strip naming ``class_ids`` next to their :func:`palette` colours (None: no classes)."""
+    entries, height = legend_layout(class_ids, class_names, width)
+    if not entries:
+        return None
+    colours = palette(len(class_names))
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for c, x, y in entries:
+        draw.rectangle([x, y, x + 11, y + 11], fill=tuple(int(v) for v in colours[c]))
+        draw.text((x + 18, y), class_names[c], fill=(0, 0, 0))
+    return strip
+
+
+def with_legend(picture: Image.Image, class_ids: list[int], class_names: list[str]) -> Image.Image:
+    """``picture`` with a legend strip of ``class_ids`` (sorted, deduplicated) appended below."""
+    ids = sorted({int(c) for c in class_ids if 0 <= int(c) < len(class_names)})
+    strip = legend_strip(ids, class_names, picture.width)
+    if strip is None:
+        return picture
+    out = Image.new("RGB", (picture.width, picture.height + strip.height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    out.paste(strip, (0, picture.height))
+    return out
+
+
+def present_classes(label_maps: list[np.ndarray], num_classes: int) -> list[int]:
+    """Sorted class indices occurring in any of ``label_maps`` (ignore values and negatives left out)."""
+    found: set[int] = set()
+    for m in label_maps:
+        m = np.asarray(m)
+        found |= {int(v) for v in np.unique(m[(m >= 0) & (m < num_classes)])}
+    return sorted(found)
+
+
 def save_segmentation_grid(task: Any, datamodule: Any, path: Path, num: int = 6) -> Path:
     """Rows of [image | ground truth | prediction] for the first ``num`` validation images."""
     ds = datamodule.val_dataset if hasattr(datamodule, "val_dataset") else None
@@ -44,13 +99,14 @@ def save_segmentation_grid(task: Any, datamodule: Any, path: Path, num: int = 6)
         datamodule.setup("validate")
         ds = datamodule.val_dataset
     task.eval()
-    panels = []
+    panels, maps = [], []
     k = task.num_classes
     for i in range(min(num, len(ds))):
         sample = ds[i]
         image = sample["image"]
         pred = task.predict_labels(image[None].to(task.device))[0].cpu().numpy()
         rgb = denormalize(image, task.mean, task.std)
+        maps += [sample["mask"].numpy(), pred]
         panels.append((rgb, colorize(sample["mask"].numpy(), k), colorize(pred, k)))
     # every column as wide as the widest image, so the titles sit above their column in every row
     col = max(p[0].shape[1] for p in panels) + 4
@@ -69,6 +125,7 @@ def save_segmentation_grid(task: Any, datamodule: Any, path: Path, num: int = 6)
     out = Image.new("RGB", (grid.width, grid.height + header.height))
     out.paste(header, (0, 0))
     out.paste(grid, (0, header.height))
+    out = with_legend(out, present_classes(maps, k), list(task.class_names))
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
     return path
@@ -165,8 +222,10 @@ def draw_detections(
     scores: np.ndarray | None = None,
     masks: np.ndarray | None = None,
     alpha: float = 0.45,
+    legend: bool = False,
 ) -> np.ndarray:
-    """Boxes (xyxy pixels), optional binary masks, class names and scores drawn on an RGB image."""
+    """Boxes (xyxy pixels), optional binary masks, class names and scores drawn on an RGB image;
+    ``legend``: a strip of the classes drawn appended below (the picture grows by its height)."""
     k = len(class_names)
     colours = palette(k)
     out = image.astype(np.float32).copy()
@@ -184,6 +243,8 @@ def draw_detections(
         if scores is not None:
             text += f" {float(scores[i]):.2f}"
         draw.text((x0 + 2, max(y0 - 11, 0)), text, fill=colour)
+    if legend:
+        pil = with_legend(pil, [int(v) for v in labels], class_names)
     return np.asarray(pil)
 
 
@@ -196,12 +257,13 @@ def save_detection_grid(task: Any, datamodule: Any, path: Path, num: int = 6) ->
     task.eval()
     names = list(task.class_names)
     thr = float(getattr(task, "vis_score_threshold", 0.5))
-    rows = []
+    rows, drawn = [], []
     for i in range(min(num, len(ds))):
         sample = ds[i]
         image = sample["image"]
         rgb = denormalize(image, task.mean, task.std)
         tgt = sample["target"]
+        drawn += [int(v) for v in tgt["labels"]]
         gt_masks = tgt["masks"].numpy() if "masks" in tgt else None
         gt = draw_detections(rgb, tgt["boxes"].numpy(), tgt["labels"].numpy(), names, masks=gt_masks)
         out = task.detect([image])[0]
@@ -217,6 +279,7 @@ def save_detection_grid(task: Any, datamodule: Any, path: Path, num: int = 6) ->
             scores=out["scores"].cpu()[keep].numpy(),
             masks=pm,
         )
+        drawn += [int(v) for v in out["labels"].cpu()[keep]]
         rows.append(np.concatenate([gt, pred], axis=1))
     if not rows:
         raise ValueError("no validation images to draw")
@@ -230,6 +293,7 @@ def save_detection_grid(task: Any, datamodule: Any, path: Path, num: int = 6) ->
     out_img = Image.new("RGB", (grid.width, grid.height + header.height))
     out_img.paste(header, (0, 0))
     out_img.paste(grid, (0, header.height))
+    out_img = with_legend(out_img, drawn, names)
     path.parent.mkdir(parents=True, exist_ok=True)
     out_img.save(path)
     return path

@@ -104,10 +104,10 @@ def test_depth_predict_tool(depth_run: tuple[Path, Path], tmp_path: Path) -> Non
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    depth = np.load(out / f"{image.stem}.npy")
+    depth = np.load(out / f"{image.name}.npy")
     assert depth.dtype == np.float32 and depth.shape == np.asarray(Image.open(image)).shape[:2]
     assert np.all((depth >= 1e-3) & (depth <= 10.0))
-    assert (out / f"{image.stem}_vis.png").stat().st_size > 0
+    assert (out / f"{image.name}_vis.png").stat().st_size > 0
 
 
 # -- detection ---------------------------------------------------------------------------------------
@@ -168,13 +168,13 @@ def test_detection_predict_tool(det_run: tuple[Path, Path], tmp_path: Path) -> N
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    dets = json.loads((out / f"{image.stem}.json").read_text())["detections"]
+    dets = json.loads((out / f"{image.name}.json").read_text())["detections"]
     cat_ids = {
         c["id"]
         for c in json.loads((root / "annotations" / "instances_val2017.json").read_text())["categories"]
     }
     assert all(d["category_id"] in cat_ids and len(d["bbox_xyxy"]) == 4 for d in dets)
-    assert (out / f"{image.stem}_vis.png").stat().st_size > 0
+    assert (out / f"{image.name}_vis.png").stat().st_size > 0
 
 
 def test_detector_backbone_and_neck_start_a_new_dataset(det_run: tuple[Path, Path]) -> None:

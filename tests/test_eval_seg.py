@@ -123,9 +123,9 @@ def test_predict_tool_handles_gray_rgba_and_odd_sizes(seg_run: Path, tmp_path: P
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert np.asarray(Image.open(out / "gray.png")).shape == (50, 77)
-    assert np.asarray(Image.open(out / "rgba.png")).shape == (61, 40)
-    assert (out / "gray_vis.png").stat().st_size > 0
+    assert np.asarray(Image.open(out / "gray.png.png")).shape == (50, 77)
+    assert np.asarray(Image.open(out / "rgba.png.png")).shape == (61, 40)
+    assert (out / "gray.png_vis.png").stat().st_size > 0
 
 
 def test_init_from_another_backbone_variant_is_refused(seg_run: Path) -> None:

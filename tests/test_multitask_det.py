@@ -147,10 +147,10 @@ def test_toy_multitask_with_detection_trains_and_writes_per_task_metrics(
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (72, 100, 3), dtype=np.uint8)).save(image)
     files = run_predict(ckpt, image, tmp_path / "pred")
     assert {p.relative_to(tmp_path / "pred").as_posix() for p in files} == {
-        "seg/in.png",
-        "seg/in_vis.png",
-        "depth/in.npy",
-        "depth/in_vis.png",
-        "det/in.json",
-        "det/in_vis.png",
+        "seg/in.png.png",
+        "seg/in.png_vis.png",
+        "depth/in.png.npy",
+        "depth/in.png_vis.png",
+        "det/in.png.json",
+        "det/in.png_vis.png",
     }

@@ -82,5 +82,5 @@ def test_predict_tool_uses_naflex_checkpoint(naflex_run: Path, tmp_path: Path) -
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert np.asarray(Image.open(out / "wide.png")).shape == (70, 300)
-    assert (out / "wide_vis.png").stat().st_size > 0
+    assert np.asarray(Image.open(out / "wide.png.png")).shape == (70, 300)
+    assert (out / "wide.png_vis.png").stat().st_size > 0

@@ -161,8 +161,9 @@ class TaskComponent(nn.Module):
         """Write whole-set prediction files (rank 0, after evaluation); per-image files need nothing."""
 
     # -- inference and results --------------------------------------------------------------------
-    def predict(self, images: list[Any]) -> list[Any]:
-        """Predictions for RGB images (H×W×3 uint8 arrays of any size) in the task's raw form."""
+    def predict(self, images: Any) -> list[Any]:
+        """One result per image (inputs as :func:`siglip_dense.predict.to_rgb_images` takes them),
+        in the task's structure from :mod:`siglip_dense.predict`."""
         raise NotImplementedError(f"{type(self).__name__} has no predict()")
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:

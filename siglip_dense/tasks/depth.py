@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.heads.depth import DepthModel
 from siglip_dense.tasks.component import EvalContext, TaskComponent
 from siglip_dense.tasks.module import DenseModule
+
+if TYPE_CHECKING:
+    from siglip_dense.predict import DepthPrediction
 
 DEFAULT_LOSS = {"variance_focus": 0.85, "scale": 10.0, "eps": 1e-6, "grad_weight": 0.0, "grad_scales": 4}
 DEFAULT_EVAL = {"short_side": None, "max_long_side": None, "flip": False}
@@ -221,9 +224,18 @@ class DepthComponent(TaskComponent):
         return path
 
     @torch.no_grad()
-    def predict(self, images: list[Any]) -> list[Any]:
-        """H×W depth in metres (numpy float32, clipped to the valid range) for RGB uint8 images."""
-        return [self.predict_depth(x)[0].float().cpu().numpy() for x in self.normalize_images(images)]
+    def predict(self, images: Any) -> list[DepthPrediction]:
+        """One :class:`~siglip_dense.predict.DepthPrediction` per image (any input
+        :func:`~siglip_dense.predict.to_rgb_images` accepts): H×W float32 metres at the image's size,
+        clipped to ``[min_depth, max_depth]``."""
+        from siglip_dense.predict import DepthPrediction, normalize, to_rgb_images
+
+        out = []
+        for rgb in to_rgb_images(images)[0]:
+            x = normalize(rgb, self.mean, self.std, self.device)
+            depth = self.predict_depth(x)[0].float().cpu().numpy().astype("float32")
+            out.append(DepthPrediction(depth, float(self.min_depth), float(self.max_depth)))
+        return out
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
         """tools/predict.py: ``<stem>.npy`` metres + ``<stem>_vis.png`` (colour map and scale bar)."""
@@ -232,16 +244,17 @@ class DepthComponent(TaskComponent):
 
         from siglip_dense.visualize import colorize_depth, depth_scale_bar
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        raw = out_dir / f"{stem}.npy"
-        np.save(raw, np.asarray(prediction, dtype=np.float32))
+        prediction = np.asarray(prediction, dtype=np.float32)
+        raw = Path(out_dir) / f"{stem}.npy"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        np.save(raw, prediction)
         vmax = float(np.nanmax(prediction)) if np.size(prediction) else self.max_depth
         panel = np.concatenate([np.asarray(image), colorize_depth(prediction, 0.0, vmax)], axis=1)
         bar = depth_scale_bar(panel.shape[1], 0.0, vmax)
         canvas = Image.new("RGB", (panel.shape[1], panel.shape[0] + bar.height), (255, 255, 255))
         canvas.paste(Image.fromarray(panel), (0, 0))
         canvas.paste(bar, (0, panel.shape[0]))
-        vis = out_dir / f"{stem}_vis.png"
+        vis = Path(out_dir) / f"{stem}_vis.png"
         canvas.save(vis)
         return [raw, vis]
 

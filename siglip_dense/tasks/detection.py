@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -22,6 +25,9 @@ from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.heads.detection import build_detector
 from siglip_dense.tasks.component import EvalContext, TaskComponent
 from siglip_dense.tasks.module import DenseModule
+
+if TYPE_CHECKING:
+    from siglip_dense.predict import DetectionPrediction
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -204,46 +210,86 @@ class DetectionComponent(TaskComponent):
         return self.detect(images)
 
     @torch.no_grad()
-    def predict(self, images: list[Any]) -> list[dict[str, torch.Tensor]]:
-        """Detections (CPU tensors, original pixels) for RGB uint8 H×W×3 images of any size."""
-        outs = self.detect([x[0] for x in self.normalize_images(images)])
-        return [{k: v.cpu() for k, v in o.items()} for o in outs]
+    def predict(self, images: Any, score_threshold: float | None = None) -> list[DetectionPrediction]:
+        """One :class:`~siglip_dense.predict.DetectionPrediction` per image (any input
+        :func:`~siglip_dense.predict.to_rgb_images` accepts), each image detected on its own.
+
+        ``score_threshold`` (None: ``vis_score_threshold``, the task config's, 0.5 by default)
+        replaces the detector's own score threshold for this call (torchvision keeps score > it,
+        before NMS and the top-``detections_per_img`` cut), so 0 returns the detector's raw top
+        detections. Boxes are xyxy in the image's pixels; category ids are the dataset's.
+
+        Raises:
+            ValueError: ``score_threshold`` outside [0, 1].
+        """
+        from siglip_dense.predict import DetectionPrediction, normalize, to_rgb_images
+
+        thr = self.vis_score_threshold if score_threshold is None else float(score_threshold)
+        if not 0.0 <= thr <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {thr}")
+        ids = np.asarray(self.category_ids, dtype=np.int64)
+        out = []
+        with detector_score_threshold(self.model, thr):
+            for rgb in to_rgb_images(images)[0]:
+                o = self.detect([normalize(rgb, self.mean, self.std, self.device)[0]])[0]
+                labels = o["labels"].cpu().numpy().astype(np.int64)
+                masks = None
+                if "masks" in o:
+                    masks = (o["masks"][:, 0] > self.mask_threshold).cpu().numpy()
+                out.append(
+                    DetectionPrediction(
+                        boxes=o["boxes"].float().cpu().numpy(),
+                        scores=o["scores"].float().cpu().numpy(),
+                        labels=labels,
+                        category_ids=ids[labels],
+                        category_names=[self.class_names[i] for i in labels],
+                        masks=masks,
+                        score_threshold=thr,
+                    )
+                )
+        return out
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
-        """tools/predict.py: ``<stem>.json`` (xyxy boxes, scores, class names and COCO ids) + picture."""
+        """tools/predict.py: ``<stem>.json`` (xyxy boxes in pixels, scores, labels, class names, COCO
+        category ids, the threshold used) + ``<stem>_vis.png`` (boxes, masks, a legend of the classes)."""
         import json
 
-        import numpy as np
         from PIL import Image
 
         from siglip_dense.visualize import draw_detections
 
-        keep = prediction["scores"] >= self.vis_score_threshold
-        boxes = prediction["boxes"][keep].numpy()
-        labels = prediction["labels"][keep].numpy()
-        scores = prediction["scores"][keep].numpy()
-        masks = None
-        if "masks" in prediction:
-            masks = (prediction["masks"][keep][:, 0] > self.mask_threshold).numpy()
         dets = [
             {
                 "bbox_xyxy": [round(float(v), 2) for v in b],
                 "score": float(sc),
                 "label": int(lab),
-                "class_name": self.class_names[int(lab)],
-                "category_id": int(self.category_ids[int(lab)]),
+                "class_name": str(name),
+                "category_id": int(cid),
             }
-            for b, lab, sc in zip(boxes, labels, scores)
+            for b, sc, lab, name, cid in zip(
+                prediction.boxes,
+                prediction.scores,
+                prediction.labels,
+                prediction.category_names,
+                prediction.category_ids,
+            )
         ]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        raw = out_dir / f"{stem}.json"
+        raw = Path(out_dir) / f"{stem}.json"
+        raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text(
-            json.dumps({"detections": dets, "score_threshold": self.vis_score_threshold}, indent=1)
+            json.dumps({"detections": dets, "score_threshold": prediction.score_threshold}, indent=1)
         )
-        vis = out_dir / f"{stem}_vis.png"
-        Image.fromarray(
-            draw_detections(np.asarray(image), boxes, labels, self.class_names, scores, masks)
-        ).save(vis)
+        vis = Path(out_dir) / f"{stem}_vis.png"
+        picture = draw_detections(
+            np.asarray(image),
+            prediction.boxes,
+            prediction.labels,
+            self.class_names,
+            prediction.scores,
+            prediction.masks,
+            legend=True,
+        )
+        Image.fromarray(picture).save(vis)
         return [raw, vis]
 
     def finalize_predictions(self, out_dir: Path) -> None:
@@ -439,6 +485,26 @@ class DetectionComponent(TaskComponent):
         }
 
 
+@contextlib.contextmanager
+def detector_score_threshold(model: torch.nn.Module, threshold: float) -> Iterator[None]:
+    """Set a torchvision detector's score threshold for the ``with`` block, then restore it.
+
+    R-CNNs hold it in ``roi_heads.score_thresh`` (``box_score_thresh``), RetinaNet and FCOS in
+    ``score_thresh``; both keep detections with score > threshold.
+    """
+    owner = getattr(model, "roi_heads", None)
+    if owner is None or not hasattr(owner, "score_thresh"):
+        owner = model
+    if not hasattr(owner, "score_thresh"):
+        raise AttributeError(f"{type(model).__name__} has no score threshold to set")
+    before = owner.score_thresh
+    owner.score_thresh = float(threshold)
+    try:
+        yield
+    finally:
+        owner.score_thresh = before
+
+
 def image_size_pair(image_size: int | list[int]) -> list[int]:
     return [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
 
@@ -515,4 +581,4 @@ class DetectionTask(DenseModule):
         self.components[self.task_name].set_test_protocol(name)
 
 
-__all__ = ["DetectionComponent", "DetectionTask", "detector_option_keys"]
+__all__ = ["DetectionComponent", "DetectionTask", "detector_option_keys", "detector_score_threshold"]

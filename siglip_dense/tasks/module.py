@@ -32,6 +32,7 @@ existing task is only a config (``task.head._target_``).
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -589,13 +590,37 @@ class DenseModule(L.LightningModule):
         next(iter(self.components.values())).set_tta(tta)
 
     # -- inference without Hydra or a datamodule (tools/predict.py, load_model) ---------------------
-    def predict(self, images: list[Any]) -> list[Any]:
-        """Predictions for RGB uint8 H×W×3 images: single task, the component's (one per image);
-        multi-task, one ``{task: prediction}`` per image."""
-        if not self.multitask:
-            return next(iter(self.components.values())).predict(images)
-        per_task = {name: c.predict(images) for name, c in self.components.items()}
-        return [{name: preds[i] for name, preds in per_task.items()} for i in range(len(images))]
+    def predict(self, images: Any, score_threshold: float | None = None) -> Any:
+        """Predictions for one image or a batch (paths, PIL images, numpy arrays, tensors: see
+        :mod:`siglip_dense.predict`); one result for one image, a list for a batch.
+
+        Single task: the component's result (``SegmentationPrediction``, ``DepthPrediction``,
+        ``DetectionPrediction``); multi-task: ``{task: result}`` per image. ``score_threshold``
+        (detection only; None: the model's ``vis_score_threshold``) keeps detections scoring above it;
+        0 keeps the detector's raw top ``detections_per_img``.
+
+        Raises:
+            ValueError / TypeError: an input that is not an image (the message names its index);
+                ``score_threshold`` for a model without a detection task.
+        """
+        from siglip_dense.predict import to_rgb_images
+
+        rgb, batched = to_rgb_images(images)
+        options = {"score_threshold": score_threshold} if score_threshold is not None else {}
+        takes = {
+            n: "score_threshold" in inspect.signature(c.predict).parameters
+            for n, c in self.components.items()
+        }
+        if options and not any(takes.values()):
+            raise ValueError(
+                f"score_threshold applies to detection; this model's tasks are {self.task_names}"
+            )
+        per_task = {n: c.predict(rgb, **(options if takes[n] else {})) for n, c in self.components.items()}
+        if self.multitask:
+            out = [{n: preds[i] for n, preds in per_task.items()} for i in range(len(rgb))]
+        else:
+            out = next(iter(per_task.values()))
+        return out if batched else out[0]
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
         """Raw output file(s) and a PNG visualisation for one image (multi-task: ``out_dir/<task>/``)."""

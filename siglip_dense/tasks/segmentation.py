@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.segmentor import Segmentor
 from siglip_dense.tasks.component import EvalContext, TaskComponent, fill_in_keys
 from siglip_dense.tasks.module import DenseModule
+
+if TYPE_CHECKING:
+    from siglip_dense.predict import SegmentationPrediction
 
 DEFAULT_EVAL = {
     "mode": "slide",
@@ -208,9 +211,18 @@ class SegmentationComponent(TaskComponent):
         return path
 
     @torch.no_grad()
-    def predict(self, images: list[Any]) -> list[Any]:
-        """H×W label maps (class indices, numpy int64) for RGB uint8 images, by the eval protocol."""
-        return [self.predict_labels(x)[0].cpu().numpy() for x in self.normalize_images(images)]
+    def predict(self, images: Any) -> list[SegmentationPrediction]:
+        """One :class:`~siglip_dense.predict.SegmentationPrediction` per image (any input
+        :func:`~siglip_dense.predict.to_rgb_images` accepts), by the eval protocol (slide / whole /
+        NaFlex, TTA): H×W int64 class indices at the image's size, and the class names."""
+        from siglip_dense.predict import SegmentationPrediction, normalize, to_rgb_images
+
+        out = []
+        for rgb in to_rgb_images(images)[0]:
+            x = normalize(rgb, self.mean, self.std, self.device)
+            labels = self.predict_labels(x)[0].cpu().numpy().astype("int64")
+            out.append(SegmentationPrediction(labels, list(self.class_names)))
+        return out
 
     def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         metrics = self.val_metric.compute()
@@ -228,14 +240,19 @@ class SegmentationComponent(TaskComponent):
         return self.infer(image).argmax(1)
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
-        """tools/predict.py: ``<stem>.png`` label values (dataset convention) + ``<stem>_vis.png``."""
+        """tools/predict.py: ``<stem>.png`` label values (dataset convention: ADE20K index + 1) and
+        ``<stem>_vis.png`` (overlay with a legend of the classes present)."""
+        import numpy as np
+
         from siglip_dense.data.io import write_label
         from siglip_dense.visualize import save_segmentation_overlay
 
+        labels = np.asarray(prediction)
         offset = int(bool((self.data_config or {}).get("reduce_zero_label", False)))
-        raw = out_dir / f"{stem}.png"
-        write_label(raw, (prediction + offset).astype("uint8"))
-        vis = save_segmentation_overlay(image, prediction, self.class_names, out_dir / f"{stem}_vis.png")
+        raw = Path(out_dir) / f"{stem}.png"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        write_label(raw, (labels + offset).astype("uint8"))
+        vis = save_segmentation_overlay(image, labels, self.class_names, Path(out_dir) / f"{stem}_vis.png")
         return [raw, vis]
 
     def bind_data(self, datamodule: Any) -> None:
