@@ -4,7 +4,8 @@ What ``predict`` accepts (:func:`to_rgb_images`), one image or a batch:
 
 - a file path (``str`` / ``Path``): decoded like the datasets do (:func:`siglip_dense.data.io.read_image`:
   grey, RGBA and palette files become RGB, 16-bit grey is scaled to its own maximum);
-- a PIL image of any mode: ``image.convert("RGB")`` (grey replicated, alpha dropped, palette expanded);
+- a PIL image of any mode: ``image.convert("RGB")`` (grey replicated, alpha dropped, palette expanded;
+  16/32-bit grey modes ``I;16`` / ``I`` are scaled to their maximum, as files are);
 - a numpy array, always channels-last: H×W (grey), H×W×1, H×W×3 (RGB) or H×W×4 (RGBA: alpha dropped);
 - a torch tensor: H×W, C×H×W (torchvision's layout, ``read_image`` / ``to_tensor``) or H×W×C, with
   C ∈ {1, 3, 4}; the layout is C×H×W when the first dimension is 1, 3 or 4 and the last is not,
@@ -23,9 +24,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -92,7 +93,7 @@ class DetectionPrediction:
     category_names: list[str]
     masks: np.ndarray | None = None
     score_threshold: float = 0.0
-    _keys: tuple[str, ...] = field(default=("boxes", "scores", "labels", "masks"), repr=False)
+    _keys: ClassVar[tuple[str, ...]] = ("boxes", "scores", "labels", "masks")
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -136,6 +137,10 @@ def _one_image(item: Any, index: int, in_batch: bool = False) -> torch.Tensor:
     except ImportError:  # pragma: no cover - PIL is a dependency
         Image = None  # noqa: N806
     if Image is not None and isinstance(item, Image.Image):
+        if item.mode in ("I", "I;16"):  # 16/32-bit grey: scaled to its maximum, as read_image does
+            grey = np.asarray(item).astype(np.float64)
+            grey = (grey / max(float(grey.max()), 1.0) * 255.0).round().astype(np.uint8)
+            return _from_hwc(torch.from_numpy(grey[..., None]), where)
         return _from_hwc(torch.from_numpy(np.array(item.convert("RGB"), dtype=np.uint8)), where)
     if isinstance(item, np.ndarray):
         if item.ndim == 2:

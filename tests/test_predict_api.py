@@ -162,6 +162,19 @@ def test_grey_and_rgba_predict_as_their_rgb_conversion(seg_ckpt: Path) -> None:
     same(model.predict(grey_chw), model.predict(as_rgb["grey"]))
 
 
+def test_16_bit_grey_file_and_pil_image_agree(seg_ckpt: Path, tmp_path: Path) -> None:
+    model = load_model(seg_ckpt)
+    grey16 = np.random.default_rng(3).integers(0, 4000, (33, 41)).astype(np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(grey16).save(path)
+    with Image.open(path) as im:
+        assert im.mode in ("I;16", "I")
+        from_pil = model.predict(im)
+    same(model.predict(path), from_pil)
+    scaled = (grey16 / grey16.max() * 255.0).round().astype(np.uint8)  # read_image's rule
+    same(from_pil, model.predict(scaled))
+
+
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
