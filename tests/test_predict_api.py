@@ -329,6 +329,25 @@ def test_predictions_png_has_a_legend(seg_ckpt: Path, tmp_path: Path) -> None:
     check_legend(picture, present, CLASSES)
 
 
+def test_detection_predictions_png_has_a_legend(det_ckpt: Path, tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+
+    class Data:  # normalised images and COCO-style targets (contiguous labels 0..K-1)
+        val_dataset = [
+            {
+                "image": torch.rand(3, 48, 64, generator=gen) * 2 - 1,
+                "target": {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([2])},
+            }
+        ]
+
+    model = load_model(det_ckpt)
+    path = model.save_visualization(Data(), tmp_path / "predictions.png", 1)
+    picture = np.asarray(Image.open(path))
+    out = model.detect([Data.val_dataset[0]["image"]])[0]
+    kept = out["labels"][out["scores"] >= model.vis_score_threshold].tolist()
+    check_legend(picture, sorted({2, *kept}), [n for _, n in CATEGORIES])
+
+
 # -- export -------------------------------------------------------------------------------------------------
 def test_export_files_respect_the_umask(seg_ckpt: Path, tmp_path: Path) -> None:
     old = os.umask(0o022)
