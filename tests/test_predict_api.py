@@ -29,6 +29,7 @@ from siglip_dense.predict import (
     SegmentationPrediction,
     run_predict,
 )
+from siglip_dense.tasks.detection import detector_score_threshold
 from siglip_dense.visualize import legend_layout, legend_strip, palette
 from tests.conftest import compose_train_cfg
 
@@ -248,6 +249,21 @@ def test_score_threshold_zero_is_the_raw_detector(det_ckpt: Path) -> None:
     np.testing.assert_array_equal(
         model.predict(rgb, score_threshold=mid).scores, pred.scores[pred.scores > mid]
     )
+
+
+def test_mask_rcnn_masks_are_binary_at_the_input_size(tmp_path: Path) -> None:
+    kwargs = {"num_classes": 3, "class_names": [n for _, n in CATEGORIES], "category_ids": [1, 3, 7]}
+    overrides = ["data.image_size=64", "task.detector.box_detections_per_img=5"]
+    model = build_task("toy_det", tmp_path, overrides, **kwargs)  # Mask R-CNN
+    rgb = rgb_image(50, 70)
+    pred = model.predict(rgb, score_threshold=0)
+    x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+    with detector_score_threshold(model.model, 0.0):
+        raw = model.detect([x])[0]
+    assert pred.masks is not None and pred.masks.dtype == bool
+    assert pred.masks.shape == (len(pred), 50, 70) == (5, 50, 70)
+    np.testing.assert_array_equal(pred.masks, (raw["masks"][:, 0] > model.mask_threshold).numpy())
+    np.testing.assert_array_equal(pred["masks"], pred.masks)
 
 
 def test_score_threshold_without_detection_is_refused(seg_ckpt: Path) -> None:
