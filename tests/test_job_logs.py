@@ -146,3 +146,24 @@ def test_data_error_is_one_line_naming_the_file(bad_root: Path, tmp_path: Path, 
     assert any(f in errors[0] for f in bad_files(bad_root)), errors[0]
     assert "Traceback" not in proc.stderr and not frames, proc.stderr[-3000:]
     assert errors[0][len("error: ") :] in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_one_skip_total_over_two_workers_and_progress_lines(
+    bad_root: Path, tmp_path: Path, hydra_cleanup: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In one process with 2 loader workers (each counts its own skips): one total per epoch equal to
+    the bad files, and with progress=log a line per step with every field."""
+    from siglip_dense.train import run_train
+    from tests.conftest import compose_train_cfg
+
+    overrides = ["experiment=toy_seg", f"data.root={bad_root}", "data.num_workers=2", "data.skip_bad=true"]
+    overrides += ["trainer.max_epochs=1", "data.batch_size=2", "validate=false", "num_vis=0"]
+    overrides += ["progress=log", "progress_every_n_steps=1", "trainer.check_val_every_n_epoch=2"]
+    cfg = compose_train_cfg(overrides, tmp_path / "run")
+    with caplog.at_level("INFO", logger="siglip_dense"):
+        run_train(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "siglip_dense"]
+    totals = [line for line in lines if "samples in" in line]
+    assert totals == [f"skipped 2 of 8 samples in train (epoch 1; files: {', '.join(bad_files(bad_root))})"]
+    progress = [line for line in lines if PROGRESS.search(line)]
+    assert [line.split(" loss")[0] for line in progress] == [f"epoch 1/1 step {s}/4" for s in range(1, 5)]
