@@ -1,4 +1,5 @@
-"""Callbacks train.py adds for trustworthy resumes: last.ckpt, loader positions, SLURM pre-emption.
+"""Callbacks train.py adds: trustworthy resumes (last.ckpt, loader positions, SLURM pre-emption), one
+total of skipped samples per split and epoch, and plain-text progress lines for batch jobs.
 
 Lightning 2.6's ``ModelCheckpoint(save_top_k=k, monitor=..., save_last=True)`` rewrites ``last.ckpt``
 only when a top-k save happens at the same step, so a run whose metric stops improving leaves
@@ -10,13 +11,18 @@ misses it; :class:`GracefulRequeue` moves Lightning's SLURM requeue to a batch b
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 import signal
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -147,4 +153,163 @@ class GracefulRequeue(L.Callback):
             self._requeue(self.signum, None)  # Lightning: hpc_ckpt_<n>.ckpt + scontrol requeue
 
 
-__all__ = ["GracefulRequeue", "LastCheckpoint", "RestoreLoaderStates"]
+log = logging.getLogger("siglip_dense")
+
+
+def batch_metas(batch: Any) -> Iterator[dict[str, Any]]:
+    """The per-sample ``meta`` dicts of a batch: ``{"meta": [...]}`` or ``{task: {"meta": [...]}}``."""
+    if not isinstance(batch, dict):
+        return
+    metas = batch.get("meta")
+    if isinstance(metas, (list, tuple)):
+        yield from (m for m in metas if isinstance(m, dict))
+        return
+    for value in batch.values():
+        yield from batch_metas(value)
+
+
+def gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
+    """``obj`` of every rank (a list of one outside a process group); every rank must call it."""
+    dist = torch.distributed
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class SkippedSamples(L.Callback):
+    """One total of skipped samples per split and epoch, across loader workers and DDP ranks.
+
+    Datasets with ``skip_bad`` replace a bad sample by the next good one and list the skipped files
+    in that item's ``meta["skipped"]``; collate keeps the metas, so the counts come back from every
+    worker with the batches. At the end of each training / validation epoch the per-rank lists are
+    gathered and, if any sample was skipped, rank 0 logs one line
+    ``skipped N of M samples in <split> (files: ...)``, M being the samples the loaders delivered.
+    :attr:`totals` keeps ``split -> (N, M, sorted unique files)`` of the last epoch on every rank.
+    """
+
+    def __init__(self, max_files_shown: int = 10) -> None:
+        self.max_files_shown = int(max_files_shown)
+        self._files: dict[str, list[str]] = {}
+        self._seen: dict[str, int] = {}
+        self.totals: dict[str, tuple[int, int, list[str]]] = {}
+
+    def _record(self, split: str, batch: Any) -> None:
+        for meta in batch_metas(batch):
+            self._seen[split] = self._seen.get(split, 0) + 1
+            self._files.setdefault(split, []).extend(meta.get("skipped") or ())
+
+    def _report(self, trainer: L.Trainer, split: str) -> None:
+        local = (self._files.pop(split, []), self._seen.pop(split, 0))
+        parts = gather_objects(trainer, local)
+        files = [f for fs, _ in parts for f in fs]
+        total = (len(files), sum(n for _, n in parts), sorted(set(files)))
+        self.totals[split] = total
+        if total[0] and trainer.is_global_zero:
+            shown = total[2][: self.max_files_shown]
+            more = f", ... (+{len(total[2]) - len(shown)})" if len(total[2]) > len(shown) else ""
+            log.warning(
+                f"skipped {total[0]} of {total[1]} samples in {split} "
+                f"(epoch {trainer.current_epoch + 1}; files: {', '.join(shown)}{more})"
+            )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._record("train", batch)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._record("validation", batch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, "train")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._report(trainer, "validation")
+
+
+def _batch_size(batch: Any) -> int:
+    """Images in a training batch (multi-task: summed over the tasks' batches)."""
+    if not isinstance(batch, dict):
+        return 0
+    return sum(1 for _ in batch_metas(batch)) or len(batch.get("image", ()))
+
+
+class ProgressLog(L.Callback):
+    """Plain-text progress lines for a batch job (stdout is not a terminal), on rank 0.
+
+    Every ``every_n_steps`` optimizer steps (default: the trainer's ``log_every_n_steps``) and at the
+    end of each epoch, one line through the ``siglip_dense`` logger, which Hydra writes to the run's
+    ``train.log`` and to stdout::
+
+        epoch 1/12 step 20/96 loss 0.8123 lr 1.00e-03 41.2 img/s ETA 0:00:45
+
+    ``loss`` is the training step's returned loss on rank 0 (read from the device only on those
+    steps), ``lr`` the largest learning rate of the optimizer's groups (layer decay lowers the
+    others), ``img/s`` the images of all ranks per second since the previous line, and ETA the
+    remaining steps at the average step time of this run.
+    """
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        self.every_n_steps = every_n_steps
+        self._start: tuple[float, int] = (0.0, 0)
+        self._mark: tuple[float, int] = (0.0, 0)
+        self._images = 0
+        self._last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        now = time.monotonic()
+        self._start = self._mark = (now, trainer.global_step)
+        self._images, self._last_step = 0, -1
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._images += _batch_size(batch)
+        every = max(1, int(self.every_n_steps or trainer.log_every_n_steps or 1))
+        step = trainer.global_step
+        if step != self._last_step and (step % every == 0 or trainer.is_last_batch):
+            self._emit(trainer, outputs)
+
+    def _emit(self, trainer: L.Trainer, outputs: Any) -> None:
+        step, now = trainer.global_step, time.monotonic()
+        self._last_step = step
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        rate = self._images * trainer.world_size / max(now - self._mark[0], 1e-9)
+        self._mark, self._images = (now, step), 0
+        if not trainer.is_global_zero:
+            return
+        total = trainer.estimated_stepping_batches
+        done = step - self._start[1]
+        eta = "?"
+        if done > 0 and total not in (None, float("inf")):
+            left = max(0.0, (now - self._start[0]) / done * (int(total) - step))
+            eta = str(datetime.timedelta(seconds=round(left)))
+        lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
+        loss_text = f"{float(loss):.4f}" if loss is not None else "n/a"
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else "?"
+        log.info(
+            f"epoch {trainer.current_epoch + 1}/{max_epochs} step {step}/{total} loss {loss_text} "
+            f"lr {max(lrs) if lrs else float('nan'):.2e} {rate:.1f} img/s ETA {eta}"
+        )
+
+
+__all__ = [
+    "GracefulRequeue",
+    "LastCheckpoint",
+    "ProgressLog",
+    "RestoreLoaderStates",
+    "SkippedSamples",
+    "batch_metas",
+]

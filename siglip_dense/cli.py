@@ -87,13 +87,59 @@ def require(cfg: DictConfig, usage: str) -> None:
         sys.exit(2)
 
 
+# -- data errors: the message, not the framework's traceback ---------------------------------------------
+WORKER_MARKER = "Original Traceback"
+
+
+def data_error_message(exc: BaseException) -> str | None:
+    """The user-facing message of a :class:`~siglip_dense.data.io.DataError` in ``exc`` or its causes.
+
+    A DataLoader worker's exception reaches the main process re-raised as the same type with the
+    worker's whole traceback as its message (torch's ``ExceptionWrapper``); the original message is
+    the text after its last ``DataError: ``. None when no DataError is involved.
+    """
+    from siglip_dense.data.io import DataError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DataError):
+            text = str(current)
+            if WORKER_MARKER in text and "DataError: " in text:
+                text = text[text.rfind("DataError: ") + len("DataError: ") :]
+            return text.strip()
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def report_data_errors(job: Any, cfg: DictConfig) -> Any:
+    """Run ``job(cfg)``; a data error ends the process with status 1 and one clear line.
+
+    The message (naming the file) goes to stderr as ``error: <message>`` and into the job's log
+    (``train.log``); the traceback through Lightning and the DataLoader only with
+    ``HYDRA_FULL_ERROR=1``, as Hydra's own errors.
+    """
+    import logging
+
+    try:
+        return job(cfg)
+    except Exception as exc:
+        message = data_error_message(exc)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        logging.getLogger("siglip_dense").error(message)
+        print(f"error: {message}\n(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
 # -- train ----------------------------------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     """Train as ``cfg`` says; returns the monitored metric (see :func:`monitored_metric`)."""
     from siglip_dense.train import run_train
 
-    return monitored_metric(cfg, run_train(cfg))
+    return report_data_errors(lambda c: monitored_metric(c, run_train(c)), cfg)
 
 
 def train(argv: Sequence[str] | None = None) -> None:
@@ -114,7 +160,7 @@ def eval_app(cfg: DictConfig) -> dict[str, Any]:
     from siglip_dense.evaluate import run_eval
 
     require(cfg, "siglip-dense-eval ckpt_path=PATH [data.root=DIR] [save_predictions=true] [output_dir=DIR]")
-    return run_eval(cfg)
+    return report_data_errors(run_eval, cfg)
 
 
 def evaluate(argv: Sequence[str] | None = None) -> None:

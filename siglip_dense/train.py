@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from siglip_dense.callbacks import GracefulRequeue, RestoreLoaderStates
+from siglip_dense.callbacks import GracefulRequeue, ProgressLog, RestoreLoaderStates, SkippedSamples
 from siglip_dense.config_check import check_train_config
 
 PACKAGES = ("siglip-dense", "torch", "torchvision", "lightning", "timm", "hydra-core", "albumentations")
@@ -122,6 +122,17 @@ def pin_hydra_job_for_ddp_children() -> None:
     sys.argv = [sys.argv[0], *hydra_cfg.hydra.overrides.task]
 
 
+def progress_mode(cfg: DictConfig) -> str:
+    """``cfg.progress``: ``bar`` (Lightning's progress bar), ``log`` (:class:`ProgressLog` lines) or
+    ``auto`` (the bar on a terminal, lines when stdout is redirected: a batch job's log file)."""
+    mode = str(cfg.get("progress", "auto"))
+    if mode not in ("auto", "bar", "log"):
+        raise ValueError(f"progress must be auto, bar or log, got {mode!r}")
+    if mode == "auto":
+        return "bar" if sys.stdout.isatty() else "log"
+    return mode
+
+
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and validate) as the config says; returns the final validation metrics."""
     check_train_config(cfg)
@@ -141,13 +152,20 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     task.data_config = OmegaConf.to_container(cfg.data, resolve=True)
 
     requeue = GracefulRequeue()  # SLURM pre-emption: Lightning's requeue, at a batch boundary
-    callbacks = [*build_callbacks(cfg, out_dir), RestoreLoaderStates(), requeue]
+    callbacks = [*build_callbacks(cfg, out_dir), RestoreLoaderStates(), requeue, SkippedSamples()]
+    progress = progress_mode(cfg)
+    extra: dict[str, Any] = {}
+    if progress == "log":  # plain lines into train.log / stdout instead of a terminal progress bar
+        callbacks.append(ProgressLog(cfg.get("progress_every_n_steps")))
+        if cfg.trainer.get("enable_progress_bar") is None:
+            extra["enable_progress_bar"] = False
     loggers = build_loggers(cfg, out_dir)
     trainer: L.Trainer = instantiate(
         trainer_config(cfg.trainer, task),
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(out_dir),
+        **extra,
     )
     save_run_info(cfg, out_dir)
     pin_hydra_job_for_ddp_children()

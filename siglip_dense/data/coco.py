@@ -298,7 +298,8 @@ class CocoDetection(Dataset):
     ["masks" uint8 N×H×W]}, "meta": {"image_id", "path", "orig_size"}}``. Boxes are clipped to the
     image; boxes with no area after clipping are dropped (counted, one warning per dataset).
     ``filter_empty`` drops images without usable (non-crowd) annotations: training only — evaluation
-    keeps them as negatives.
+    keeps them as negatives. ``skip_bad``: an unreadable image is skipped (counted, warned about, named
+    in ``meta["skipped"]``) instead of raising.
     """
 
     def __init__(
@@ -309,8 +310,11 @@ class CocoDetection(Dataset):
         with_masks: bool = False,
         filter_empty: bool = False,
         category_map: CategoryMap | None = None,
+        skip_bad: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
+        self.skip_bad = bool(skip_bad)
+        self.num_skipped = 0
         self.ann_file = Path(ann_file)
         if not self.image_dir.is_dir():
             raise DataError(f"COCO image directory not found: {self.image_dir}")
@@ -418,7 +422,36 @@ class CocoDetection(Dataset):
         return mask_utils.decode(rle).astype(np.uint8)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, boxes, labels, masks, meta = self.load(index)
+        """The sample at ``index``; with ``skip_bad`` a broken one is replaced by the next good one,
+        counted in ``num_skipped``, warned about and listed in ``meta["skipped"]`` (image files)."""
+        skipped: list[str] = []
+        for attempt in range(len(self.image_ids)):
+            i = (index + attempt) % len(self.image_ids)
+            try:
+                loaded = self.load(i)
+            except DataError as exc:
+                if not self.skip_bad:
+                    raise
+                self.num_skipped += 1
+                skipped.append(str(self.image_path(self.image_ids[i])))
+                warnings.warn(
+                    f"skipped bad sample ({self.num_skipped} so far in this process): {exc}", stacklevel=2
+                )
+                continue
+            item = self._make_item(*loaded)
+            if skipped:  # only then: metas stay as they were for clean data
+                item["meta"]["skipped"] = skipped
+            return item
+        raise DataError(f"every image listed in {self.ann_file} failed to load")
+
+    def _make_item(
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        masks: np.ndarray | None,
+        meta: dict[str, Any],
+    ) -> dict[str, Any]:
         if self.transform is None:
             raise RuntimeError("CocoDetection needs a transform (normalise + to tensor) to produce tensors")
         out = apply_det_transform(self.transform, image, boxes, labels, masks)

@@ -3,6 +3,7 @@ evaluation protocol (depth range, crop) lives here and reaches the task through 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ import torch
 
 from siglip_dense.data.base import DenseDataModule
 from siglip_dense.data.depth_folder import DepthDataset, DepthFolderDataset
+from siglip_dense.data.io import DataError
 from siglip_dense.data.nyu import NYUDepthDataset
 from siglip_dense.data.samplers import worker_seed
-from siglip_dense.data.scan import resolve_root, scan_datamodule
+from siglip_dense.data.scan import header_size, resolve_root, scan_datamodule
 from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 from siglip_dense.data.transforms import build_depth_eval_transform, build_depth_train_transform
 
@@ -37,6 +39,46 @@ def collate_depth_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 DATASETS: dict[str, type[DepthDataset]] = {"nyu": NYUDepthDataset, "folder": DepthFolderDataset}
+
+
+def smallest_image(dataset: DepthDataset, limit: int = 64) -> tuple[int, int] | None:
+    """Smallest height and width (from headers) among the first ``limit`` images; None if none reads."""
+    sizes = []
+    for sample in dataset.samples[:limit]:
+        try:
+            sizes.append(header_size(sample.image))
+        except DataError:
+            continue  # the scan reports unreadable files
+    if not sizes:
+        return None
+    return min(h for h, _ in sizes), min(w for _, w in sizes)
+
+
+def warn_if_crop_exceeds(dataset: DepthDataset, crop_size: tuple[int, int], limit: int = 64) -> bool:
+    """Warn when the training crop is larger than the images (``short_side`` unset: no resize).
+
+    Such crops are padded (padding is invalid depth, masked out of the loss), so most of each
+    batch would be padding. Returns whether it warned.
+    """
+    smallest = smallest_image(dataset, limit)
+    if smallest is None or (crop_size[0] <= smallest[0] and crop_size[1] <= smallest[1]):
+        return False
+    warnings.warn(
+        f"data.crop_size {list(crop_size)} (H, W) is larger than the training images (smallest "
+        f"{smallest[0]}x{smallest[1]} H×W among the first {min(limit, len(dataset.samples))} of "
+        f"{_describe_split(dataset)}): crops are padded with invalid depth, so much of each batch is "
+        f"padding; set data.crop_size=[{min(crop_size[0], smallest[0])},{min(crop_size[1], smallest[1])}] "
+        "or resize with data.short_side",
+        stacklevel=2,
+    )
+    return True
+
+
+def _describe_split(dataset: DepthDataset) -> str:
+    split_file = getattr(dataset, "split_file", None)
+    if split_file is not None:
+        return str(split_file)
+    return str(Path(getattr(dataset, "root", ".")) / "images" / str(getattr(dataset, "split", "")))
 
 
 class DepthDataModule(DenseDataModule):
@@ -122,6 +164,8 @@ class DepthDataModule(DenseDataModule):
                 seed=worker_seed(self.run_seed, 0, self._global_rank()),
             )
             self.train_dataset = self._dataset(self.train_split, transform)
+            if not self.short_side:
+                warn_if_crop_exceeds(self.train_dataset, self.crop_size)
         self.val_dataset = self._dataset(self.val_split, build_depth_eval_transform(self.mean, self.std))
         scan_datamodule(self, stage)
 

@@ -110,6 +110,7 @@ class DepthDataset(Dataset):
         return image, depth
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped: list[str] = []  # image files of the bad samples passed over (meta["skipped"])
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             try:
@@ -118,11 +119,15 @@ class DepthDataset(Dataset):
                 if not self.skip_bad:
                     raise
                 self.num_skipped += 1
+                skipped.append(str(self.samples[i].image))
                 warnings.warn(
                     f"skipped bad sample ({self.num_skipped} so far in this process): {exc}", stacklevel=2
                 )
                 continue
-            return self._make_item(i, image, depth)
+            item = self._make_item(i, image, depth)
+            if skipped:  # only then: metas stay as they were for clean data
+                item["meta"]["skipped"] = skipped
+            return item
         raise DataError(f"every sample of {type(self).__name__} failed to load")
 
     def _make_item(self, i: int, image: np.ndarray, depth: np.ndarray) -> dict[str, Any]:

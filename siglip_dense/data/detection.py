@@ -55,6 +55,7 @@ class DetDataModule(DenseDataModule):
         batch_size: int = 16,
         val_batch_size: int = 1,
         num_workers: int = 8,
+        skip_bad: bool = False,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         seed: int | None = None,
@@ -79,6 +80,7 @@ class DetDataModule(DenseDataModule):
         self.filter_empty = bool(filter_empty)
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
         self.num_workers = int(num_workers)
+        self.skip_bad = bool(skip_bad)
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed = seed
         ann = self.train_ann if self.train_ann.is_file() else self.val_ann
@@ -136,6 +138,7 @@ class DetDataModule(DenseDataModule):
                 with_masks=self.with_masks,
                 filter_empty=self.filter_empty,
                 category_map=self.category_map,
+                skip_bad=self.skip_bad,
             )
             if len(self.train_dataset) == 0:
                 raise DataError(f"{self.train_ann}: no training image has a usable annotation")
@@ -148,6 +151,7 @@ class DetDataModule(DenseDataModule):
             # training validates on the training categories; evaluating a checkpoint on the json's own
             # (DetectionTask.bind_data has checked them against the checkpoint's, or the user mapped them)
             category_map=self.category_map if stage in (None, "fit") else self.eval_category_map,
+            skip_bad=self.skip_bad,
         )
         scan_datamodule(self, stage)
 

@@ -141,6 +141,7 @@ class SegFolderDataset(Dataset):
         return image, label
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped: list[str] = []  # image files of the bad samples passed over (meta["skipped"])
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             try:
@@ -149,11 +150,15 @@ class SegFolderDataset(Dataset):
                 if not self.skip_bad:
                     raise
                 self.num_skipped += 1
+                skipped.append(str(self.samples[i][0]))
                 warnings.warn(
                     f"skipped bad sample ({self.num_skipped} so far in this process): {exc}", stacklevel=2
                 )
                 continue
-            return self._make_item(i, image, label)
+            item = self._make_item(i, image, label)
+            if skipped:  # only then: metas stay as they were for clean data
+                item["meta"]["skipped"] = skipped
+            return item
         raise DataError(f"every sample in {self.root / 'images' / self.split} failed to load")
 
     def _make_item(self, i: int, image: np.ndarray, label: np.ndarray) -> dict[str, Any]:

@@ -536,8 +536,13 @@ class DenseModule(L.LightningModule):
         for name, component in self.components.items():
             metrics = component.eval_epoch_end(self._eval_context(name))
             prefix = f"val/{name}/" if self.multitask else "val/"
+            # the evaluators gathered every rank's samples: the values are global and equal on every
+            # rank, so "max" over ranks is the value itself (exactly), and Lightning sees them synced
             self.log_dict(
-                {prefix + k: v for k, v in metrics.items()}, prog_bar=component.log_prog_bar, sync_dist=False
+                {prefix + k: v for k, v in metrics.items()},
+                prog_bar=component.log_prog_bar,
+                sync_dist=True,
+                reduce_fx="max",
             )
         if self.multitask:
             self.last_metrics = {name: dict(c.last_metrics) for name, c in self.components.items()}
