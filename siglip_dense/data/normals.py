@@ -149,7 +149,9 @@ class NormalsDataset(Dataset):
     ) -> None:
         self.root = Path(root)
         self.split = split
-        self.transform = transform if transform is not None else build_normals_eval_transform((0.5,) * 3, (0.5,) * 3)
+        self.transform = (
+            transform if transform is not None else build_normals_eval_transform((0.5,) * 3, (0.5,) * 3)
+        )
         self.skip_bad = bool(skip_bad)
         self.min_norm = float(min_norm)
         self.num_skipped = 0
@@ -176,7 +178,9 @@ class NormalsDataset(Dataset):
                     f"image {img} has no normals {target} ({len(missing)} of {len(images)} images in {rgb_dir} "
                     "lack one; set data.skip_bad=true to drop them)"
                 )
-            warnings.warn(f"dropped {len(missing)} images of {rgb_dir} without normals in {n_dir}", stacklevel=3)
+            warnings.warn(
+                f"dropped {len(missing)} images of {rgb_dir} without normals in {n_dir}", stacklevel=3
+            )
         if not samples:
             raise DataError(f"no image in {rgb_dir} has normals in {n_dir}")
         return samples

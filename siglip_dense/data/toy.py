@@ -526,7 +526,9 @@ def ensure_toy_data_unless_present(root: str | Path, layout: str = "ade20k", **k
 # -- NYUv2 surface-normals layout: rooms of planes with known orientation -------------------------------
 def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
     """Camera-frame rotation (x right, y down, z forward): yaw about y, pitch about x, roll about z."""
-    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    cp, sp = np.cos(pitch), np.sin(pitch)
+    cr, sr = np.cos(roll), np.sin(roll)
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
     rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])

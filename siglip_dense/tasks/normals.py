@@ -193,7 +193,9 @@ class NormalsComponent(TaskComponent):
     @torch.no_grad()
     def predict(self, images: list[Any]) -> list[Any]:
         """H×W×3 float32 unit normals (camera frame of the training data) for RGB uint8 images."""
-        return [self.infer(x)[0].permute(1, 2, 0).float().cpu().numpy() for x in self.normalize_images(images)]
+        return [
+            self.infer(x)[0].permute(1, 2, 0).float().cpu().numpy() for x in self.normalize_images(images)
+        ]
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
         """tools/predict.py: ``<stem>.npy`` (H×W×3 unit normals) + ``<stem>_vis.png`` (image | normals as RGB)."""
