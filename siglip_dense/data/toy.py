@@ -609,8 +609,6 @@ def make_normals_scene(rng: np.random.Generator, height: int, width: int) -> tup
 
 def write_normals_layout(root: str | Path, num_train: int, num_val: int, seed: int = 0) -> Path:
     """ROOT/{train,test}/rgb/<stem>.png and ROOT/{train,test}/normals/<stem>.png (RGB, n = v/127.5 − 1)."""
-    from siglip_dense.data.normals import encode_normals
-
     root = Path(root)
     train_ss, val_ss = np.random.SeedSequence([seed, 11]).spawn(2)
     for split, count, ss in (("train", num_train, train_ss), ("test", num_val, val_ss)):
@@ -620,7 +618,8 @@ def write_normals_layout(root: str | Path, num_train: int, num_val: int, seed: i
         for i in range(count):
             h, w = int(rng.integers(120, 161)), int(rng.integers(160, 213))  # NYUv2's 3:4, small
             image, normals = make_normals_scene(rng, h, w)
-            encoded = encode_normals(normals)  # invalid (0, 0, 0) -> mid-grey 128: decodes to norm < 0.5
+            # v = round((n + 1) · 127.5); invalid (0, 0, 0) -> mid-grey 128, which decodes to norm < 0.5
+            encoded = np.clip(np.round((normals.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
             Image.fromarray(image).save(root / split / "rgb" / f"{i:06d}.png")
             Image.fromarray(encoded).save(root / split / "normals" / f"{i:06d}.png")
     return root
