@@ -254,3 +254,37 @@ def test_eval_ddp_sim_equals_single_process_and_numpy_on_saved_predictions(
     assert pred.shape == (*np.asarray(Image.open(image)).shape[:2], 3)
     np.testing.assert_allclose(np.linalg.norm(pred, axis=-1), 1.0, atol=1e-4)
     assert (out / f"{image.stem}_vis.png").stat().st_size > 0
+
+
+def test_linear_probe_recipe_builds_a_frozen_unit_normal_model(tmp_path: Path, hydra_cleanup: None) -> None:
+    """The recipes' head (task=normals_linear) on the tiny backbone: frozen backbone, trainable probe,
+    unit normals at the input size for any (non-multiple) size, and the DPT head's decoder is depth's."""
+    from hydra.utils import instantiate
+
+    from siglip_dense.models.heads.depth import DPTHead
+    from siglip_dense.models.heads.normals import DPTNormalsHead
+    from siglip_dense.train import build_task
+
+    root = ensure_toy_data(tmp_path / "toy_normals", num_train=2, num_val=1, layout="nyu_normals")
+    overrides = ["experiment=nyu_normals_linear_b16", "backbone=tiny", "data=toy_normals", "trainer=cpu"]
+    overrides.append("backbone.out_indices=[-2,-1]")
+    cfg = compose_train_cfg([*overrides, "data.num_workers=0"], tmp_path / "run", data_dir=root.parent)
+    task = build_task(cfg, instantiate(cfg.data, _convert_="all")).eval()
+    trainable = {n.split(".")[0] for n, p in task.model.named_parameters() if p.requires_grad}
+    assert trainable == {"head"}
+    out = task(torch.randn(2, 3, 50, 70))
+    assert out.shape == (2, 3, 50, 70)
+    torch.testing.assert_close(torch.linalg.vector_norm(out, dim=1), torch.ones(2, 50, 70))
+    keys = ["blocks.1", "blocks.2", "blocks.3", "blocks.5"]
+    depth = DPTHead(16, keys, features=8, out_channels=(8, 8, 16, 16), head_channels=4)
+    normals = DPTNormalsHead(16, keys, features=8, out_channels=(8, 8, 16, 16), head_channels=4)
+    missing = normals.load_state_dict(
+        {k: v for k, v in depth.state_dict().items() if not k.startswith("output_conv2.2")}, strict=False
+    )
+    assert sorted(missing.missing_keys) == ["output_conv2.2.bias", "output_conv2.2.weight"]
+    feats = {k: torch.randn(1, 16, 3, 4) for k in keys}
+    trunk = torch.nn.Sequential(*list(depth.output_conv2)[:-1])
+    with torch.no_grad():
+        depth.output_conv2 = trunk
+        normals.output_conv2 = torch.nn.Sequential(*list(normals.output_conv2)[:-1])
+        torch.testing.assert_close(normals(feats), depth.decode_raw(feats))

@@ -49,10 +49,14 @@ def _in_ddp() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
-    if _in_ddp():
-        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
-    return t
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks on the device the process group needs (NCCL: this rank's GPU), back on the CPU."""
+    if not _in_ddp():
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(device)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
 
 
 class NormalMetric:
@@ -72,7 +76,6 @@ class NormalMetric:
         self.errors: list[torch.Tensor] = []
         self.num_images = 0
         self.num_empty = 0
-        self._device = torch.device("cpu")
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
@@ -88,7 +91,6 @@ class NormalMetric:
                 f"normal metric needs B×3×H×W prediction and ground truth of the same shape, got "
                 f"{tuple(pred.shape)} and {tuple(gt.shape)}"
             )
-        self._device = pred.device
         p, g = pred.permute(0, 2, 3, 1), gt.permute(0, 2, 3, 1)
         for pi, gi in zip(p, g):
             valid = valid_normals(gi, self.min_norm)
@@ -111,15 +113,14 @@ class NormalMetric:
             dtype=torch.float64,
         )
         counts = torch.tensor([self.num_images, self.num_empty], dtype=torch.int64)
-        stats = _all_reduce(stats.to(self._device)).cpu()
-        counts = _all_reduce(counts.to(self._device)).cpu()
+        stats, counts = _all_reduce(stats), _all_reduce(counts)
         n = int(stats[-1])
         out: dict[str, float] = {"num_images": float(counts[0]), "num_empty": float(counts[1])}
         if n == 0:
             out.update({k: float("nan") for k in NORMAL_METRIC_KEYS})
             return out
-        lo = kth_smallest(errors, (n - 1) // 2, self._device)
-        hi = kth_smallest(errors, n // 2, self._device) if n % 2 == 0 else lo
+        lo = kth_smallest(errors, (n - 1) // 2)
+        hi = kth_smallest(errors, n // 2) if n % 2 == 0 else lo
         out.update(
             {
                 "mean": float(stats[0] / n),
@@ -133,7 +134,7 @@ class NormalMetric:
         return out
 
 
-def kth_smallest(values: torch.Tensor, k: int, device: torch.device | None = None) -> float:
+def kth_smallest(values: torch.Tensor, k: int) -> float:
     """The ``k``-th smallest (0-based) of the union of every rank's non-negative float32 ``values``.
 
     Bisection on the int32 view of the float32 bits: the smallest bit pattern ``b`` with
@@ -145,14 +146,13 @@ def kth_smallest(values: torch.Tensor, k: int, device: torch.device | None = Non
     bits = values.float().contiguous().view(torch.int32)
     if bits.numel() and int(bits.min()) < 0:
         raise ValueError("kth_smallest needs non-negative values (angular errors)")
-    device = device or torch.device("cpu")
-    total = _all_reduce(torch.tensor([bits.numel()], dtype=torch.int64, device=device))
+    total = _all_reduce(torch.tensor([bits.numel()], dtype=torch.int64))
     if not 0 <= k < int(total):
         raise ValueError(f"k={k} outside the {int(total)} values")
     lo, hi = 0, _INF_BITS  # invariant: count(≤ hi) > k, count(≤ lo - 1) ≤ k
     while lo < hi:
         mid = (lo + hi) // 2
-        count = _all_reduce(torch.tensor([(bits <= mid).sum()], dtype=torch.int64, device=device))
+        count = _all_reduce(torch.tensor([int((bits <= mid).sum())], dtype=torch.int64))
         if int(count) > k:
             hi = mid
         else:
