@@ -60,9 +60,9 @@ class LinearNormalsHead(BaseDecodeHead):
 class DPTNormalsHead(DPTHead):
     """The depth DPT decoder (reassemble, RefineNet fusion, output convs) with a 3-channel output.
 
-    Everything but the last 1×1 conv is :class:`~siglip_dense.models.heads.depth.DPTHead`'s, so
-    ``init_from`` a depth DPT checkpoint reuses the decoder; the output is raw 3-vectors (no depth
-    activation), normalised by :class:`NormalsModel`.
+    Everything but the last 1×1 conv is :class:`~siglip_dense.models.heads.depth.DPTHead`'s (same
+    module names, so a depth DPT's decoder weights load into it, all but ``output_conv2.2``); the
+    output is raw 3-vectors (no depth activation), normalised by :class:`NormalsModel`.
     """
 
     def __init__(
