@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from siglip_dense.config_check import check_option_keys
+from siglip_dense.data.normals import encode_normals
 from siglip_dense.evaluation.normal_metrics import NORMAL_METRIC_KEYS, NormalMetric, format_normal_table
 from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.heads.normals import NormalsModel, normalize_normals
@@ -68,8 +69,8 @@ def flip_normals(normals: torch.Tensor) -> torch.Tensor:
 
 
 def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
-    """H×W×3 normals → uint8 RGB (the dataset's own encoding, ``(n + 1) · 127.5``; invalid = grey)."""
-    return np.clip(np.round((np.asarray(normals, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """H×W×3 normals → uint8 RGB for pictures: the dataset's own encoding (invalid = grey)."""
+    return encode_normals(normals)
 
 
 class NormalsComponent(TaskComponent):
