@@ -250,10 +250,14 @@ def test_eval_ddp_sim_equals_single_process_and_numpy_on_saved_predictions(
     image = root / "test" / "rgb" / f"{stems[0]}.png"
     out = tmp_path / "pred"
     run([sys.executable, "tools/predict.py", f"ckpt_path={ckpt}", f"input={image}", f"output={out}"])
-    pred = np.load(out / f"{image.stem}.npy")
-    assert pred.shape == (*np.asarray(Image.open(image)).shape[:2], 3)
+    # one .npy and one _vis.png for the image (named by its stem, or its name once predict.py keeps
+    # the extension)
+    (npy,) = out.glob(f"{image.stem}*.npy")
+    (vis,) = out.glob(f"{image.stem}*_vis.png")
+    pred = np.load(npy)
+    assert pred.dtype == np.float32 and pred.shape == (*np.asarray(Image.open(image)).shape[:2], 3)
     np.testing.assert_allclose(np.linalg.norm(pred, axis=-1), 1.0, atol=1e-4)
-    assert (out / f"{image.stem}_vis.png").stat().st_size > 0
+    assert vis.stat().st_size > 0
 
 
 def test_linear_probe_recipe_builds_a_frozen_unit_normal_model(tmp_path: Path, hydra_cleanup: None) -> None:
