@@ -191,12 +191,27 @@ class NormalsComponent(TaskComponent):
         return {k: float(v) for k, v in metrics.items()}
 
     # -- inference and results ------------------------------------------------------------------------
+    def _normalized(self, image: Any) -> torch.Tensor:
+        """An RGB image, H×W×3 uint8 (numpy / tensor) or 3×H×W float in [0, 1] → 1×3×H×W normalised.
+
+        Raises:
+            ValueError: any other shape.
+        """
+        t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        if t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
+            t = t.permute(2, 0, 1)
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise ValueError(f"expected an RGB image (H×W×3 or 3×H×W), got shape {tuple(t.shape)}")
+        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return ((t - mean) / std)[None].to(self.device)
+
     @torch.no_grad()
     def predict(self, images: list[Any]) -> list[Any]:
-        """H×W×3 float32 unit normals (camera frame of the training data) for RGB uint8 images."""
-        return [
-            self.infer(x)[0].permute(1, 2, 0).float().cpu().numpy() for x in self.normalize_images(images)
-        ]
+        """H×W×3 float32 unit normals (camera frame of the training data), one per RGB image (H×W×3
+        uint8, or 3×H×W float in [0, 1] as ``siglip_dense.predict.to_rgb_images`` gives them)."""
+        return [self.infer(self._normalized(x))[0].permute(1, 2, 0).float().cpu().numpy() for x in images]
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
         """tools/predict.py: ``<stem>.npy`` (H×W×3 unit normals) + ``<stem>_vis.png`` (image | normals as RGB)."""
