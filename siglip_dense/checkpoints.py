@@ -24,6 +24,7 @@ TASK_CLASSES: dict[str, str] = {
     "segmentation": "siglip_dense.tasks.segmentation:SegmentationTask",
     "depth": "siglip_dense.tasks.depth:DepthTask",
     "detection": "siglip_dense.tasks.detection:DetectionTask",
+    "normals": "siglip_dense.tasks.normals:NormalsTask",
     "multitask": "siglip_dense.tasks.multitask:MultiTask",
 }
 EXPORT_FORMAT = "siglip_dense.export.v1"

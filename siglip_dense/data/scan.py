@@ -36,6 +36,8 @@ LAYOUTS: dict[str, str] = {
     "coco": "ROOT/{train2017,val2017}/*.jpg with ROOT/annotations/instances_{train2017,val2017}.json",
     "nyu": "ROOT/splits/{train,val}.txt with 'rgb_relpath depth_relpath [focal]' lines (paths relative to ROOT)",
     "depth_folder": "ROOT/images/<split>/*.jpg|png with depth maps ROOT/depth/<split>/<stem>.png (16-bit) or .npy",
+    "nyu_normals": "ROOT/{train,test}/rgb/<stem>.png with normals ROOT/{train,test}/normals/<stem>.png (RGB, n = v/127.5 - 1)",
+    "voc": "ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClassAug/<id>.png, ROOT/ImageSets/Segmentation/{train_aug,val}.txt",
 }
 # the toy generator's layout for each dataset layout
 TOY_LAYOUT: dict[str, str] = {
@@ -44,6 +46,8 @@ TOY_LAYOUT: dict[str, str] = {
     "coco": "coco",
     "nyu": "nyu",
     "depth_folder": "nyu",
+    "nyu_normals": "nyu_normals",
+    "voc": "voc",
 }
 
 

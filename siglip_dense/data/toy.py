@@ -324,6 +324,8 @@ LAYOUT_WRITERS: dict[str, str] = {
     "ade20k": "write_ade20k_layout",
     "coco": "write_coco_layout",
     "nyu": "write_nyu_layout",
+    "nyu_normals": "write_normals_layout",
+    "voc": "write_voc_layout",
 }
 
 
@@ -501,7 +503,13 @@ def write_nyu_layout(root: str | Path, num_train: int, num_val: int, seed: int =
 
 
 # a directory that holds this entry already has a dataset in the layout (ours or the user's)
-LAYOUT_ENTRIES: dict[str, str] = {"ade20k": "images", "coco": "annotations", "nyu": "splits"}
+LAYOUT_ENTRIES: dict[str, str] = {
+    "ade20k": "images",
+    "coco": "annotations",
+    "nyu": "splits",
+    "nyu_normals": "test",
+    "voc": "JPEGImages",
+}
 
 
 def ensure_toy_data_unless_present(root: str | Path, layout: str = "ade20k", **kwargs: Any) -> Path:
@@ -513,3 +521,135 @@ def ensure_toy_data_unless_present(root: str | Path, layout: str = "ade20k", **k
     if (root / LAYOUT_ENTRIES[layout]).is_dir():
         return root
     return ensure_toy_data(root, layout=layout, **kwargs)
+
+
+# -- NYUv2 surface-normals layout: rooms of planes with known orientation -------------------------------
+def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """Camera-frame rotation (x right, y down, z forward): yaw about y, pitch about x, roll about z."""
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    cp, sp = np.cos(pitch), np.sin(pitch)
+    cr, sr = np.cos(roll), np.sin(roll)
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    return ry @ rx @ rz
+
+
+def _plane_axes(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors spanning the plane with normal ``n`` (texture coordinates)."""
+    helper = np.array([0.0, 1.0, 0.0]) if abs(n[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    u = np.cross(n, helper)
+    u /= np.linalg.norm(u)
+    return u, np.cross(n, u)
+
+
+def make_normals_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ray-cast room (floor, ceiling, side and back walls, 0-3 tilted panels) seen by a pinhole camera.
+
+    Returns the H×W×3 uint8 image and H×W×3 float32 unit normals in the camera frame (x right, y down,
+    z away; every visible surface faces the camera, so n · ray < 0), (0, 0, 0) on a dark "window"
+    (no measurement) in some scenes. Each plane has its own colour and a checker texture in metres
+    (perspective cue) and Lambertian shading from one light (orientation cue).
+    """
+    h, w = int(height), int(width)
+    f = rng.uniform(0.7, 1.0) * w
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    rays = np.stack([(xx - w / 2) / f, (yy - h / 2) / f, np.ones_like(xx)], axis=-1)
+    rot = _rotation(rng.uniform(-0.5, 0.5), rng.uniform(-0.25, 0.25), rng.uniform(-0.15, 0.15))
+    cam_h, room_h = rng.uniform(1.2, 1.6), rng.uniform(2.4, 3.0)
+    planes = [  # (point, inward normal) in the room frame
+        ((0, cam_h, 0), (0, -1, 0)),  # floor (y down: below the camera)
+        ((0, cam_h - room_h, 0), (0, 1, 0)),  # ceiling
+        ((-rng.uniform(1.5, 3.0), 0, 0), (1, 0, 0)),  # left wall
+        ((rng.uniform(1.5, 3.0), 0, 0), (-1, 0, 0)),  # right wall
+        ((0, 0, rng.uniform(4.0, 7.0)), (0, 0, -1)),  # back wall
+    ]
+    surfaces = [(rot @ np.array(p, float), rot @ np.array(n, float), None) for p, n in planes]
+    for _ in range(int(rng.integers(0, 4))):  # free-standing panels, tilted towards the camera
+        centre = np.array([rng.uniform(-1, 1), rng.uniform(-0.5, 0.8), rng.uniform(2.0, 3.5)])
+        n = -centre / np.linalg.norm(centre) + rng.uniform(-0.6, 0.6, 3)
+        n /= np.linalg.norm(n)
+        surfaces.append((centre, n, rng.uniform(0.3, 0.7)))
+    depth = np.full((h, w), np.inf)
+    normals = np.zeros((h, w, 3))
+    image = np.zeros((h, w, 3))
+    light = np.array([rng.uniform(-0.5, 0.5), 1.0, rng.uniform(0.2, 0.8)])  # travelling down and away
+    light /= np.linalg.norm(light)
+    for point, n, half in surfaces:
+        denom = rays @ n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (point @ n) / denom
+        hit = (denom < -1e-6) & (t > 0) & (t < depth)
+        x3 = rays * t[..., None]
+        u_ax, v_ax = _plane_axes(n)
+        cu, cv = (x3 - point) @ u_ax, (x3 - point) @ v_ax
+        if half is not None:
+            hit &= (np.abs(cu) < half) & (np.abs(cv) < half)
+        if not hit.any():
+            continue
+        depth[hit] = t[hit]
+        normals[hit] = n
+        hue = rng.uniform(0, 1)
+        c1 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.3, 0.8), rng.uniform(0.6, 0.95)))
+        c2 = c1 * rng.uniform(0.45, 0.75)
+        period = rng.uniform(0.25, 0.6)
+        checker = ((np.floor(cu / period) + np.floor(cv / period)) % 2)[..., None]
+        albedo = c1 * (1 - checker) + c2 * checker
+        shade = 0.3 + 0.7 * max(0.0, float(-(n @ light)))
+        image[hit] = (albedo * shade * 255.0)[hit]
+    if rng.random() < 0.3:  # a dark window without measurement (stored as the zero vector)
+        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        hole = (slice(y0, y0 + h // 6), slice(x0, x0 + w // 6))
+        normals[hole] = 0.0
+        image[hole] = 20.0
+    image = image + rng.normal(0, 4, image.shape)
+    image = cv2.GaussianBlur(image.astype(np.float32), (3, 3), 0.6)
+    return np.clip(image, 0, 255).round().astype(np.uint8), normals.astype(np.float32)
+
+
+def write_normals_layout(root: str | Path, num_train: int, num_val: int, seed: int = 0) -> Path:
+    """ROOT/{train,test}/rgb/<stem>.png and ROOT/{train,test}/normals/<stem>.png (RGB, n = v/127.5 − 1)."""
+    root = Path(root)
+    train_ss, val_ss = np.random.SeedSequence([seed, 11]).spawn(2)
+    for split, count, ss in (("train", num_train, train_ss), ("test", num_val, val_ss)):
+        rng = np.random.default_rng(ss)
+        (root / split / "rgb").mkdir(parents=True, exist_ok=True)
+        (root / split / "normals").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            h, w = int(rng.integers(120, 161)), int(rng.integers(160, 213))  # NYUv2's 3:4, small
+            image, normals = make_normals_scene(rng, h, w)
+            # v = round((n + 1) · 127.5); invalid (0, 0, 0) -> mid-grey 128, which decodes to norm < 0.5
+            encoded = np.clip(np.round((normals.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(root / split / "rgb" / f"{i:06d}.png")
+            Image.fromarray(encoded).save(root / split / "normals" / f"{i:06d}.png")
+    return root
+
+
+# -- PASCAL VOC 2012 augmented layout ----------------------------------------------------------------
+# toy things take the first VOC class ids; stuff (wall, floor, sky) is VOC's background (0)
+VOC_TOY_IDS: dict[int, int] = {cls: i + 1 for i, cls in enumerate(THING_CLASSES)}
+
+
+def write_voc_layout(root: str | Path, num_train: int, num_val: int, seed: int = 0) -> Path:
+    """ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClassAug/<id>.png (0 background, 1..20, 255 ignore)
+    and ROOT/ImageSets/Segmentation/{train_aug,val}.txt (one id a line), as the augmented set ships."""
+    root = Path(root)
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    train_ss, val_ss = np.random.SeedSequence([seed, 2012]).spawn(2)
+    for split, count, ss in (("train_aug", num_train, train_ss), ("val", num_val, val_ss)):
+        rng = np.random.default_rng(ss)
+        ids = []
+        for i in range(count):
+            scene = make_scene(rng, *_scene_sizes(rng))
+            label = np.full(scene.semantic.shape, 255, np.uint8)  # unlabelled outlines: VOC's 255 border
+            label[np.isin(scene.semantic, STUFF_CLASSES)] = 0
+            for cls, voc_id in VOC_TOY_IDS.items():
+                label[scene.semantic == cls] = voc_id
+            image_id = f"{2007 + i % 6}_{(0 if split == 'val' else 500000) + i:06d}"
+            Image.fromarray(scene.image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            write_label(root / "SegmentationClassAug" / f"{image_id}.png", label)
+            ids.append(image_id)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root

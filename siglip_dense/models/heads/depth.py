@@ -144,6 +144,10 @@ class DPTHead(nn.Module):
         self.register_load_state_dict_pre_hook(_drop_top_skip_unit)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return depth_activation(self.decode_raw(features), self.activation, self.min_depth, self.max_depth)
+
+    def decode_raw(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder up to the last 1×1 conv, before the depth activation (the normals DPT reuses it)."""
         maps = [features[k] for k in self.in_keys]
         h, w = maps[0].shape[-2:]
         layers = []
@@ -159,8 +163,7 @@ class DPTHead(nn.Module):
         out = F.interpolate(
             out, size=(h * self.patch_size, w * self.patch_size), mode="bilinear", align_corners=True
         )
-        out = self.output_conv2(out)
-        return depth_activation(out, self.activation, self.min_depth, self.max_depth)
+        return self.output_conv2(out)
 
 
 # ---------------------------------------------------------------------------------------------
