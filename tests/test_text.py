@@ -64,6 +64,14 @@ def sentencepiece_tokenizer(path: Path):
     return wrapped
 
 
+def saved_tokenizer(path: Path):
+    """The tokenizer as transformers reads it back from the checkpoint's files (the reference side's;
+    a reloaded GemmaTokenizer fuses unknown pieces, the in-memory one need not)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 def save_full_model(path: Path, kind: str, vocab_size: int, **vision: object) -> torch.nn.Module:
     """A tiny random transformers SiglipModel / Siglip2Model (seed 0) with save_pretrained."""
     import transformers
@@ -90,7 +98,7 @@ def text_checkpoint(request, tmp_path_factory) -> tuple[str, Path, torch.nn.Modu
     path = tmp_path_factory.mktemp(kind)
     tok = sentencepiece_tokenizer(path) if kind == "siglip" else gemma_tokenizer(path)
     model = save_full_model(path, kind, vocab_size=len(tok), image_size=32, patch_size=8)
-    return kind, path, model, tok
+    return kind, path, model, saved_tokenizer(path)
 
 
 def reference_features(kind: str, model, tok, texts: list[str]) -> torch.Tensor:
