@@ -3,6 +3,10 @@ inference against a direct per-window loop, and predict.py with free-text classe
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from siglip_dense.openvocab import ZeroShotSegmenter, load_model
-from tests.conftest import PEER_TOL, max_abs_diff
+from tests.conftest import PEER_TOL, REPO, max_abs_diff
 from tests.test_text import (
     gemma_tokenizer,
     reference_features,
@@ -23,15 +27,27 @@ from tests.test_text import (
 CLASSES = ["cat", "sofa", "fenêtre", "窓"]
 
 
-@pytest.fixture(scope="module", params=["siglip", "siglip2"])
-def full_checkpoint(request, tmp_path_factory) -> tuple[str, Path, torch.nn.Module, object]:
+def _save_checkpoint(kind: str, path: Path) -> tuple[str, Path, torch.nn.Module, object]:
     """A tiny random SiglipModel / Siglip2Model (fixed 32 px, patch 8 -> 4×4 grid) with its tokenizer."""
-    kind = request.param
-    path = tmp_path_factory.mktemp(f"full_{kind}")
     tok = sentencepiece_tokenizer(path) if kind == "siglip" else gemma_tokenizer(path)
     vision = dict(image_size=32, patch_size=8) if kind == "siglip" else dict(patch_size=8, num_patches=16)
     model = save_full_model(path, kind, vocab_size=len(tok), **vision)
     return kind, path, model, saved_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def siglip_checkpoint(tmp_path_factory) -> tuple[str, Path, torch.nn.Module, object]:
+    return _save_checkpoint("siglip", tmp_path_factory.mktemp("full_siglip"))
+
+
+@pytest.fixture(scope="module")
+def siglip2_checkpoint(tmp_path_factory) -> tuple[str, Path, torch.nn.Module, object]:
+    return _save_checkpoint("siglip2", tmp_path_factory.mktemp("full_siglip2"))
+
+
+@pytest.fixture(params=["siglip", "siglip2"])
+def full_checkpoint(request) -> tuple[str, Path, torch.nn.Module, object]:
+    return request.getfixturevalue(f"{request.param}_checkpoint")
 
 
 def hf_patch_tokens(kind: str, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,3 +142,86 @@ def test_predict_label_maps(full_checkpoint):
         model.predict([image.astype(np.float32)], classes="cat")
     with pytest.raises(ValueError, match="method"):
         ZeroShotSegmenter(model.backbone, model.text_encoder, method="nope")
+
+
+def _run_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_predict_tool_free_text_classes(siglip2_checkpoint, tmp_path):
+    """One tool run, on the SigLIP 2 (Gemma tokenizer) checkpoint."""
+    _, path, *_ = siglip2_checkpoint
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "room.jpg")
+    out = tmp_path / "out"
+    _run_tool(
+        str(REPO / "tools/predict.py"),
+        f"ckpt_path={path}",
+        f"input={tmp_path / 'room.jpg'}",
+        f"output={out}",
+        "classes='猫,canapé,window'",  # Hydra: non-ASCII values need quotes
+        "open_vocab.method=maskclip",
+        cwd=tmp_path,
+    )
+    labels = np.asarray(Image.open(out / "room.png"))
+    vis = np.asarray(Image.open(out / "room_vis.png"))
+    assert labels.shape == (48, 64) and labels.max() < 3
+    assert vis.shape[0] == 48 and vis.shape[1] > 64  # overlay + legend column
+    assert json.loads((out / "classes.json").read_text()) == ["猫", "canapé", "window"]
+    expected = load_model(path, method="maskclip").predict(
+        [np.asarray(Image.open(tmp_path / "room.jpg"))], "猫,canapé,window"
+    )
+    assert np.array_equal(labels, expected[0])
+
+
+@pytest.mark.slow
+def test_eval_tool_zero_shot_miou(siglip_checkpoint, toy_data_root, tmp_path):
+    """One tool run, on the SigLIP (SentencePiece tokenizer) checkpoint."""
+    _, path, *_ = siglip_checkpoint
+    from PIL import Image
+
+    from siglip_dense.evaluation.sliding_window import eval_resize_scale, resize_image
+
+    _run_tool(
+        str(REPO / "tools/eval.py"),
+        "zero_shot=true",
+        f"ckpt_path={path}",
+        "data=toy_seg",
+        f"data.root={toy_data_root}",
+        "data.num_workers=0",
+        f"output_dir={tmp_path}",
+        "open_vocab.templates=photo",
+        cwd=tmp_path,
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # independent: each image and annotation read from disk, ADE20K labels (0 ignored, k -> k-1),
+    # confusion matrix in numpy
+    names = (toy_data_root / "classes.txt").read_text().split()
+    model = load_model(path, templates="photo")
+    k = len(names)
+    conf = np.zeros((k, k), dtype=np.int64)
+    for img_file in sorted((toy_data_root / "images/validation").glob("*.jpg")):
+        image = np.asarray(Image.open(img_file).convert("RGB"))
+        ann = np.asarray(
+            Image.open(toy_data_root / "annotations/validation" / f"{img_file.stem}.png")
+        ).astype(int)
+        x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+        h, w = image.shape[:2]
+        x = resize_image(x, eval_resize_scale(h, w, 32, 128))
+        logits = F.interpolate(model.segment(x, names), size=(h, w), mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0].numpy()
+        valid = ann > 0
+        conf += np.bincount((ann[valid] - 1) * k + pred[valid], minlength=k * k).reshape(k, k)
+    inter = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - inter
+    miou = np.mean(inter[union > 0] / union[union > 0])
+    assert metrics["mIoU"] == pytest.approx(miou, abs=1e-6)
+    assert set(metrics["per_class_IoU"]) == set(names)

@@ -164,7 +164,7 @@ class ZeroShotSegmenter(nn.Module):
         model's input size), as the ADE20K protocol resizes before sliding windows."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"predict expects H×W×3 uint8 RGB images, got {image.shape} {image.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255.0
         side = short_side or min(self.backbone.img_size)
         scale = side / min(x.shape[-2:])
         size = [max(1, round(s * scale)) for s in x.shape[-2:]]
