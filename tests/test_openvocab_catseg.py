@@ -1,0 +1,62 @@
+"""The CAT-Seg-style head: class embeddings from the text tower, equivariance to the order and number of
+classes (what lets it segment unseen label sets), the segmentation task building it with the data's names."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from siglip_dense.models.heads.catseg import CATSegHead
+from tests.conftest import PEER_TOL, max_abs_diff
+from tests.test_openvocab import siglip_checkpoint  # noqa: F401 - module fixture
+from tests.test_text import reference_features
+
+NAMES = ["wall", "floor", "sky", "ball", "box"]
+
+
+def make_head(path, names=NAMES, keys=("blocks.0", "blocks.1")) -> CATSegHead:
+    torch.manual_seed(0)
+    return CATSegHead(
+        in_channels=32,
+        num_classes=len(names),
+        text_checkpoint=path,
+        class_names=names,
+        in_keys=list(keys),
+        templates="imagenet7",
+        embed_dim=16,
+        guidance_dim=8,
+        num_heads=2,
+    ).eval()
+
+
+def features(b: int = 2) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return {"blocks.0": torch.randn(b, 32, 4, 5), "blocks.1": torch.randn(b, 32, 4, 5)}
+
+
+def test_class_embeddings_are_the_text_towers(siglip_checkpoint):  # noqa: F811
+    kind, path, model, tok = siglip_checkpoint
+    head = make_head(path)
+    temps = head.templates
+    for i, name in enumerate(NAMES):
+        ref = F.normalize(reference_features(kind, model, tok, [t.format(name) for t in temps]), dim=-1)
+        assert max_abs_diff(head.class_embeddings[i], ref) <= PEER_TOL
+    assert "class_embeddings" in head.state_dict()
+    assert not any("text_model" in k for k in head.state_dict())  # the frozen tower is not saved
+
+
+def test_equivariant_to_class_order_and_count(siglip_checkpoint):  # noqa: F811
+    _, path, *_ = siglip_checkpoint
+    head = make_head(path)
+    feats = features()
+    with torch.no_grad():
+        logits = head(feats)
+        assert logits.shape == (2, 5, 8, 10)  # one 2x upsampling stage per guidance map (blocks.0)
+    perm = [3, 0, 4, 1, 2]
+    head.set_classes([NAMES[i] for i in perm])
+    with torch.no_grad():
+        permuted = head(feats)
+    assert max_abs_diff(permuted, logits[:, perm]) <= 1e-5
+    head.set_classes(["ring", "flag", "wall"])  # unseen names, another count
+    with torch.no_grad():
+        assert head(feats).shape == (2, 3, 8, 10)
