@@ -3,11 +3,14 @@ classes (what lets it segment unseen label sets), the segmentation task building
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from siglip_dense.models.heads.catseg import CATSegHead
-from tests.conftest import PEER_TOL, max_abs_diff
+from tests.conftest import PEER_TOL, REPO, max_abs_diff
 from tests.test_openvocab import siglip_checkpoint  # noqa: F401 - module fixture
 from tests.test_text import reference_features
 
@@ -60,3 +63,48 @@ def test_equivariant_to_class_order_and_count(siglip_checkpoint):  # noqa: F811
     head.set_classes(["ring", "flag", "wall"])  # unseen names, another count
     with torch.no_grad():
         assert head(feats).shape == (2, 3, 8, 10)
+
+
+@pytest.mark.slow
+def test_toy_openvocab_train_then_eval_other_names(toy_data_root, tmp_path):
+    """train.py experiment=toy_openvocab on the toy names; tools/eval.py zero_shot=true on the trained
+    checkpoint reproduces the run's own validation with the same names, and runs with renamed classes."""
+    from tests.test_openvocab import _run_tool, _save_checkpoint
+
+    _, clip, *_ = _save_checkpoint("siglip", tmp_path / "clip")
+    run = tmp_path / "run"
+    common = [f"data.root={toy_data_root}", "data.num_workers=0"]
+    _run_tool(
+        str(REPO / "train.py"),
+        "experiment=toy_openvocab",
+        f"backbone.checkpoint={clip}",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        f"hydra.run.dir={run}",
+        *common,
+        cwd=tmp_path,
+    )
+    trained = json.loads((run / "metrics.json").read_text())
+    ckpt = run / "checkpoints" / "last.ckpt"
+    _run_tool(
+        str(REPO / "tools/eval.py"),
+        "zero_shot=true",
+        f"ckpt_path={ckpt}",
+        f"output_dir={tmp_path / 'same'}",
+        *common,
+        cwd=tmp_path,
+    )
+    same = json.loads((tmp_path / "same" / "metrics.json").read_text())
+    assert same["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)
+    renamed = ["partition", "ground", "heavens", "sphere", "crate", "pylon", "hoop", "banner"]
+    _run_tool(
+        str(REPO / "tools/eval.py"),
+        "zero_shot=true",
+        f"ckpt_path={ckpt}",
+        f"output_dir={tmp_path / 'new'}",
+        f"open_vocab.classes=[{','.join(renamed)}]",
+        *common,
+        cwd=tmp_path,
+    )
+    other = json.loads((tmp_path / "new" / "metrics.json").read_text())
+    assert list(other["per_class_IoU"]) == renamed and 0.0 <= other["mIoU"] <= 1.0

@@ -105,6 +105,8 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
     from siglip_dense.evaluation.sliding_window import eval_resize_scale, resize_image
 
     opts = open_vocab_options(cfg.get("open_vocab"))
+    if _is_trained_checkpoint(cfg.ckpt_path):
+        return _eval_trained(cfg, opts)
     datamodule = instantiate(_data_config(cfg), _convert_="all")
     names = _classes(opts["classes"]) if opts.get("classes") else list(datamodule.class_names)
     if len(names) != datamodule.num_classes:
@@ -126,6 +128,13 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
         x = resize_image(image, eval_resize_scale(h, w, side, 4 * side))
         logits = F.interpolate(model.segment(x, names), size=(h, w), mode="bilinear", align_corners=False)
         metric.update(logits.argmax(1).cpu(), sample["mask"][None].long())
+    return _write_metrics(cfg, metric, names, model.method)
+
+
+def _write_metrics(cfg: DictConfig, metric: Any, names: list[str], method: str) -> dict[str, Any]:
+    """metrics.json (the segmentation keys) into ``output_dir``; returns the metrics."""
+    from siglip_dense.train import output_dir_of
+
     result = metric.compute()
     metrics = {
         "mIoU": float(result["mIoU"]),
@@ -135,11 +144,57 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
             for n, v in zip(names, result["per_class_IoU"].tolist(), strict=True)
         },
     }
-    from siglip_dense.train import output_dir_of
-
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    print(f"zero-shot ({model.method}) mIoU {metrics['mIoU']:.4f} aAcc {metrics['aAcc']:.4f}")
+    print(f"zero-shot ({method}) mIoU {metrics['mIoU']:.4f} aAcc {metrics['aAcc']:.4f}")
     print(f"metrics -> {out_dir / 'metrics.json'}")
     return metrics
+
+
+def _is_trained_checkpoint(path: str | Path) -> bool:
+    """A siglip-dense Lightning checkpoint (a file) rather than a SigLIP image-text checkpoint (a dir/hub id)."""
+    return Path(path).is_file() and Path(path).suffix == ".ckpt"
+
+
+@torch.no_grad()
+def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
+    """A trained open-vocabulary model (CAT-Seg head) on the data's class names or ``open_vocab.classes``:
+    the task's own eval protocol (short side, sliding windows), the head switched to those names."""
+    from hydra.utils import instantiate
+
+    from siglip_dense.checkpoints import load_task
+    from siglip_dense.evaluate import eval_data_config
+    from siglip_dense.evaluation.seg_metrics import SegmentationMetric
+    from siglip_dense.evaluation.sliding_window import eval_resize_scale, resize_image, slide_inference
+
+    task = load_task(cfg.ckpt_path).eval()
+    head = getattr(getattr(task, "model", None), "head", None)
+    if not hasattr(head, "set_classes"):
+        raise ValueError(
+            f"{cfg.ckpt_path}: its head is not open-vocabulary (no set_classes); zero_shot=true "
+            "needs a CAT-Seg head checkpoint or a SigLIP image-text checkpoint"
+        )
+    datamodule = instantiate(eval_data_config(cfg, task), _convert_="all")
+    names = _classes(opts["classes"]) if opts.get("classes") else list(datamodule.class_names)
+    if len(names) != datamodule.num_classes:
+        raise ValueError(
+            f"open_vocab.classes has {len(names)} names, the data has {datamodule.num_classes} classes"
+        )
+    head.set_classes(names)
+    datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
+    datamodule.setup("validate")
+    ev = task.eval_cfg
+    metric = SegmentationMetric(len(names), ignore_index=255)
+    dataset = datamodule.val_dataset
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        image = sample["image"][None]
+        h, w = image.shape[-2:]
+        x = resize_image(image, eval_resize_scale(h, w, ev["short_side"], ev["max_long_side"]))
+        logits = slide_inference(
+            lambda t: task.model(t)["logits"], x, len(names), ev["crop_size"], ev["stride"]
+        )
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        metric.update(logits.argmax(1), sample["mask"][None].long())
+    return _write_metrics(cfg, metric, names, "trained head")
