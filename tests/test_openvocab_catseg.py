@@ -108,3 +108,35 @@ def test_toy_openvocab_train_then_eval_other_names(toy_data_root, tmp_path):
     )
     other = json.loads((tmp_path / "new" / "metrics.json").read_text())
     assert list(other["per_class_IoU"]) == renamed and 0.0 <= other["mIoU"] <= 1.0
+
+
+BENCHMARK_DATA = {"openvocab_cocostuff171": 171, "openvocab_pc59": 59, "openvocab_voc20": 20}
+
+
+@pytest.mark.parametrize("data", sorted(BENCHMARK_DATA))
+def test_benchmark_recipes_compose(data, tmp_path, hydra_cleanup):
+    """The COCO-Stuff training command and the zero-shot eval configs compose and pass the key check,
+    with each benchmark's number of distinct class names."""
+    from siglip_dense.config_check import check_train_config
+    from tests.conftest import compose_cfg, compose_train_cfg
+
+    train = compose_train_cfg(
+        [
+            "~experiment",  # no toy recipe underneath: the groups chosen here only
+            "task=seg_catseg_openvocab",
+            "backbone=b16",
+            "neck=none",
+            f"data={data}",
+            "data.root=/x",
+            "backbone.checkpoint=/c",
+        ],
+        tmp_path / "run",
+    )
+    check_train_config(train)
+    assert train.task.head.text_checkpoint == "/c"
+    names = list(train.data.classes)
+    assert len(names) == len(set(names)) == BENCHMARK_DATA[data]
+    ev = compose_cfg(
+        "eval", ["zero_shot=true", "ckpt_path=/c", f"data={data}", "data.root=/x"], tmp_path / "ev"
+    )
+    assert ev.zero_shot and len(ev.data.classes) == BENCHMARK_DATA[data]
