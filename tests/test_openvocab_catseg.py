@@ -66,7 +66,7 @@ def test_equivariant_to_class_order_and_count(siglip_checkpoint):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_toy_openvocab_train_then_eval_other_names(toy_data_root, tmp_path):
+def test_toy_openvocab_train_then_eval_other_names(toy_data_root, tmp_path, hydra_cleanup):
     """train.py experiment=toy_openvocab on the toy names; tools/eval.py zero_shot=true on the trained
     checkpoint reproduces the run's own validation with the same names, and runs with renamed classes."""
     from tests.test_openvocab import _run_tool, _save_checkpoint
@@ -86,27 +86,21 @@ def test_toy_openvocab_train_then_eval_other_names(toy_data_root, tmp_path):
     )
     trained = json.loads((run / "metrics.json").read_text())
     ckpt = run / "checkpoints" / "last.ckpt"
-    _run_tool(
-        str(REPO / "tools/eval.py"),
-        "zero_shot=true",
-        f"ckpt_path={ckpt}",
-        f"output_dir={tmp_path / 'same'}",
-        *common,
-        cwd=tmp_path,
-    )
-    same = json.loads((tmp_path / "same" / "metrics.json").read_text())
-    assert same["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)
+
+    def evaluate(*overrides: str) -> dict:  # tools/eval.py's function, in process (the CLI is tested above)
+        from siglip_dense.openvocab.run import run_zero_shot_eval
+        from tests.conftest import compose_cfg
+
+        out = tmp_path / f"eval{len(overrides)}"
+        cfg = compose_cfg(
+            "eval", ["zero_shot=true", f"ckpt_path={ckpt}", f"output_dir={out}", *common, *overrides], out
+        )
+        run_zero_shot_eval(cfg)
+        return json.loads((out / "metrics.json").read_text())
+
+    assert evaluate()["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)
     renamed = ["partition", "ground", "heavens", "sphere", "crate", "pylon", "hoop", "banner"]
-    _run_tool(
-        str(REPO / "tools/eval.py"),
-        "zero_shot=true",
-        f"ckpt_path={ckpt}",
-        f"output_dir={tmp_path / 'new'}",
-        f"open_vocab.classes=[{','.join(renamed)}]",
-        *common,
-        cwd=tmp_path,
-    )
-    other = json.loads((tmp_path / "new" / "metrics.json").read_text())
+    other = evaluate(f"open_vocab.classes=[{','.join(renamed)}]")
     assert list(other["per_class_IoU"]) == renamed and 0.0 <= other["mIoU"] <= 1.0
 
 
