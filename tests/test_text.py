@@ -166,3 +166,59 @@ def test_text_encoder_errors(tmp_path, text_checkpoint):
         resolve_templates(["a photo"])
     with pytest.raises(CheckpointError, match="tokenizer"):
         build_text_encoder(path, tokenizer=tmp_path / "vision")
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_open_clip_text_tower(tmp_path, approximate):
+    """An open_clip SigLIP text tower (its own TextTransformer and config, saved as the timm/ hub repos
+    ship it) encodes as open_clip does: its HFTokenizer with clean=canonicalize, then the tower."""
+    import json
+    from functools import partial
+
+    from open_clip.tokenizer import HFTokenizer
+    from open_clip.transformer import TextTransformer
+    from safetensors.torch import save_file
+
+    tok = gemma_tokenizer(tmp_path)
+    text_cfg = {
+        "context_length": 64,
+        "vocab_size": len(tok),
+        "width": 32,
+        "heads": 2,
+        "layers": 2,
+        "no_causal_mask": True,
+        "proj_bias": True,
+        "pool_type": "last",
+        "norm_kwargs": {"eps": 1e-6},
+        "tokenizer_kwargs": {"clean": "canonicalize"},
+    }
+    if approximate == "tanh":
+        text_cfg["act_kwargs"] = {"approximate": "tanh"}
+    torch.manual_seed(0)
+    tower = TextTransformer(
+        context_length=64,
+        vocab_size=len(tok),
+        width=32,
+        heads=2,
+        layers=2,
+        output_dim=24,
+        no_causal_mask=True,
+        proj_bias=True,
+        pool_type="last",
+        act_layer=partial(torch.nn.GELU, approximate=approximate),
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+    ).eval()
+    sd = {f"text.{k}": v.contiguous() for k, v in tower.state_dict().items()}
+    sd["logit_scale"], sd["logit_bias"] = torch.tensor([2.3]), torch.tensor([-4.1])
+    save_file(sd, str(tmp_path / "open_clip_model.safetensors"))
+    config = {"model_cfg": {"embed_dim": 24, "text_cfg": text_cfg}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+
+    enc = build_text_encoder(tmp_path)
+    texts = [*TEXTS, "A_Photo, of the CAT!"]
+    # right padding as big_vision trained (a Gemma tokenizer's own default is left)
+    ids = HFTokenizer(str(tmp_path), context_length=64, clean="canonicalize", padding_side="right")(texts)
+    with torch.no_grad():
+        ref = tower(ids)
+    assert max_abs_diff(enc.encode(texts), ref) <= PEER_TOL
+    assert enc.logit_bias.item() == pytest.approx(-4.1)
