@@ -213,7 +213,7 @@ def test_eval_tool_zero_shot_miou(siglip_checkpoint, toy_data_root, tmp_path):
         ann = np.asarray(
             Image.open(toy_data_root / "annotations/validation" / f"{img_file.stem}.png")
         ).astype(int)
-        x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+        x = (torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
         h, w = image.shape[:2]
         x = resize_image(x, eval_resize_scale(h, w, 32, 128))
         logits = F.interpolate(model.segment(x, names), size=(h, w), mode="bilinear", align_corners=False)

@@ -168,7 +168,8 @@ def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
     from siglip_dense.evaluation.seg_metrics import SegmentationMetric
     from siglip_dense.evaluation.sliding_window import eval_resize_scale, resize_image, slide_inference
 
-    task = load_task(cfg.ckpt_path).eval()
+    device = str(cfg.get("device", "cpu") or "cpu")
+    task = load_task(cfg.ckpt_path, map_location=device).to(device).eval()
     head = getattr(getattr(task, "model", None), "head", None)
     if not hasattr(head, "set_classes"):
         raise ValueError(
@@ -189,12 +190,12 @@ def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
     dataset = datamodule.val_dataset
     for index in range(len(dataset)):
         sample = dataset[index]
-        image = sample["image"][None]
+        image = sample["image"][None].to(device)
         h, w = image.shape[-2:]
         x = resize_image(image, eval_resize_scale(h, w, ev["short_side"], ev["max_long_side"]))
         logits = slide_inference(
             lambda t: task.model(t)["logits"], x, len(names), ev["crop_size"], ev["stride"]
         )
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        metric.update(logits.argmax(1), sample["mask"][None].long())
+        metric.update(logits.argmax(1).cpu(), sample["mask"][None].long())
     return _write_metrics(cfg, metric, names, "trained head")
