@@ -160,6 +160,10 @@ def eval_app(cfg: DictConfig) -> dict[str, Any]:
     from siglip_dense.evaluate import run_eval
 
     require(cfg, "siglip-dense-eval ckpt_path=PATH [data.root=DIR] [save_predictions=true] [output_dir=DIR]")
+    if cfg.get("zero_shot"):  # open vocabulary: ckpt_path is a SigLIP (2) image-text checkpoint
+        from siglip_dense.openvocab.run import run_zero_shot_eval
+
+        return report_data_errors(run_zero_shot_eval, cfg)
     return report_data_errors(run_eval, cfg)
 
 
@@ -180,6 +184,12 @@ def predict_app(cfg: DictConfig) -> list[Path]:
     from siglip_dense.predict import run_predict
 
     require(cfg, "siglip-dense-predict ckpt_path=PATH input=IMAGE_OR_DIR output=DIR [device=cuda]")
+    if cfg.get("classes") is not None:  # open vocabulary: ckpt_path is a SigLIP (2) image-text checkpoint
+        from siglip_dense.openvocab.run import run_open_vocab_predict
+
+        return run_open_vocab_predict(
+            cfg.ckpt_path, cfg.input, cfg.output, cfg.classes, cfg.device, cfg.open_vocab
+        )
     thr = cfg.get("score_threshold")
     return run_predict(cfg.ckpt_path, cfg.input, cfg.output, device=cfg.device, score_threshold=thr)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from siglip_dense.config_check import check_option_keys
 from siglip_dense.evaluation.deferred import eval_checks_deferred
@@ -43,6 +43,14 @@ TTA_PRESETS: dict[str, dict[str, Any]] = {
     "flip": {"scales": [1.0], "flip": True},
     "ms_flip": {"scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True},
 }
+
+
+def _needs_class_names(head: dict[str, Any]) -> bool:
+    return (
+        bool(getattr(get_class(head["_target_"]), "needs_class_names", False))
+        if "_target_" in head
+        else False
+    )
 
 
 class SegmentationComponent(TaskComponent):
@@ -109,8 +117,13 @@ class SegmentationComponent(TaskComponent):
             feat_channels, feat_keys = neck_module.out_channels, list(neck_module.strides)
         else:
             feat_channels, feat_keys = backbone.embed_dim, keys
+        # open-vocabulary heads (models/heads/catseg.py) embed the data's class names
+        names = {"class_names": list(class_names or [])} if _needs_class_names(head) else {}
         head_module = instantiate(
-            fill_in_keys(head, feat_channels, feat_keys), num_classes=int(num_classes), _convert_="all"
+            fill_in_keys(head, feat_channels, feat_keys),
+            num_classes=int(num_classes),
+            _convert_="all",
+            **names,
         )
         aux = None
         if aux_head:

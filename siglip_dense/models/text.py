@@ -1,0 +1,351 @@
+"""SigLIP / SigLIP 2 text tower: class names -> embeddings in the image tower's space.
+
+The text transformer is transformers' own (``SiglipTextModel`` / ``Siglip2TextModel``, with its
+projection ``head``): a well-kept implementation of exactly the released model, so transformers is a
+runtime dependency of this module (the ``text`` extra). Weights, ``logit_scale`` and ``logit_bias``
+come from the same checkpoint as the vision tower; the tokenizer from the checkpoint's own files
+(``AutoTokenizer``: SentencePiece ``SiglipTokenizer`` for SigLIP, Gemma for SigLIP 2). Nothing
+downloads: hub ids resolve from the local Hugging Face cache only.
+
+Supported formats: transformers ``SiglipModel`` / ``Siglip2Model`` ``save_pretrained`` directories
+(and hub ids in the local cache), and open_clip directories (``open_clip_config.json`` +
+``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``, as the ``timm/ViT-*-SigLIP*`` hub
+repos ship them), whose text transformer is mapped onto transformers' keys. Not (yet): big_vision.
+
+Preprocessing follows the sources: SigLIP 2 text is lower-cased (the model was trained on
+lower-cased text; transformers' docs and ``Siglip2Tokenizer``), SigLIP's tokenizer canonicalises
+(lower-cases, strips punctuation) itself; open_clip checkpoints canonicalise as their config says
+(``tokenizer_kwargs.clean: canonicalize``, big_vision's rule); both pad on the right to the model's text length (64,
+``padding="max_length"``) and attend to the pads (no attention mask), as big_vision trained them; the
+embedding is the projected last position's state.
+"""
+
+from __future__ import annotations
+
+import string
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from siglip_dense.models.weights import (
+    CheckpointError,
+    _json,
+    _read_hf_weights,
+    _read_tensors,
+    resolve_source,
+)
+
+# CLIP's 7-template ImageNet subset (Radford et al. 2021, "Prompt_Engineering_for_ImageNet.ipynb"),
+# the usual prompt ensemble of zero-shot segmentation papers that do not use all 80
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "none": ("{}",),
+    "photo": ("a photo of a {}.",),
+    "imagenet7": (
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+    ),
+}
+TEXT_MODEL_TYPES = ("siglip", "siglip2")
+_CACHE_SIZE = 8
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """A template set by name (:data:`TEMPLATES`) or a list of ``str.format`` strings with one ``{}``."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATES:
+            raise ValueError(f"templates {templates!r} is not one of {', '.join(TEMPLATES)} (or give a list)")
+        return TEMPLATES[templates]
+    out = tuple(str(t) for t in templates)
+    bad = [t for t in out if t.count("{}") != 1]
+    if not out or bad:
+        raise ValueError(
+            f"each prompt template needs exactly one '{{}}' for the class name, got {bad or out}"
+        )
+    return out
+
+
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize_text(text: str) -> str:
+    """big_vision's (and open_clip's ``clean="canonicalize"``) text rule: "_" -> " ", ASCII punctuation
+    removed, lower-cased, whitespace collapsed."""
+    return " ".join(text.replace("_", " ").translate(_NO_PUNCTUATION).lower().split())
+
+
+def parse_classes(classes: str | Sequence[str]) -> list[str]:
+    """``"cat, sofa,window"`` or a list -> stripped names; an empty or duplicated name is an error."""
+    names = classes.split(",") if isinstance(classes, str) else [str(c) for c in classes]
+    names = [n.strip() for n in names]
+    if not names or any(not n for n in names):
+        raise ValueError(f"classes must be non-empty names (comma-separated or a list), got {classes!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"classes has duplicated names: {dup}")
+    return names
+
+
+class TextEncoder(nn.Module):
+    """transformers' SigLIP (2) text model + tokenizer + the contrastive ``logit_scale`` / ``logit_bias``.
+
+    ``encode(texts)`` -> N×D, equal to transformers' ``get_text_features`` (``pooler_output``, not
+    normalised). ``encode_classes(names, templates)`` -> K×D unit vectors (the template ensemble).
+    ``logit_scale`` is stored as the log, as in the checkpoint: logits = cos · exp(scale) + bias.
+    """
+
+    def __init__(
+        self,
+        text_model: nn.Module,
+        tokenizer: Any,
+        logit_scale: Tensor,
+        logit_bias: Tensor,
+        max_length: int,
+        lowercase: bool,
+        source: str = "",
+        canonicalize: bool = False,
+    ) -> None:
+        super().__init__()
+        self.text_model = text_model.eval()
+        self.tokenizer = tokenizer
+        self.logit_scale = nn.Parameter(logit_scale.detach().reshape(1).float(), requires_grad=False)
+        self.logit_bias = nn.Parameter(logit_bias.detach().reshape(1).float(), requires_grad=False)
+        self.max_length = int(max_length)
+        self.lowercase = lowercase
+        self.canonicalize = canonicalize
+        self.source = source
+        self._class_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.text_model.head.out_features)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Token ids (N×max_length) as the model was trained: lower-cased for SigLIP 2, padded on the
+        right to the text length, no attention mask (big_vision's text transformer attends to the pads
+        and pools the last position; Gemma's tokenizer would pad on the left by default)."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+        texts = [t.lower() for t in texts] if self.lowercase else list(texts)
+        texts = [canonicalize_text(t) for t in texts] if self.canonicalize else texts
+        batch = self.tokenizer(
+            texts,
+            padding="max_length",
+            padding_side="right",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"]}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """N×L token ids -> N×D text embeddings (the projected last-position state)."""
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self.text_model(input_ids=input_ids, **kwargs).pooler_output
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+        """N texts -> N×D float embeddings (not normalised; transformers' ``get_text_features``)."""
+        device = self.logit_scale.device
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenize(texts[start : start + batch_size])
+            out.append(self(**{k: v.to(device) for k, v in batch.items()}).float())
+        if not out:
+            raise ValueError("encode needs at least one text")
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode_classes(
+        self, classes: str | Sequence[str], templates: str | Sequence[str] = "photo"
+    ) -> Tensor:
+        """K class names -> K×D unit embeddings: each name in every template, embeddings L2-normalised,
+        averaged over templates and normalised again (CLIP's ImageNet prompt ensemble). Cached per
+        (classes, templates), a few label sets deep."""
+        names, temps = tuple(parse_classes(classes)), resolve_templates(templates)
+        key = (names, temps, str(self.logit_scale.device))
+        if key in self._class_cache:
+            self._class_cache.move_to_end(key)
+            return self._class_cache[key]
+        prompts = [t.format(n) for n in names for t in temps]
+        emb = nn.functional.normalize(self.encode(prompts), dim=-1).view(len(names), len(temps), -1)
+        emb = nn.functional.normalize(emb.mean(1), dim=-1)
+        self._class_cache[key] = emb
+        while len(self._class_cache) > _CACHE_SIZE:
+            self._class_cache.popitem(last=False)
+        return emb
+
+
+def _hf_classes(model_type: str) -> tuple[type, type]:
+    import transformers
+
+    if model_type == "siglip":
+        return transformers.SiglipTextConfig, transformers.SiglipTextModel
+    return transformers.Siglip2TextConfig, transformers.Siglip2TextModel
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, ImportError) as err:
+        raise CheckpointError(
+            f"{directory}: no usable tokenizer files (tokenizer.json / spiece.model + tokenizer_config.json "
+            f"as the hub repo ships them; SigLIP's SentencePiece tokenizer needs the sentencepiece "
+            f"package): {err}"
+        ) from err
+
+
+def build_text_encoder(checkpoint: str | Path, tokenizer: str | Path | None = None) -> TextEncoder:
+    """The text tower of a SigLIP / SigLIP 2 checkpoint, in eval mode, float32.
+
+    Args:
+        checkpoint: a transformers ``SiglipModel`` / ``Siglip2Model`` ``save_pretrained`` directory or
+            a hub id in the local Hugging Face cache (e.g. ``google/siglip2-base-patch16-224``).
+        tokenizer: a directory with the tokenizer files, when they are not next to the weights.
+
+    Raises :class:`~siglip_dense.models.weights.CheckpointError` naming the path when the checkpoint is
+    a vision-only model, another format, or lacks text weights or tokenizer files.
+    """
+    path = resolve_source(checkpoint)
+    if path.is_dir() and (path / "open_clip_config.json").is_file():
+        return _build_open_clip(path, tokenizer)
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None or not config_file.is_file():
+        raise CheckpointError(
+            f"{path}: the text tower is read from a transformers SiglipModel / Siglip2Model "
+            f"save_pretrained directory (config.json + weights) or an open_clip directory "
+            f"(open_clip_config.json + weights); big_vision text towers are not supported yet"
+        )
+    cfg = _json(config_file)
+    model_type = cfg.get("model_type")
+    if model_type not in TEXT_MODEL_TYPES or "text_config" not in cfg:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} has no text tower; need one of {TEXT_MODEL_TYPES} "
+            f"(a full SiglipModel / Siglip2Model, not a vision-only model)"
+        )
+    config_cls, model_cls = _hf_classes(model_type)
+    text_cfg = config_cls(**cfg["text_config"])
+    sd, weight_file = _read_hf_weights(path)
+    text_sd = {k.removeprefix("text_model."): v for k, v in sd.items() if k.startswith("text_model.")}
+    for key in ("logit_scale", "logit_bias"):
+        if key not in sd:
+            raise CheckpointError(f"{weight_file}: no {key} (a full SiglipModel checkpoint has one)")
+    model = model_cls(text_cfg)
+    missing, unexpected = model.load_state_dict(text_sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weight_file}: text_model weights do not fit {model_cls.__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    tok = _load_tokenizer(Path(tokenizer) if tokenizer is not None else path)
+    return TextEncoder(
+        model.float(),
+        tok,
+        sd["logit_scale"],
+        sd["logit_bias"],
+        max_length=int(text_cfg.max_position_embeddings),
+        lowercase=model_type == "siglip2",
+        source=str(path),
+    ).eval()
+
+
+# open_clip TextTransformer -> transformers SiglipTextModel keys (in_proj rows split q, k, v)
+_OPEN_CLIP_RENAMES = (
+    ("token_embedding.", "embeddings.token_embedding."),
+    ("ln_final.", "final_layer_norm."),
+    ("text_projection.", "head."),
+    (".ln_1.", ".layer_norm1."),
+    (".ln_2.", ".layer_norm2."),
+    (".attn.out_proj.", ".self_attn.out_proj."),
+    (".mlp.c_fc.", ".mlp.fc1."),
+    (".mlp.c_proj.", ".mlp.fc2."),
+)
+
+
+def _open_clip_text_state(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """open_clip ``text.*`` tensors renamed to transformers' ``SiglipTextModel`` state dict."""
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if not key.startswith("text."):
+            continue
+        name = key.removeprefix("text.").replace("transformer.resblocks.", "encoder.layers.")
+        if name == "positional_embedding":
+            out["embeddings.position_embedding.weight"] = value
+            continue
+        if ".attn.in_proj_" in name:
+            stem, kind = name.split(".attn.in_proj_")
+            for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0), strict=True):
+                out[f"{stem}.self_attn.{part}_proj.{kind}"] = chunk
+            continue
+        for old, new in _OPEN_CLIP_RENAMES:
+            name = name.replace(old, new)
+        out[name] = value
+    if not out:
+        raise CheckpointError(f"{path}: no text.* tensors (an open_clip image-text model has them)")
+    return out
+
+
+def _open_clip_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if (directory / name).is_file():
+            return _read_tensors(directory / name)[0], directory / name
+    raise CheckpointError(f"{directory}: open_clip_config.json but no open_clip_model.safetensors / .bin")
+
+
+def _build_open_clip(path: Path, tokenizer: str | Path | None) -> TextEncoder:
+    """The text tower of an open_clip SigLIP checkpoint, run by transformers' ``SiglipTextModel``."""
+    import transformers
+
+    cfg = _json(path / "open_clip_config.json").get("model_cfg", {})
+    text_cfg = cfg.get("text_cfg") or {}
+    unsupported = [k for k in ("hf_model_name", "embed_cls", "qk_norm", "ls_init_value") if text_cfg.get(k)]
+    if text_cfg.get("pool_type") != "last" or not text_cfg.get("no_causal_mask") or unsupported:
+        raise CheckpointError(
+            f"{path / 'open_clip_config.json'}: not a SigLIP text tower (need pool_type=last, no_causal_mask, "
+            f"a plain transformer; got pool_type={text_cfg.get('pool_type')!r}, unsupported {unsupported})"
+        )
+    sd, weight_file = _open_clip_weights(path)
+    for key in ("logit_scale", "logit_bias"):
+        if key not in sd:
+            raise CheckpointError(f"{weight_file}: no {key} (a SigLIP open_clip model has one)")
+    width = int(text_cfg.get("width", 512))
+    approximate = (text_cfg.get("act_kwargs") or {}).get("approximate", "none")
+    config = transformers.SiglipTextConfig(
+        vocab_size=int(text_cfg.get("vocab_size", 49408)),
+        hidden_size=width,
+        intermediate_size=int(width * float(text_cfg.get("mlp_ratio", 4.0))),
+        num_hidden_layers=int(text_cfg.get("layers", 12)),
+        num_attention_heads=int(text_cfg.get("heads", 8)),
+        max_position_embeddings=int(text_cfg.get("context_length", 64)),
+        layer_norm_eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
+        # open_clip's act is nn.GELU(approximate=...) from its config: exact unless it says tanh
+        hidden_act="gelu_pytorch_tanh" if approximate == "tanh" else "gelu",
+        projection_size=int(cfg.get("embed_dim", width)),
+    )
+    model = transformers.SiglipTextModel(config)
+    missing, unexpected = model.load_state_dict(_open_clip_text_state(sd, weight_file), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weight_file}: text weights do not fit SiglipTextModel: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
+    return TextEncoder(
+        model.float(),
+        _load_tokenizer(Path(tokenizer) if tokenizer is not None else path),
+        sd["logit_scale"],
+        sd["logit_bias"],
+        max_length=config.max_position_embeddings,
+        lowercase=False,
+        source=str(path),
+        canonicalize=clean == "canonicalize",
+    ).eval()

@@ -1,0 +1,5 @@
+"""Open-vocabulary segmentation: class names given at inference time, scored with the SigLIP text tower."""
+
+from siglip_dense.openvocab.zeroshot import METHODS, ZeroShotSegmenter, load_model
+
+__all__ = ["METHODS", "ZeroShotSegmenter", "load_model"]

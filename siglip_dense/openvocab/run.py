@@ -1,0 +1,201 @@
+"""Open-vocabulary entry points behind ``tools/predict.py classes=...`` and ``tools/eval.py zero_shot=true``.
+
+predict: ``python tools/predict.py ckpt_path=SIGLIP_CKPT input=IMG output=DIR classes="cat,sofa,window"``
+eval:    ``python tools/eval.py zero_shot=true ckpt_path=SIGLIP_CKPT data=ade20k data.root=DIR``
+``ckpt_path`` is a SigLIP (2) image-text checkpoint (a transformers ``SiglipModel`` / ``Siglip2Model``
+directory or a hub id in the local cache), not a trained siglip-dense checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from siglip_dense.models.text import parse_classes
+from siglip_dense.openvocab.zeroshot import ZeroShotSegmenter, load_model
+
+OPTION_KEYS = ("method", "templates", "slide", "short_side", "classes")
+
+
+def open_vocab_options(cfg: DictConfig | dict[str, Any] | None) -> dict[str, Any]:
+    """The ``open_vocab`` config block as plain values; an unknown key is an error naming it."""
+    opts = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    unknown = sorted(set(opts) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"open_vocab: unknown keys {unknown}; known: {list(OPTION_KEYS)}")
+    return opts
+
+
+def _classes(value: Any) -> list[str]:
+    """Hydra gives ``classes="a,b"`` as a string and ``classes=[a,b]`` as a list."""
+    if isinstance(value, DictConfig):
+        raise ValueError(f"classes must be a comma-separated string or a list, got {value}")
+    if not isinstance(value, str) and isinstance(value, Sequence) or OmegaConf.is_list(value):
+        return parse_classes([str(v) for v in value])
+    return parse_classes(str(value))
+
+
+def _model(ckpt_path: str, device: str, opts: dict[str, Any]) -> ZeroShotSegmenter:
+    kwargs = {k: opts[k] for k in ("method", "templates", "slide") if opts.get(k) is not None}
+    return load_model(ckpt_path, device=device, **kwargs)
+
+
+def run_open_vocab_predict(
+    ckpt_path: str,
+    source: str | Path,
+    output: str | Path,
+    classes: Any,
+    device: str = "cpu",
+    options: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Each image: ``<stem>.png`` (uint8 index into ``classes``) and ``<stem>_vis.png`` (overlay with a
+    legend of the classes present); ``classes.json`` lists the names. Returns the files written."""
+    from siglip_dense.data.io import read_image, write_label
+    from siglip_dense.predict import list_images
+    from siglip_dense.visualize import save_segmentation_overlay
+
+    names = _classes(classes)
+    if len(names) > 255:
+        raise ValueError(f"classes: at most 255 names fit a uint8 label PNG, got {len(names)}")
+    opts = open_vocab_options(options)
+    model = _model(ckpt_path, device, opts)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "classes.json").write_text(json.dumps(names, ensure_ascii=False, indent=1))
+    written: list[Path] = []
+    for path in list_images(source):
+        image = np.ascontiguousarray(read_image(path))
+        labels = model.predict([image], names, short_side=opts.get("short_side"))[0]
+        raw = out_dir / f"{path.stem}.png"
+        write_label(raw, labels.astype(np.uint8))
+        vis = save_segmentation_overlay(image, labels, names, out_dir / f"{path.stem}_vis.png")
+        written += [raw, vis]
+        print(f"{path} -> {raw.name}, {vis.name}")
+    return written
+
+
+def _data_config(cfg: DictConfig) -> dict[str, Any]:
+    """The chosen data group (``data=ade20k``...) with the eval overrides that are set (not null)."""
+    data = OmegaConf.to_container(cfg.get("data") or {}, resolve=True)
+    data.pop("datamodules", None)
+    data = {k: v for k, v in data.items() if v is not None}
+    if "_target_" not in data:
+        raise ValueError(
+            "zero_shot=true needs a segmentation data config: pass data=<name> (e.g. data=ade20k "
+            "data.root=DIR, or data=toy_seg)"
+        )
+    return data
+
+
+@torch.no_grad()
+def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
+    """mIoU of the training-free model on the validation split, class names from the data (or
+    ``open_vocab.classes``); each image resized to ``short_side``, sliding windows, logits back at the
+    original size (the labels' size). Writes ``metrics.json`` to ``output_dir``."""
+    from hydra.utils import instantiate
+
+    from siglip_dense.evaluation.seg_metrics import SegmentationMetric
+    from siglip_dense.evaluation.sliding_window import eval_resize_scale, resize_image
+
+    opts = open_vocab_options(cfg.get("open_vocab"))
+    if _is_trained_checkpoint(cfg.ckpt_path):
+        return _eval_trained(cfg, opts)
+    datamodule = instantiate(_data_config(cfg), _convert_="all")
+    names = _classes(opts["classes"]) if opts.get("classes") else list(datamodule.class_names)
+    if len(names) != datamodule.num_classes:
+        raise ValueError(
+            f"open_vocab.classes has {len(names)} names, the data at {datamodule.root} has "
+            f"{datamodule.num_classes} classes"
+        )
+    device = str(cfg.get("device", "cpu") or "cpu")
+    model = _model(cfg.ckpt_path, device, opts)
+    datamodule.mean, datamodule.std = model.mean, model.std
+    datamodule.setup("validate")
+    metric = SegmentationMetric(len(names), ignore_index=255)
+    side = int(opts.get("short_side") or min(model.backbone.img_size))
+    dataset = datamodule.val_dataset
+    for index in range(len(dataset)):  # (iterating would wrap around: __getitem__ takes any index)
+        sample = dataset[index]
+        image = sample["image"][None].to(device)
+        h, w = image.shape[-2:]
+        x = resize_image(image, eval_resize_scale(h, w, side, 4 * side))
+        logits = F.interpolate(model.segment(x, names), size=(h, w), mode="bilinear", align_corners=False)
+        metric.update(logits.argmax(1).cpu(), sample["mask"][None].long())
+    return _write_metrics(cfg, metric, names, model.method)
+
+
+def _write_metrics(cfg: DictConfig, metric: Any, names: list[str], method: str) -> dict[str, Any]:
+    """metrics.json (the segmentation keys) into ``output_dir``; returns the metrics."""
+    from siglip_dense.train import output_dir_of
+
+    result = metric.compute()
+    metrics = {
+        "mIoU": float(result["mIoU"]),
+        "aAcc": float(result["aAcc"]),
+        "per_class_IoU": {
+            n: (None if v != v else float(v))
+            for n, v in zip(names, result["per_class_IoU"].tolist(), strict=True)
+        },
+    }
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    print(f"zero-shot ({method}) mIoU {metrics['mIoU']:.4f} aAcc {metrics['aAcc']:.4f}")
+    print(f"metrics -> {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def _is_trained_checkpoint(path: str | Path) -> bool:
+    """A siglip-dense Lightning checkpoint (a file) rather than a SigLIP image-text checkpoint (a dir/hub id)."""
+    return Path(path).is_file() and Path(path).suffix == ".ckpt"
+
+
+@torch.no_grad()
+def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
+    """A trained open-vocabulary model (CAT-Seg head) on the data's class names or ``open_vocab.classes``:
+    the task's own eval protocol (short side, sliding windows), the head switched to those names."""
+    from hydra.utils import instantiate
+
+    from siglip_dense.checkpoints import load_task
+    from siglip_dense.evaluate import eval_data_config
+    from siglip_dense.evaluation.seg_metrics import SegmentationMetric
+    from siglip_dense.evaluation.sliding_window import eval_resize_scale, resize_image, slide_inference
+
+    device = str(cfg.get("device", "cpu") or "cpu")
+    task = load_task(cfg.ckpt_path, map_location=device).to(device).eval()
+    head = getattr(getattr(task, "model", None), "head", None)
+    if not hasattr(head, "set_classes"):
+        raise ValueError(
+            f"{cfg.ckpt_path}: its head is not open-vocabulary (no set_classes); zero_shot=true "
+            "needs a CAT-Seg head checkpoint or a SigLIP image-text checkpoint"
+        )
+    datamodule = instantiate(eval_data_config(cfg, task), _convert_="all")
+    names = _classes(opts["classes"]) if opts.get("classes") else list(datamodule.class_names)
+    if len(names) != datamodule.num_classes:
+        raise ValueError(
+            f"open_vocab.classes has {len(names)} names, the data has {datamodule.num_classes} classes"
+        )
+    head.set_classes(names)
+    datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
+    datamodule.setup("validate")
+    ev = task.eval_cfg
+    metric = SegmentationMetric(len(names), ignore_index=255)
+    dataset = datamodule.val_dataset
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        image = sample["image"][None].to(device)
+        h, w = image.shape[-2:]
+        x = resize_image(image, eval_resize_scale(h, w, ev["short_side"], ev["max_long_side"]))
+        logits = slide_inference(
+            lambda t: task.model(t)["logits"], x, len(names), ev["crop_size"], ev["stride"]
+        )
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        metric.update(logits.argmax(1).cpu(), sample["mask"][None].long())
+    return _write_metrics(cfg, metric, names, "trained head")

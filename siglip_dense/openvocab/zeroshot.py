@@ -1,0 +1,195 @@
+"""Training-free open-vocabulary segmentation with a SigLIP (2) image-text pair.
+
+Each patch token is mapped into the joint space by the value path of the vision tower's attention
+pooling (MAP) head, then scored against the class-name embeddings of the text tower with the
+model's own ``logit_scale`` and ``logit_bias`` (sigmoid-loss logits: σ(logit) is the match
+probability). Methods (``method=``):
+
+``"maskclip"`` (MaskCLIP, Zhou et al. ECCV 2022, transposed to SigLIP's MAP head): the head attends
+    one learned probe over all tokens; replacing that attention with the identity gives each token
+    its own pooled embedding. Per token x (final LayerNorm-ed, = transformers' ``last_hidden_state``):
+    ``v = W_v x + b_v`` (the head's value projection, ``attn_pool.kv`` rows C:), ``o = W_o v + b_o``
+    (``attn_pool.proj``), ``e = o + MLP(LN(o))`` (the head's own LayerNorm + MLP residual, applied
+    to o exactly as the head applies them to its attended output). The probe, query and key
+    projections are not used.
+``"clearclip"`` (ClearCLIP, Lan et al. ECCV 2024; the self-self attention of SCLIP / NACLIP): the last
+    block is replaced by query-query attention ``softmax(q qᵀ/√d) v`` through the block's own
+    ``norm1``, qkv and output projections, without its residual connection and without its MLP;
+    then the final LayerNorm and the MAP value path above. Sharper, less noisy maps than MaskCLIP.
+
+Inference is whole-image or sliding-window (MMSeg's ``slide``) at the model's own input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from siglip_dense.evaluation.sliding_window import check_window_coverage, slide_inference, whole_inference
+from siglip_dense.models.backbone import SigLIP2Backbone, build_backbone
+from siglip_dense.models.text import TextEncoder, build_text_encoder, parse_classes
+
+METHODS = ("maskclip", "clearclip")
+
+
+def map_value_path(attn_pool: nn.Module, tokens: Tensor) -> Tensor:
+    """B×N×C tokens -> B×N×D per-token embeddings through timm's ``AttentionPoolLatent`` value path
+    (value and output projections, then the head's LayerNorm + MLP residual; no attention)."""
+    c = tokens.shape[-1]
+    v = F.linear(tokens, attn_pool.kv.weight[c:], attn_pool.kv.bias[c:])
+    o = attn_pool.proj(v)
+    if attn_pool.mlp is not None:
+        o = o + attn_pool.mlp(attn_pool.norm(o))
+    return o
+
+
+def self_self_attention(block: nn.Module, x: Tensor) -> Tensor:
+    """ClearCLIP's last block on B×N×C tokens: q-q attention through the block's norm1 / qkv / proj,
+    no residual, no MLP (timm ``Block``; layer scale kept when the block has one)."""
+    attn = block.attn
+    b, n, c = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, _, v = qkv.unbind(0)
+    q = attn.q_norm(q)
+    out = F.scaled_dot_product_attention(q, q, v)
+    out = attn.norm(out.transpose(1, 2).reshape(b, n, c))
+    return block.ls1(attn.proj(out))
+
+
+class ZeroShotSegmenter(nn.Module):
+    """Vision tower (with its MAP head) + text tower: class names -> per-pixel logits, no training.
+
+    ``forward(x, classes)`` -> B×K×h×w logits on the patch grid, ``cos(e, t)·exp(logit_scale) +
+    logit_bias`` with e the per-patch embedding (see the module docstring) and t the template-ensemble
+    class embedding. ``segment`` gives logits at the image size (whole or slide inference);
+    ``predict`` label maps for uint8 images.
+    """
+
+    def __init__(
+        self,
+        backbone: SigLIP2Backbone,
+        text_encoder: TextEncoder,
+        method: str = "clearclip",
+        templates: str | Sequence[str] = "imagenet7",
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if backbone.vit.attn_pool is None:
+            raise ValueError("zero-shot segmentation needs the vision tower's MAP head: keep_head=True")
+        self.backbone = backbone.eval()
+        self.text_encoder = text_encoder.eval()
+        self.method = method
+        self.templates = templates
+        self.crop_size = self.stride = None
+        if crop_size is not None:
+            stride = stride if stride is not None else [max(1, int(c) * 2 // 3) for c in crop_size]
+            self.crop_size, self.stride = check_window_coverage(crop_size, stride, "zero_shot")
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        method: str = "clearclip",
+        templates: str | Sequence[str] = "imagenet7",
+        slide: bool = True,
+        tokenizer: str | Path | None = None,
+    ) -> ZeroShotSegmenter:
+        """Both towers from one SigLIP (2) checkpoint (a transformers ``SiglipModel`` directory or a
+        hub id in the local cache); slide windows are the model's own input size, stride 2/3 of it."""
+        backbone = build_backbone(checkpoint=checkpoint, keep_head=True, verbose=False)
+        text = build_text_encoder(checkpoint, tokenizer=tokenizer)
+        crop = backbone.img_size if slide else None
+        return cls(backbone, text, method=method, templates=templates, crop_size=crop)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.backbone.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.backbone.std
+
+    def dense_embeddings(self, x: Tensor) -> Tensor:
+        """B×3×H×W normalised images -> B×D×h×w per-patch embeddings (not L2-normalised)."""
+        bb = self.backbone
+        tokens, hw, key_mask, _ = bb._embed(x, None)
+        if self.method == "maskclip":
+            tokens, _ = bb._run_blocks(tokens, hw, key_mask, bb.num_layers - 1)
+        else:
+            if bb.num_layers > 1:
+                tokens, _ = bb._run_blocks(tokens, hw, key_mask, bb.num_layers - 2)
+            tokens = self_self_attention(bb.vit.blocks[-1], tokens)
+        emb = map_value_path(bb.vit.attn_pool, bb.vit.norm(tokens))
+        b, _, d = emb.shape
+        return emb.transpose(1, 2).reshape(b, d, *hw)
+
+    def class_embeddings(self, classes: str | Sequence[str]) -> Tensor:
+        """K×D unit text embeddings of the class names (template ensemble, cached)."""
+        return self.text_encoder.encode_classes(classes, self.templates)
+
+    def logits(self, dense: Tensor, text: Tensor) -> Tensor:
+        """B×D×h×w embeddings, K×D unit text embeddings -> B×K×h×w SigLIP logits."""
+        cos = torch.einsum("bdhw,kd->bkhw", F.normalize(dense, dim=1), text.to(dense.dtype))
+        return cos * self.text_encoder.logit_scale.exp() + self.text_encoder.logit_bias
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, classes: str | Sequence[str]) -> Tensor:
+        """B×3×H×W normalised images -> B×K×h×w logits on the patch grid."""
+        return self.logits(self.dense_embeddings(x), self.class_embeddings(classes))
+
+    @torch.no_grad()
+    def segment(self, x: Tensor, classes: str | Sequence[str]) -> Tensor:
+        """B×3×H×W normalised images -> B×K×H×W logits (bilinear to the input size; sliding windows
+        of ``crop_size`` when set and the image is larger, windows averaged as MMSeg)."""
+        text = self.class_embeddings(classes)
+
+        def model_fn(img: Tensor) -> Tensor:
+            return self.logits(self.dense_embeddings(img), text)
+
+        if self.crop_size is None:
+            return whole_inference(model_fn, x)
+        return slide_inference(model_fn, x, len(text), self.crop_size, self.stride)
+
+    def preprocess(self, image: np.ndarray, short_side: int | None = None) -> Tensor:
+        """H×W×3 uint8 RGB -> 1×3×H'×W' normalised, short side resized to ``short_side`` (default: the
+        model's input size), as the ADE20K protocol resizes before sliding windows."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"predict expects H×W×3 uint8 RGB images, got {image.shape} {image.dtype}")
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255.0
+        side = short_side or min(self.backbone.img_size)
+        scale = side / min(x.shape[-2:])
+        size = [max(1, round(s * scale)) for s in x.shape[-2:]]
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.text_encoder.logit_scale.device)
+
+    @torch.no_grad()
+    def predict(
+        self, images: Sequence[np.ndarray], classes: str | Sequence[str], short_side: int | None = None
+    ) -> list[np.ndarray]:
+        """uint8 H×W×3 RGB images -> H×W int64 label maps (index into ``classes``) at each image's size."""
+        names = parse_classes(classes)
+        out = []
+        for image in images:
+            logits = self.segment(self.preprocess(image, short_side), names)
+            logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
+            out.append(logits.argmax(1)[0].cpu().numpy())
+        return out
+
+
+def load_model(
+    checkpoint: str | Path, device: str | torch.device = "cpu", **kwargs: Any
+) -> ZeroShotSegmenter:
+    """A :class:`ZeroShotSegmenter` from a SigLIP (2) checkpoint on ``device`` (kwargs: method,
+    templates, slide, tokenizer): ``load_model(ckpt).predict(images, classes=["cat", "sofa"])``."""
+    return ZeroShotSegmenter.from_checkpoint(checkpoint, **kwargs).to(device).eval()
