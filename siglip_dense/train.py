@@ -133,8 +133,13 @@ def progress_mode(cfg: DictConfig) -> str:
     return mode
 
 
-def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Train (and validate) as the config says; returns the final validation metrics."""
+def run_train(cfg: DictConfig, logged: dict[str, float] | None = None) -> dict[str, Any]:
+    """Train (and validate) as the config says; returns the final validation metrics.
+
+    ``logged``, when given, receives the last logged value of every scalar (Lightning's
+    ``callback_metrics`` after fit, then after the final validation): ``train/loss`` and the like,
+    which the returned validation metrics do not hold.
+    """
     check_train_config(cfg)
     out_dir = output_dir_of(cfg)
     launch_env = {k: os.environ.get(k) for k in LAUNCH_ENV_KEYS}
@@ -175,6 +180,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except SIGTERMException as exc:
             raise SystemExit(stopped_by_signal(trainer, out_dir, requeue.signum)) from exc
+        _record_logged(trainer, logged)
 
     metrics: dict[str, Any] = {}
     if cfg.get("validate", True) and not trainer.fast_dev_run:
@@ -182,10 +188,17 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         ckpt = trainer.checkpoint_callback.best_model_path if _has_best(trainer) else None
         trainer.validate(task, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
         metrics = dict(task.last_metrics)
+        _record_logged(trainer, logged)
         if trainer.is_global_zero:
             write_results(task, datamodule, metrics, out_dir, int(cfg.get("num_vis", 6)))
     end_process_group(trainer, launch_env)
     return metrics
+
+
+def _record_logged(trainer: L.Trainer, logged: dict[str, float] | None) -> None:
+    """Copy the trainer's last logged scalars into ``logged`` (a new stage resets them)."""
+    if logged is not None:
+        logged.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
 
 
 # what Lightning's DDP launcher writes into the launching process's environment

@@ -3,6 +3,8 @@ return value, configs naming data that is not there or classes by their old path
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 
 import lightning as L
@@ -10,8 +12,10 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from siglip_dense.checkpoints import load_model
+from siglip_dense.cli import monitored_metric, train_app
 from siglip_dense.train import build_task
 from tests.conftest import compose_train_cfg
 
@@ -70,3 +74,39 @@ def test_single_task_model_refuses_multitask_checkpoint_and_other_kind() -> None
     with pytest.raises(ValueError, match="single-task detection model, but the config builds a multi-task"):
         multi.on_load_checkpoint(_ckpt("det"))
     multi.on_load_checkpoint(_ckpt("multitask"))  # the same tasks: no complaint
+
+
+# -- 4. what the train app returns -----------------------------------------------------------------------
+def test_monitor_null_metric_is_nan_with_warning() -> None:
+    """A COCO size bucket without objects is null in metrics.json: NaN for the sweeper, no crash."""
+    cfg = OmegaConf.create({"monitor": "val/det/bbox_APl"})
+    with pytest.warns(UserWarning, match="val/det/bbox_APl is null"):
+        value = monitored_metric(cfg, {"seg": {"mIoU": 0.5}, "det": {"bbox_APl": None}})
+    assert math.isnan(value)
+
+
+def test_monitor_of_a_logged_metric_is_its_last_value() -> None:
+    cfg = OmegaConf.create({"monitor": "train/loss"})
+    with pytest.warns(UserWarning, match="last logged value"):
+        assert monitored_metric(cfg, {"mIoU": 0.5}, {"train/loss": 1.25, "val/mIoU": 0.5}) == 1.25
+
+
+@pytest.mark.slow
+def test_train_app_with_monitor_train_loss_returns_the_last_logged_loss(tmp_path: Path) -> None:
+    """A complete run monitoring ``train/loss`` returns the loss of its last step (the CSV log's)."""
+    from siglip_dense.data.toy import ensure_toy_data
+
+    ensure_toy_data(tmp_path / "data" / "toy_seg", num_train=2, num_val=2)
+    overrides = [
+        *FAST,
+        "data.batch_size=2",
+        "monitor=train/loss",
+        "monitor_mode=min",
+        "trainer.log_every_n_steps=1",
+    ]
+    cfg = compose_train_cfg(overrides, tmp_path / "run", tmp_path / "data")
+    with pytest.warns(UserWarning, match="last logged value"):
+        value = train_app(cfg)
+    (log,) = (tmp_path / "run").rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(log.open()) if r.get("train/loss")]
+    assert isinstance(value, float) and value == pytest.approx(float(rows[-1]["train/loss"]), rel=1e-6)
