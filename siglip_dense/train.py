@@ -153,6 +153,8 @@ def run_train(cfg: DictConfig, logged: dict[str, float] | None = None) -> dict[s
     if cfg.get("compile"):
         options = OmegaConf.to_container(cfg.get("compile_options") or {}, resolve=True)
         print(f"torch.compile {task.compile_backbone(**options)} with {options}")
+    if hasattr(task, "check_monitor"):
+        task.check_monitor(cfg.get("monitor"))  # now, not at the first validation after an epoch
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     task.data_config = OmegaConf.to_container(cfg.data, resolve=True)
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from siglip_dense.checkpoints import load_model
 from siglip_dense.cli import monitored_metric, train_app
-from siglip_dense.train import build_task
+from siglip_dense.train import build_task, run_train
 from tests.conftest import compose_train_cfg
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
@@ -110,3 +110,36 @@ def test_train_app_with_monitor_train_loss_returns_the_last_logged_loss(tmp_path
     (log,) = (tmp_path / "run").rglob("metrics.csv")
     rows = [r for r in csv.DictReader(log.open()) if r.get("train/loss")]
     assert isinstance(value, float) and value == pytest.approx(float(rows[-1]["train/loss"]), rel=1e-6)
+
+
+# -- 3. the monitor is checked before training --------------------------------------------------------------
+@pytest.mark.slow
+def test_monitor_of_a_dropped_task_fails_before_training(tmp_path: Path) -> None:
+    """toy_multitask without seg keeps monitor=val/seg/mIoU: refused before the first step."""
+    drop = ["~task.tasks.seg", "~data.datamodules.seg", "~task.loss_weights.seg"]
+    cfg = compose_train_cfg(["experiment=toy_multitask", *drop, *FAST], tmp_path / "run", tmp_path / "data")
+    with pytest.raises(
+        ValueError, match=r"monitor=val/seg/mIoU: there is no task 'seg' \(tasks: \['depth', 'det'\]\)"
+    ) as info:
+        run_train(cfg)
+    assert "val/depth/abs_rel" in str(info.value) and "val/det/bbox_AP," in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_monitor_must_be_a_metric_the_task_logs() -> None:
+    seg = load_model(LEGACY / "seg.ckpt")
+    seg.check_monitor("val/mIoU")
+    seg.check_monitor("train/loss")
+    seg.check_monitor("step")
+    for wrong in ("val/bbox_AP", "val/seg/mIoU"):
+        with pytest.raises(
+            ValueError, match=f"monitor={wrong}: this segmentation model logs no .*val/mIoU, val/aAcc"
+        ):
+            seg.check_monitor(wrong)
+    multi = load_model(LEGACY / "multitask.ckpt")
+    multi.check_monitor("val/depth/abs_rel")
+    multi.check_monitor("train/seg/loss")
+    with pytest.raises(ValueError, match="task depth logs no 'mIoU'"):
+        multi.check_monitor("val/depth/mIoU")
+    with pytest.raises(ValueError, match="there is no task 'det'"):
+        multi.check_monitor("train/det/loss")

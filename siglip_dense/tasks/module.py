@@ -723,6 +723,49 @@ class DenseModule(L.LightningModule):
             # resuming a fit: continue the random streams (shuffle, augmentation, dropout) exactly
             set_rng_states(rng_states_for_rank(checkpoint["rng_states"], checkpoint_is_mid_epoch(checkpoint)))
 
+    def valid_monitors(self) -> list[str]:
+        """``monitor=`` values this module logs: ``val/[<task>/]<metric>`` (``<metric>`` where a
+        component does not declare its metric names) and ``train/loss``."""
+        out = []
+        for name, component in self.components.items():
+            prefix = f"val/{name}/" if self.multitask else "val/"
+            out += [prefix + m for m in component.metric_names() or ["<metric>"]]
+        return [*out, "train/loss"]
+
+    def check_monitor(self, monitor: str | None) -> None:
+        """Refuse a ``val/`` monitor that no configured task logs, before training (not at the first
+        validation, after a whole epoch); a multi-task ``train/<task>/...`` must name a task too.
+        Other monitors (``step``, a callback's metric) are not checked.
+
+        Raises:
+            ValueError: naming the monitor, the configured tasks and the valid monitors.
+        """
+        if not monitor:
+            return
+        parts = str(monitor).split("/")
+        if parts[0] not in ("val", "train") or len(parts) < 2:
+            return
+        problem = None
+        if self.multitask and (parts[0] == "val" or len(parts) > 2):
+            name = parts[1]
+            if name not in self.components:
+                problem = f"there is no task {name!r}"
+            elif parts[0] == "val":
+                known = self.components[name].metric_names()
+                metric = "/".join(parts[2:])
+                if known is not None and metric not in known:
+                    problem = f"task {name} logs no {metric!r}"
+        elif not self.multitask and parts[0] == "val":
+            known = next(iter(self.components.values())).metric_names()
+            metric = "/".join(parts[1:])
+            if known is not None and metric not in known:
+                problem = f"this {self.task_name} model logs no {metric!r}"
+        if problem:
+            raise ValueError(
+                f"monitor={monitor}: {problem} (tasks: {self.task_names}); valid monitors: "
+                f"{', '.join(self.valid_monitors())}. Set monitor= (and monitor_mode=min|max) to one of them"
+            )
+
     def check_checkpoint_tasks(self, checkpoint: dict[str, Any], path: str | Path | None = None) -> None:
         """Refuse a checkpoint trained for other tasks than this module's, before its weights load.
 
