@@ -123,6 +123,47 @@ def _keys(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def upgrade_legacy_targets(cfg: DictConfig) -> list[tuple[str, str, str]]:
+    """Rewrite, in ``cfg``, every ``_target_`` naming a class at its old path (``siglip_dense.legacy``).
+
+    A user's recipe written before a module moved (``siglip_dense.data.datamodule.SegDataModule``)
+    would otherwise fail with ``No module named ...``; each rewrite is warned as ``old -> new`` so
+    the recipe can be updated. Returns ``(config key, old, new)`` per rewrite.
+    """
+    from omegaconf import OmegaConf
+
+    from siglip_dense.legacy import LEGACY_TARGETS, TARGET_KEY
+
+    found: list[tuple[list[Any], str]] = []
+
+    def walk(node: Any, path: list[Any]) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if key == TARGET_KEY and isinstance(value, str) and value in LEGACY_TARGETS:
+                    found.append(([*path, key], value))
+                else:
+                    walk(value, [*path, key])
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, [*path, i])
+
+    walk(OmegaConf.to_container(cfg, resolve=False), [])
+    rewrites = []
+    for path, old in found:
+        parent: Any = cfg
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = LEGACY_TARGETS[old]
+        where = ".".join(str(k) for k in path)
+        warnings.warn(
+            f"{where}: {old} moved to {LEGACY_TARGETS[old]}; using the new path (update the config)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        rewrites.append((where, old, LEGACY_TARGETS[old]))
+    return rewrites
+
+
 def require(cfg: DictConfig, usage: str) -> None:
     """Exit with status 2 and ``usage`` when a mandatory (``???``) top-level key was not given."""
     from omegaconf import OmegaConf
@@ -186,6 +227,7 @@ def train_app(cfg: DictConfig) -> float | None:
     from siglip_dense.train import run_train
 
     def job(c: DictConfig) -> float | None:
+        upgrade_legacy_targets(c)
         logged: dict[str, float] = {}
         return monitored_metric(c, run_train(c, logged), logged)
 
@@ -210,6 +252,7 @@ def eval_app(cfg: DictConfig) -> dict[str, Any]:
     from siglip_dense.evaluate import run_eval
 
     require(cfg, "siglip-dense-eval ckpt_path=PATH [data.root=DIR] [save_predictions=true] [output_dir=DIR]")
+    upgrade_legacy_targets(cfg)
     return report_data_errors(run_eval, cfg)
 
 

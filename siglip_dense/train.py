@@ -133,6 +133,44 @@ def progress_mode(cfg: DictConfig) -> str:
     return mode
 
 
+def check_task_data_config(cfg: DictConfig) -> None:
+    """A multi-task config has one data member per task and a task per data member.
+
+    Checked on the unresolved config: otherwise a task whose data member was dropped
+    (``'~data.datamodules.det'`` alone) fails as OmegaConf's ``InterpolationKeyError:
+    'data.datamodules.det.image_size' not found``.
+
+    Raises:
+        ValueError: naming the tasks (``task.tasks``), the data members (``data.datamodules``) and
+            the overrides that make them agree.
+    """
+    task, data = cfg.get("task"), cfg.get("data")
+    tasks = task.get("tasks") if isinstance(task, DictConfig) else None
+    members = data.get("datamodules") if isinstance(data, DictConfig) else None
+    if not isinstance(tasks, DictConfig) or not isinstance(members, DictConfig):
+        return
+    task_names, data_names = [str(k) for k in tasks], [str(k) for k in members]
+    no_data = [n for n in task_names if n not in data_names]
+    no_task = [n for n in data_names if n not in task_names]
+    if not (no_data or no_task):
+        return
+    fixes = []
+    weights = task.get("loss_weights") or {}
+    for name in no_data:
+        drop = f"'~task.tasks.{name}'" + (f" '~task.loss_weights.{name}'" if name in weights else "")
+        fixes.append(
+            f"task {name} has no data: drop the task too ({drop}) or configure data.datamodules.{name}"
+        )
+    for name in no_task:
+        fixes.append(
+            f"data.datamodules.{name} has no task: drop it ('~data.datamodules.{name}') or add task.tasks.{name}"
+        )
+    raise ValueError(
+        f"the tasks (task.tasks: {task_names}) and the data (data.datamodules: {data_names}) differ: "
+        + "; ".join(fixes)
+    )
+
+
 def run_train(cfg: DictConfig, logged: dict[str, float] | None = None) -> dict[str, Any]:
     """Train (and validate) as the config says; returns the final validation metrics.
 
@@ -140,6 +178,7 @@ def run_train(cfg: DictConfig, logged: dict[str, float] | None = None) -> dict[s
     ``callback_metrics`` after fit, then after the final validation): ``train/loss`` and the like,
     which the returned validation metrics do not hold.
     """
+    check_task_data_config(cfg)  # before anything resolves ${data.datamodules.<task>...}
     check_train_config(cfg)
     out_dir = output_dir_of(cfg)
     launch_env = {k: os.environ.get(k) for k in LAUNCH_ENV_KEYS}

@@ -4,6 +4,7 @@ return value, configs naming data that is not there or classes by their old path
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from siglip_dense.checkpoints import load_model
@@ -143,3 +144,51 @@ def test_monitor_must_be_a_metric_the_task_logs() -> None:
         multi.check_monitor("val/depth/mIoU")
     with pytest.raises(ValueError, match="there is no task 'det'"):
         multi.check_monitor("train/det/loss")
+
+
+# -- 5. configs naming data that is not there, or classes by their old paths ---------------------------------
+def test_task_without_data_member_is_named_before_interpolation(tmp_path: Path) -> None:
+    """'~data.datamodules.det' alone: not OmegaConf's 'data.datamodules.det.image_size' not found."""
+    cfg = compose_train_cfg(["experiment=toy_multitask", "~data.datamodules.det", *FAST], tmp_path / "run")
+    with pytest.raises(ValueError) as info:
+        run_train(cfg)
+    message = str(info.value)
+    assert (
+        "task.tasks: ['seg', 'depth', 'det']" in message and "data.datamodules: ['seg', 'depth']" in message
+    )
+    assert "task det has no data: drop the task too ('~task.tasks.det' '~task.loss_weights.det')" in message
+    cfg = compose_train_cfg(
+        ["experiment=toy_multitask", "~task.tasks.det", "~task.loss_weights.det", *FAST], tmp_path / "run"
+    )
+    with pytest.raises(
+        ValueError, match=r"data.datamodules.det has no task: drop it \('~data.datamodules.det'\)"
+    ):
+        run_train(cfg)
+
+
+def test_old_data_target_is_upgraded_with_a_warning(tmp_path: Path) -> None:
+    from siglip_dense.cli import upgrade_legacy_targets
+    from siglip_dense.data.segmentation import SegDataModule
+
+    old = "siglip_dense.data.datamodule.SegDataModule"
+    cfg = compose_train_cfg([f"data._target_={old}", *FAST], tmp_path / "run", tmp_path / "data")
+    GlobalHydra.instance().clear()
+    with pytest.warns(
+        FutureWarning, match=f"data._target_: {old} moved to siglip_dense.data.segmentation.SegDataModule"
+    ):
+        assert upgrade_legacy_targets(cfg) == [
+            ("data._target_", old, "siglip_dense.data.segmentation.SegDataModule")
+        ]
+    assert get_class(cfg.data._target_) is SegDataModule
+
+
+@pytest.mark.slow
+def test_train_app_runs_a_recipe_naming_the_old_data_target(tmp_path: Path) -> None:
+    from siglip_dense.data.toy import ensure_toy_data
+
+    ensure_toy_data(tmp_path / "data" / "toy_seg", num_train=2, num_val=2)
+    overrides = [*FAST, "data.batch_size=2", "data._target_=siglip_dense.data.datamodule.SegDataModule"]
+    cfg = compose_train_cfg(overrides, tmp_path / "run", tmp_path / "data")
+    with pytest.warns(FutureWarning, match="siglip_dense.data.datamodule.SegDataModule moved"):
+        value = train_app(cfg)
+    assert value == json.loads((tmp_path / "run" / "metrics.json").read_text())["mIoU"]
