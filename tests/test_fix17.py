@@ -28,8 +28,16 @@ def _ckpt(name: str) -> dict:
     return torch.load(LEGACY / f"{name}.ckpt", map_location="cpu", weights_only=True)
 
 
-def _build(overrides: list[str], tmp_path: Path) -> tuple[L.LightningModule, L.LightningDataModule]:
-    cfg = compose_train_cfg([*overrides, *FAST], tmp_path / "run", data_dir=tmp_path / "data")
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One toy data folder for the module's multi-task runs (generated on first use)."""
+    return tmp_path_factory.mktemp("fix17_data")
+
+
+def _build(
+    overrides: list[str], tmp_path: Path, data_dir: Path
+) -> tuple[L.LightningModule, L.LightningDataModule]:
+    cfg = compose_train_cfg([*overrides, *FAST], tmp_path / "run", data_dir=data_dir)
     GlobalHydra.instance().clear()
     datamodule = instantiate(cfg.data, _convert_="all")
     return build_task(cfg, datamodule), datamodule
@@ -38,10 +46,10 @@ def _build(overrides: list[str], tmp_path: Path) -> tuple[L.LightningModule, L.L
 # -- 1. a checkpoint of other tasks ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_resume_seg_depth_checkpoint_with_seg_depth_det_config_names_file_tasks_and_fix(
-    tmp_path: Path,
+    tmp_path: Path, data_dir: Path
 ) -> None:
     """The seg+depth toy_multitask checkpoint (written at d887177) resumed by today's seg+depth+det."""
-    task, datamodule = _build(["experiment=toy_multitask"], tmp_path)
+    task, datamodule = _build(["experiment=toy_multitask"], tmp_path, data_dir)
     trainer = L.Trainer(
         max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False
     )
@@ -115,10 +123,10 @@ def test_train_app_with_monitor_train_loss_returns_the_last_logged_loss(tmp_path
 
 # -- 3. the monitor is checked before training --------------------------------------------------------------
 @pytest.mark.slow
-def test_monitor_of_a_dropped_task_fails_before_training(tmp_path: Path) -> None:
+def test_monitor_of_a_dropped_task_fails_before_training(tmp_path: Path, data_dir: Path) -> None:
     """toy_multitask without seg keeps monitor=val/seg/mIoU: refused before the first step."""
     drop = ["~task.tasks.seg", "~data.datamodules.seg", "~task.loss_weights.seg"]
-    cfg = compose_train_cfg(["experiment=toy_multitask", *drop, *FAST], tmp_path / "run", tmp_path / "data")
+    cfg = compose_train_cfg(["experiment=toy_multitask", *drop, *FAST], tmp_path / "run", data_dir)
     with pytest.raises(
         ValueError, match=r"monitor=val/seg/mIoU: there is no task 'seg' \(tasks: \['depth', 'det'\]\)"
     ) as info:
