@@ -10,9 +10,11 @@ editable install) the repository's ``configs/``; in an installed wheel the copy 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,24 +59,109 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfi
         return compose(config_name, overrides=list(overrides))
 
 
-def monitored_metric(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | None:
-    """The value of ``cfg.monitor`` (``val/mIoU``, ``val/seg/mIoU``) in a run's final metrics.
+def monitored_metric(
+    cfg: DictConfig, metrics: Mapping[str, Any], logged: Mapping[str, float] | None = None
+) -> float | None:
+    """The value of ``cfg.monitor`` (``val/mIoU``, ``val/seg/mIoU``, ``train/loss``) after a run.
 
-    What a Hydra sweeper (Optuna, Ax, Nevergrad) optimises. None when the run did not validate
-    (``validate=false``, ``fast_dev_run``); a missing key raises ``KeyError`` naming the keys there are.
+    What a Hydra sweeper (Optuna, Ax, Nevergrad) optimises, so a finished run always gives a float:
+    the final validation's value; else (``train/loss``, a metric the final validation did not
+    produce) its last logged value (``trainer.callback_metrics``, given as ``logged``), with a
+    warning; a metric that is null (COCO ``bbox_APl`` without large objects) or absent from both is
+    NaN, with a warning naming what there is. None when the run neither validated nor logged it
+    (``validate=false``, ``fast_dev_run``).
     """
-    if not metrics or not cfg.get("monitor"):
+    if not cfg.get("monitor") or (not metrics and not logged):
         return None
-    parts = str(cfg.monitor).split("/")
+    monitor = str(cfg.monitor)
+    found, value, where = _final_value(monitor, metrics)
+    if found and value is not None:
+        return float(value)
+    if found:
+        warnings.warn(
+            f"monitor={monitor} is null in the final metrics (undefined on this data): NaN", stacklevel=2
+        )
+        return math.nan
+    if logged and monitor in logged:
+        if metrics:
+            warnings.warn(
+                f"monitor={monitor} is not in the final validation's metrics: its last logged value",
+                stacklevel=2,
+            )
+        return float(logged[monitor])
+    if not metrics:
+        return None
+    have = sorted(logged or {})
+    warnings.warn(
+        f"monitor={monitor}: no {where!r} in the final metrics ({_keys(metrics)}), nor logged ({have}): NaN",
+        stacklevel=2,
+    )
+    return math.nan
+
+
+def _final_value(monitor: str, metrics: Mapping[str, Any]) -> tuple[bool, Any, str]:
+    """``(found, value, the first missing part)`` of ``val/<task>/<metric>`` in nested final metrics."""
+    parts = monitor.split("/")
     if parts[0] == "val" and parts[0] not in metrics:
         parts = parts[1:]
     value: Any = metrics
     for part in parts:
         if not isinstance(value, Mapping) or part not in value:
-            keys = sorted(value) if isinstance(value, Mapping) else value
-            raise KeyError(f"monitor={cfg.monitor}: no {part!r} in the final metrics (have {keys})")
+            return False, None, part
         value = value[part]
-    return float(value)
+    return True, value, ""
+
+
+def _keys(metrics: Mapping[str, Any]) -> list[str]:
+    """The monitor names final metrics hold (``val/<task>/<metric>`` or ``val/<metric>``)."""
+    out = []
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            out += [f"val/{key}/{k}" for k, v in value.items() if not isinstance(v, Mapping)]
+        else:
+            out.append(f"val/{key}")
+    return out
+
+
+def upgrade_legacy_targets(cfg: DictConfig) -> list[tuple[str, str, str]]:
+    """Rewrite, in ``cfg``, every ``_target_`` naming a class at its old path (``siglip_dense.legacy``).
+
+    A user's recipe written before a module moved (``siglip_dense.data.datamodule.SegDataModule``)
+    would otherwise fail with ``No module named ...``; each rewrite is warned as ``old -> new`` so
+    the recipe can be updated. Returns ``(config key, old, new)`` per rewrite.
+    """
+    from omegaconf import OmegaConf
+
+    from siglip_dense.legacy import LEGACY_TARGETS, TARGET_KEY
+
+    found: list[tuple[list[Any], str]] = []
+
+    def walk(node: Any, path: list[Any]) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if key == TARGET_KEY and isinstance(value, str) and value in LEGACY_TARGETS:
+                    found.append(([*path, key], value))
+                else:
+                    walk(value, [*path, key])
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, [*path, i])
+
+    walk(OmegaConf.to_container(cfg, resolve=False), [])
+    rewrites = []
+    for path, old in found:
+        parent: Any = cfg
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = LEGACY_TARGETS[old]
+        where = ".".join(str(k) for k in path)
+        warnings.warn(
+            f"{where}: {old} moved to {LEGACY_TARGETS[old]}; using the new path (update the config)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        rewrites.append((where, old, LEGACY_TARGETS[old]))
+    return rewrites
 
 
 def require(cfg: DictConfig, usage: str) -> None:
@@ -139,7 +226,12 @@ def train_app(cfg: DictConfig) -> float | None:
     """Train as ``cfg`` says; returns the monitored metric (see :func:`monitored_metric`)."""
     from siglip_dense.train import run_train
 
-    return report_data_errors(lambda c: monitored_metric(c, run_train(c)), cfg)
+    def job(c: DictConfig) -> float | None:
+        upgrade_legacy_targets(c)
+        logged: dict[str, float] = {}
+        return monitored_metric(c, run_train(c, logged), logged)
+
+    return report_data_errors(job, cfg)
 
 
 def train(argv: Sequence[str] | None = None) -> None:
@@ -164,6 +256,7 @@ def eval_app(cfg: DictConfig) -> dict[str, Any]:
         from siglip_dense.openvocab.run import run_zero_shot_eval
 
         return report_data_errors(run_zero_shot_eval, cfg)
+    upgrade_legacy_targets(cfg)
     return report_data_errors(run_eval, cfg)
 
 

@@ -133,8 +133,52 @@ def progress_mode(cfg: DictConfig) -> str:
     return mode
 
 
-def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Train (and validate) as the config says; returns the final validation metrics."""
+def check_task_data_config(cfg: DictConfig) -> None:
+    """A multi-task config has one data member per task and a task per data member.
+
+    Checked on the unresolved config: otherwise a task whose data member was dropped
+    (``'~data.datamodules.det'`` alone) fails as OmegaConf's ``InterpolationKeyError:
+    'data.datamodules.det.image_size' not found``.
+
+    Raises:
+        ValueError: naming the tasks (``task.tasks``), the data members (``data.datamodules``) and
+            the overrides that make them agree.
+    """
+    task, data = cfg.get("task"), cfg.get("data")
+    tasks = task.get("tasks") if isinstance(task, DictConfig) else None
+    members = data.get("datamodules") if isinstance(data, DictConfig) else None
+    if not isinstance(tasks, DictConfig) or not isinstance(members, DictConfig):
+        return
+    task_names, data_names = [str(k) for k in tasks], [str(k) for k in members]
+    no_data = [n for n in task_names if n not in data_names]
+    no_task = [n for n in data_names if n not in task_names]
+    if not (no_data or no_task):
+        return
+    fixes = []
+    weights = task.get("loss_weights") or {}
+    for name in no_data:
+        drop = f"'~task.tasks.{name}'" + (f" '~task.loss_weights.{name}'" if name in weights else "")
+        fixes.append(
+            f"task {name} has no data: drop the task too ({drop}) or configure data.datamodules.{name}"
+        )
+    for name in no_task:
+        fixes.append(
+            f"data.datamodules.{name} has no task: drop it ('~data.datamodules.{name}') or add task.tasks.{name}"
+        )
+    raise ValueError(
+        f"the tasks (task.tasks: {task_names}) and the data (data.datamodules: {data_names}) differ: "
+        + "; ".join(fixes)
+    )
+
+
+def run_train(cfg: DictConfig, logged: dict[str, float] | None = None) -> dict[str, Any]:
+    """Train (and validate) as the config says; returns the final validation metrics.
+
+    ``logged``, when given, receives the last logged value of every scalar (Lightning's
+    ``callback_metrics`` after fit, then after the final validation): ``train/loss`` and the like,
+    which the returned validation metrics do not hold.
+    """
+    check_task_data_config(cfg)  # before anything resolves ${data.datamodules.<task>...}
     check_train_config(cfg)
     out_dir = output_dir_of(cfg)
     launch_env = {k: os.environ.get(k) for k in LAUNCH_ENV_KEYS}
@@ -148,6 +192,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("compile"):
         options = OmegaConf.to_container(cfg.get("compile_options") or {}, resolve=True)
         print(f"torch.compile {task.compile_backbone(**options)} with {options}")
+    if hasattr(task, "check_monitor"):
+        task.check_monitor(cfg.get("monitor"))  # now, not at the first validation after an epoch
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     task.data_config = OmegaConf.to_container(cfg.data, resolve=True)
 
@@ -175,6 +221,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except SIGTERMException as exc:
             raise SystemExit(stopped_by_signal(trainer, out_dir, requeue.signum)) from exc
+        _record_logged(trainer, logged)
 
     metrics: dict[str, Any] = {}
     if cfg.get("validate", True) and not trainer.fast_dev_run:
@@ -182,10 +229,17 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         ckpt = trainer.checkpoint_callback.best_model_path if _has_best(trainer) else None
         trainer.validate(task, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
         metrics = dict(task.last_metrics)
+        _record_logged(trainer, logged)
         if trainer.is_global_zero:
             write_results(task, datamodule, metrics, out_dir, int(cfg.get("num_vis", 6)))
     end_process_group(trainer, launch_env)
     return metrics
+
+
+def _record_logged(trainer: L.Trainer, logged: dict[str, float] | None) -> None:
+    """Copy the trainer's last logged scalars into ``logged`` (a new stage resets them)."""
+    if logged is not None:
+        logged.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
 
 
 # what Lightning's DDP launcher writes into the launching process's environment

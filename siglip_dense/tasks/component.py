@@ -147,6 +147,11 @@ class TaskComponent(nn.Module):
         """Accumulate one evaluation batch (and write its predictions if ``predictions_dir``)."""
         raise NotImplementedError(f"{type(self).__name__} has no eval_step()")
 
+    def metric_names(self) -> list[str] | None:
+        """The metrics :meth:`eval_epoch_end` logs (``monitor=`` is checked against them before
+        training); None: not declared, any name is accepted."""
+        return None
+
     def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         """The epoch's metrics to log (keys without ``val/``); sets ``last_metrics`` (metrics.json)."""
         raise NotImplementedError(f"{type(self).__name__} has no eval_epoch_end()")

@@ -258,6 +258,9 @@ class DepthComponent(TaskComponent):
         canvas.save(vis)
         return [raw, vis]
 
+    def metric_names(self) -> list[str]:
+        return list(DEPTH_METRIC_KEYS)
+
     def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         metrics = self.val_metric.compute()
         num_images, num_empty = int(metrics.pop("num_images")), int(metrics.pop("num_empty"))

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from siglip_dense.config_check import check_option_keys
 from siglip_dense.evaluation.coco_eval import (
+    STAT_NAMES,
     detections_to_coco,
     evaluate_coco,
     gather_results,
@@ -426,6 +427,10 @@ class DetectionComponent(TaskComponent):
                 f"task.detector.rpn_conv_depth={depth} (ViTDet uses 2, torchvision and checkpoints "
                 "written before the option 1)"
             )
+
+    def metric_names(self) -> list[str]:
+        iou_types = ("bbox", "segm") if self.has_masks else ("bbox",)
+        return [f"{t}_{n}" for t in iou_types for n in STAT_NAMES]
 
     def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         """COCO AP on rank 0 (broadcast to all ranks); ``coco_results.json`` into ``results_dir``."""

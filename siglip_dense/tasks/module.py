@@ -710,6 +710,8 @@ class DenseModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("siglip_dense", {})
+        trainer = self._trainer
+        self.check_checkpoint_tasks(checkpoint, trainer.ckpt_path if trainer is not None else None)
         self.on_load_meta(meta)
         state = checkpoint.get("state_dict", {})
         if state:
@@ -717,10 +719,103 @@ class DenseModule(L.LightningModule):
                 component.check_state_dict(
                     state, f"model.tasks.{name}.model." if self.multitask else "model."
                 )
-        trainer = self._trainer
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and "rng_states" in checkpoint:
             # resuming a fit: continue the random streams (shuffle, augmentation, dropout) exactly
             set_rng_states(rng_states_for_rank(checkpoint["rng_states"], checkpoint_is_mid_epoch(checkpoint)))
+
+    def valid_monitors(self) -> list[str]:
+        """``monitor=`` values this module logs: ``val/[<task>/]<metric>`` (``<metric>`` where a
+        component does not declare its metric names) and ``train/loss``."""
+        out = []
+        for name, component in self.components.items():
+            prefix = f"val/{name}/" if self.multitask else "val/"
+            out += [prefix + m for m in component.metric_names() or ["<metric>"]]
+        return [*out, "train/loss"]
+
+    def check_monitor(self, monitor: str | None) -> None:
+        """Refuse a ``val/`` monitor that no configured task logs, before training (not at the first
+        validation, after a whole epoch); a multi-task ``train/<task>/...`` must name a task too.
+        Other monitors (``step``, a callback's metric) are not checked.
+
+        Raises:
+            ValueError: naming the monitor, the configured tasks and the valid monitors.
+        """
+        if not monitor:
+            return
+        parts = str(monitor).split("/")
+        if parts[0] not in ("val", "train") or len(parts) < 2:
+            return
+        problem = None
+        if self.multitask and (parts[0] == "val" or len(parts) > 2):
+            name = parts[1]
+            if name not in self.components:
+                problem = f"there is no task {name!r}"
+            elif parts[0] == "val":
+                known = self.components[name].metric_names()
+                metric = "/".join(parts[2:])
+                if known is not None and metric not in known:
+                    problem = f"task {name} logs no {metric!r}"
+        elif not self.multitask and parts[0] == "val":
+            known = next(iter(self.components.values())).metric_names()
+            metric = "/".join(parts[1:])
+            if known is not None and metric not in known:
+                problem = f"this {self.task_name} model logs no {metric!r}"
+        if problem:
+            raise ValueError(
+                f"monitor={monitor}: {problem} (tasks: {self.task_names}); valid monitors: "
+                f"{', '.join(self.valid_monitors())}. Set monitor= (and monitor_mode=min|max) to one of them"
+            )
+
+    def check_checkpoint_tasks(self, checkpoint: dict[str, Any], path: str | Path | None = None) -> None:
+        """Refuse a checkpoint trained for other tasks than this module's, before its weights load.
+
+        Otherwise resuming (``ckpt_path=``) an older seg+depth run with today's seg+depth+det config
+        ends in torch's ``Missing key(s) in state_dict``. A checkpoint without our meta is not checked.
+
+        Raises:
+            ValueError: naming the file (when known), the checkpoint's tasks, the config's and how to
+                configure the same task set.
+        """
+        ckpt_tasks = checkpoint_tasks(checkpoint)
+        if ckpt_tasks is None:
+            return
+        ckpt_multi, ckpt_kinds = ckpt_tasks
+        mine = {name: c.kind for name, c in self.components.items()}
+        if ckpt_multi == self.multitask and ckpt_kinds == mine:
+            return
+        where = f"checkpoint {path}" if path else "the checkpoint"
+        theirs = _describe_tasks(ckpt_multi, ckpt_kinds)
+        ours = _describe_tasks(self.multitask, mine)
+        head = f"{where} was trained as {theirs}, but the config builds {ours}"
+        if ckpt_multi != self.multitask or not self.multitask:
+            raise ValueError(
+                f"{head}: load it with the task config it was trained with (its run's "
+                ".hydra/config.yaml: task=..., data=...); init_from= reuses its weights for another task"
+            )
+        extra = [n for n in mine if n not in ckpt_kinds]
+        given_weights = dict(self.hparams.get("loss_weights") or {}) if hasattr(self, "hparams") else {}
+        drops = []
+        for name in extra:
+            drops += [f"'~task.tasks.{name}'", f"'~data.datamodules.{name}'"]
+            if name in given_weights:
+                drops.append(f"'~task.loss_weights.{name}'")
+        missing = [n for n in ckpt_kinds if n not in mine]
+        steps = []
+        if drops:
+            steps.append("drop the tasks it lacks: " + " ".join(drops))
+        if missing:
+            steps.append(
+                f"add task.tasks.<name> and data.datamodules.<name> for {missing} as the original run had them"
+            )
+        changed = [n for n in ckpt_kinds if n in mine and mine[n] != ckpt_kinds[n]]
+        if changed:
+            steps.append(f"give {changed} the task kind the checkpoint has")
+        raise ValueError(
+            f"{head}. To resume or load it, configure the same tasks: {'; '.join(steps)}. Keep the "
+            "original run's other settings too (its .hydra/config.yaml): e.g. a seg+depth "
+            "experiment=toy_multitask run written before detection joined it also needs "
+            "trainer.gradient_clip_val=null (now 1.0)"
+        )
 
     def on_load_meta(self, meta: dict[str, Any]) -> None:
         """Restore what the checkpoint says beyond the weights (the data config, per-task meta)."""
@@ -732,6 +827,46 @@ class DenseModule(L.LightningModule):
             return
         for name, component in self.components.items():
             component.load_meta((meta.get("tasks") or {}).get(name, {}))
+
+
+def checkpoint_tasks(checkpoint: dict[str, Any]) -> tuple[bool, dict[str, str]] | None:
+    """``(multi-task?, {task name: kind})`` a checkpoint was trained for; None without our meta.
+
+    Multi-task: the names of ``siglip_dense.tasks`` (else ``hyper_parameters.tasks``) and each one's
+    ``task`` kind; single task: ``{kind: kind}`` (a single-task module names its one task by kind).
+    """
+    meta = checkpoint.get("siglip_dense")
+    if not isinstance(meta, dict) or not meta.get("task"):
+        return None
+    hp_tasks = (checkpoint.get("hyper_parameters") or {}).get("tasks")
+    member_meta = meta.get("tasks")
+    if meta["task"] == "multitask" or isinstance(member_meta, dict) or isinstance(hp_tasks, dict):
+        members = member_meta if isinstance(member_meta, dict) else hp_tasks or {}
+        kinds = {}
+        for name, value in members.items():
+            kind = value.get("task") if isinstance(value, dict) else None
+            if kind is None and isinstance(hp_tasks, dict) and isinstance(hp_tasks.get(name), dict):
+                kind = _kind_of_target(hp_tasks[name].get("_target_"))
+            kinds[str(name)] = str(kind)
+        return True, kinds
+    return False, {str(meta["task"]): str(meta["task"])}
+
+
+def _kind_of_target(target: Any) -> str | None:
+    """The task kind a member config's ``_target_`` builds (its module's ``task_name``)."""
+    try:
+        from hydra.utils import get_class
+
+        return get_class(upgrade_config({"_target_": target})["_target_"]).task_name
+    except Exception:  # noqa: BLE001 - an unimportable target: the kind stays unknown
+        return None
+
+
+def _describe_tasks(multitask: bool, kinds: dict[str, str]) -> str:
+    if not multitask:
+        return f"a single-task {next(iter(kinds.values()))} model"
+    members = ", ".join(f"{n} ({k})" for n, k in kinds.items())
+    return f"a multi-task model with tasks [{members}]"
 
 
 def check_task_data(task_names: list[str], data_names: list[str]) -> None:

@@ -237,6 +237,9 @@ class SegmentationComponent(TaskComponent):
             out.append(SegmentationPrediction(labels, list(self.class_names)))
         return out
 
+    def metric_names(self) -> list[str]:
+        return ["mIoU", "aAcc", "mAcc"]  # SegmentationMetric.compute() without per_class_IoU
+
     def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         metrics = self.val_metric.compute()
         self.val_metric.reset()
