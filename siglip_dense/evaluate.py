@@ -99,8 +99,27 @@ def apply_detection_options(cfg: DictConfig, task: DenseModule) -> None:
         task.set_test_protocol(str(protocol))
 
 
+def check_no_task_overrides(cfg: DictConfig) -> None:
+    """The task comes from the checkpoint: a ``task.*`` override would be silently ignored, so refuse it."""
+    task = cfg.get("task")
+    if task is None:
+        return
+    keys, todo = [], [("task", OmegaConf.to_container(task) if isinstance(task, DictConfig) else task)]
+    while todo:
+        prefix, node = todo.pop()
+        if isinstance(node, dict) and node:
+            todo += [(f"{prefix}.{k}", v) for k, v in node.items()]
+        else:
+            keys.append(prefix)
+    raise ValueError(
+        f"{sorted(keys)[0]}: tools/eval.py takes the task from the checkpoint and applies no task.* override; "
+        "set evaluation options with tta= (e.g. tta=flip) or the data with data.<key>="
+    )
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; writes metrics.json (and predictions) and returns the metrics."""
+    check_no_task_overrides(cfg)
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
     task = load_task(cfg.ckpt_path)
     datamodule = instantiate(eval_data_config(cfg, task), _convert_="all")

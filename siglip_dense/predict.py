@@ -16,7 +16,8 @@ What ``predict`` accepts (:func:`to_rgb_images`), one image or a batch:
 
 One image in, one result out; a batch in, a list out. Each image is predicted on its own at its own
 size, so a result never depends on the rest of the batch. Results per task
-(:class:`SegmentationPrediction`, :class:`DepthPrediction`, :class:`DetectionPrediction`); a
+(:class:`SegmentationPrediction`, :class:`DepthPrediction`, :class:`DetectionPrediction`,
+:class:`NormalsPrediction`); a
 multi-task model returns ``{task name: result}`` per image.
 """
 
@@ -71,6 +72,22 @@ class DepthPrediction:
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         return self.depth if dtype is None else self.depth.astype(dtype)
+
+
+@dataclass
+class NormalsPrediction:
+    """Surface normals of one image: ``normals`` H×W×3 float32 unit vectors at the input's size, in
+    the camera frame of the training data (NYUv2: x right, y down, z away from the camera, so a
+    surface facing the camera is (0, 0, −1)). ``np.asarray(pred)`` gives the normal map."""
+
+    normals: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.normals.shape)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return self.normals if dtype is None else self.normals.astype(dtype)
 
 
 @dataclass

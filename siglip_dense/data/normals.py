@@ -3,8 +3,10 @@
 Layout: ``ROOT/<split>/rgb/<stem>.png`` (or .jpg) with ``ROOT/<split>/normals/<stem>.png``, the
 normal stored as an RGB PNG with ``n = value / 127.5 − 1`` per channel, in the camera frame (x right,
 y down, z away from the camera: a surface facing the camera has n ≈ (0, 0, −1)); a pixel whose
-decoded vector has norm < 0.5 is invalid (e.g. mid-grey 127/128: the zero vector) and reaches the model
-as (0, 0, 0).
+decoded vector has norm < 0.5 is invalid (e.g. mid-grey 127/128: the zero vector), and so is a pixel
+stored as black (0, 0, 0): the NYUv2 normal PNGs as distributed mark missing normals that way (the
+GeoNet and Bae et al. loaders mask ``r == 0 & g == 0 & b == 0``), although it would decode to
+(−1, −1, −1)/√3 with norm √3. Invalid pixels reach the model as (0, 0, 0).
 
 Geometric augmentation must transform the vectors with the pixels: a horizontal flip mirrors x
 (``n_x → −n_x``), which :class:`NormalsHorizontalFlip` does as part of the albumentations
@@ -43,11 +45,26 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MIN_NORM = 0.5  # decoded vectors shorter than this are invalid (the NYUv2 normals convention)
 
 
+def invalid_normals_rgb(rgb: np.ndarray) -> np.ndarray:
+    """H×W bool: stored pixels that hold no normal, i.e. black (0, 0, 0).
+
+    The NYUv2 normal PNGs as commonly distributed (GeoNet's split, Qi et al. CVPR 2018, as used by
+    Bae et al. ICCV 2021, github.com/baegwangbin/surface_normal_uncertainty ``data/dataloader_nyu.py``)
+    store missing normals as black, and those loaders' valid mask drops exactly the pixels whose
+    r, g and b are all 0.
+    """
+    return ~np.asarray(rgb).any(axis=-1)
+
+
 def decode_normals(rgb: np.ndarray, min_norm: float = MIN_NORM) -> np.ndarray:
-    """H×W×3 uint8 PNG values → H×W×3 float32 unit normals, (0, 0, 0) where invalid (norm < ``min_norm``)."""
+    """H×W×3 uint8 PNG values → H×W×3 float32 unit normals, (0, 0, 0) where invalid.
+
+    Invalid: black pixels (:func:`invalid_normals_rgb`, the NYUv2 "missing" marker) and decoded
+    vectors with norm < ``min_norm`` (e.g. mid-grey, the zero vector).
+    """
     n = rgb.astype(np.float32) / 127.5 - 1.0
     norm = np.linalg.norm(n, axis=-1, keepdims=True)
-    valid = norm >= min_norm
+    valid = (norm >= min_norm) & ~invalid_normals_rgb(rgb)[..., None]
     return np.where(valid, n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
 
 
@@ -68,13 +85,11 @@ def read_normals(path: str | Path, min_norm: float = MIN_NORM) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode != "RGB":
-                raise DataError(
-                    f"normals {path} is a {img.mode} image; expected 8-bit RGB with n = value / 127.5 - 1"
-                )
-            rgb = np.asarray(img, dtype=np.uint8)
+            mode, rgb = img.mode, np.asarray(img, dtype=np.uint8) if img.mode == "RGB" else None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot decode normals {path}: {exc}") from exc
+    if rgb is None:
+        raise DataError(f"normals {path} is a {mode} image; expected 8-bit RGB with n = value / 127.5 - 1")
     return decode_normals(rgb, min_norm)
 
 
@@ -326,5 +341,6 @@ __all__ = [
     "collate_normals_train",
     "decode_normals",
     "encode_normals",
+    "invalid_normals_rgb",
     "read_normals",
 ]

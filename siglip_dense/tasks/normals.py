@@ -28,12 +28,15 @@ from siglip_dense.data.normals import encode_normals
 from siglip_dense.evaluation.normal_metrics import NORMAL_METRIC_KEYS, NormalMetric, format_normal_table
 from siglip_dense.models.backbone import SigLIP2Backbone
 from siglip_dense.models.heads.normals import NormalsModel, normalize_normals
+from siglip_dense.predict import NormalsPrediction
 from siglip_dense.tasks.component import EvalContext, TaskComponent
 from siglip_dense.tasks.module import DenseModule
 
 LOSS_TYPES = ("angular", "cosine")
 DEFAULT_LOSS = {"type": "angular", "eps": 1e-6}
 DEFAULT_EVAL = {"flip": False}
+# tools/eval.py tta=<preset> (the segmentation task's names; normals have no multi-scale preset)
+TTA_PRESETS: dict[str, dict[str, Any]] = {"none": {"flip": False}, "flip": {"flip": True}}
 OPTION_KEYS = {"eval": set(DEFAULT_EVAL), "loss": set(DEFAULT_LOSS)}
 
 
@@ -180,6 +183,25 @@ class NormalsComponent(TaskComponent):
         np.save(path, pred[0].permute(1, 2, 0).float().cpu().numpy().astype(np.float32))
         return path
 
+    def metric_names(self) -> list[str]:
+        return list(NORMAL_METRIC_KEYS)
+
+    def set_tta(self, tta: str | dict[str, Any]) -> None:
+        """``tta=none|flip`` (presets, as the segmentation task names them) or a dict of eval keys
+        (``{flip: true}``).
+
+        Raises:
+            ValueError: an unknown preset or key (the message lists the known ones).
+        """
+        if isinstance(tta, str):
+            if tta not in TTA_PRESETS:
+                raise ValueError(f"unknown normals tta preset {tta!r}; known: {sorted(TTA_PRESETS)}")
+            tta = TTA_PRESETS[tta]
+        unknown = set(tta) - set(DEFAULT_EVAL)
+        if unknown:
+            raise ValueError(f"unknown normals tta keys {sorted(unknown)}; known: {sorted(DEFAULT_EVAL)}")
+        self.eval_cfg = {**self.eval_cfg, **{k: bool(v) for k, v in tta.items()}}
+
     def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         metrics = self.val_metric.compute()
         num_images, num_empty = int(metrics.pop("num_images")), int(metrics.pop("num_empty"))
@@ -208,10 +230,14 @@ class NormalsComponent(TaskComponent):
         return ((t - mean) / std)[None].to(self.device)
 
     @torch.no_grad()
-    def predict(self, images: list[Any]) -> list[Any]:
-        """H×W×3 float32 unit normals (camera frame of the training data), one per RGB image (H×W×3
-        uint8, or 3×H×W float in [0, 1] as ``siglip_dense.predict.to_rgb_images`` gives them)."""
-        return [self.infer(self._normalized(x))[0].permute(1, 2, 0).float().cpu().numpy() for x in images]
+    def predict(self, images: list[Any]) -> list[NormalsPrediction]:
+        """One :class:`~siglip_dense.predict.NormalsPrediction` (H×W×3 float32 unit normals, camera
+        frame of the training data) per RGB image (H×W×3 uint8, or 3×H×W float in [0, 1] as
+        ``siglip_dense.predict.to_rgb_images`` gives them)."""
+        return [
+            NormalsPrediction(self.infer(self._normalized(x))[0].permute(1, 2, 0).float().cpu().numpy())
+            for x in images
+        ]
 
     def write_outputs(self, image: Any, prediction: Any, out_dir: Path, stem: str) -> list[Path]:
         """tools/predict.py: ``<stem>.npy`` (H×W×3 unit normals) + ``<stem>_vis.png`` (image | normals as RGB)."""
@@ -221,7 +247,8 @@ class NormalsComponent(TaskComponent):
         raw = out_dir / f"{stem}.npy"
         np.save(raw, np.asarray(prediction, dtype=np.float32))
         vis = out_dir / f"{stem}_vis.png"
-        Image.fromarray(np.concatenate([np.asarray(image), normals_to_rgb(prediction)], axis=1)).save(vis)
+        normals = np.asarray(prediction, dtype=np.float32)
+        Image.fromarray(np.concatenate([np.asarray(image), normals_to_rgb(normals)], axis=1)).save(vis)
         return [raw, vis]
 
     def summarize(self, metrics: dict[str, Any]) -> str:
