@@ -6,6 +6,9 @@ Layout (as MMSeg and DeepLab prepare it)::
     ROOT/SegmentationClassAug/<id>.png     label ids as stored: 0 = background, 1..20 classes, 255 ignore
     ROOT/ImageSets/Segmentation/train_aug.txt, val.txt   one <id> a line
 
+A list line may also be DeepLab's two-column form, ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``
+(image and label paths relative to ROOT, as DeepLab's ``train_aug.txt`` and other SBD lists write them).
+
 21 classes (background is a class, unlike ADE20K's "other"), so labels are used as stored
 (no ``reduce_zero_label``); 255 (object borders, difficult regions) is ignored.
 """
@@ -63,13 +66,16 @@ class VOCSegDataset(SegFolderDataset):
                 f"split file not found: {self.split_file} (VOC layout: ROOT/ImageSets/Segmentation/"
                 f"{self.split}.txt with one image id a line)"
             )
-        ids = [line.split()[0] for line in self.split_file.read_text().splitlines() if line.strip()]
+        pairs = [
+            self._parse_line(line, number)
+            for number, line in enumerate(self.split_file.read_text().splitlines(), start=1)
+            if line.strip()
+        ]
+        ids = [img.stem for img, _ in pairs]
         if not ids:
             raise DataError(f"{self.split_file} lists no image id")
         samples, missing = [], []
-        for image_id in ids:
-            img = self.root / self.image_dir / f"{image_id}.jpg"
-            ann = self.root / self.label_dir / f"{image_id}.png"
+        for img, ann in pairs:
             (samples if img.is_file() and ann.is_file() else missing).append((img, ann))
         if missing:
             img, ann = missing[0]
@@ -84,6 +90,27 @@ class VOCSegDataset(SegFolderDataset):
             raise DataError(f"no id of {self.split_file} has both an image and a label")
         self.num_orphans = 0
         return samples
+
+    def _parse_line(self, line: str, number: int) -> tuple[Path, Path]:
+        """One list line → (image, label) path: ``<id>`` (MMSeg / devkit) or DeepLab's
+        ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png`` (paths relative to ROOT).
+
+        Raises:
+            DataError: any other form, naming the list file and the line number.
+        """
+        fields = line.split()
+        if len(fields) == 1 and Path(fields[0]).suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            image_id = fields[0]
+            return (
+                self.root / self.image_dir / f"{image_id}.jpg",
+                self.root / self.label_dir / f"{image_id}.png",
+            )
+        if len(fields) == 2:
+            return self.root / fields[0].lstrip("/"), self.root / fields[1].lstrip("/")
+        raise DataError(
+            f"{self.split_file}, line {number}: {line.strip()!r} is neither an image id ('2007_000032') nor "
+            "DeepLab's 'image label' pair ('/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png')"
+        )
 
 
 class VOCDataModule(SegDataModule):
