@@ -178,14 +178,23 @@ def gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
     return [obj]
 
 
+def scan_dropped(trainer: L.Trainer) -> list[str]:
+    """Files the pre-run scan left out of the validation split (``skip_bad``; data.skip.drop_samples)."""
+    dm = getattr(trainer, "datamodule", None)
+    dataset = getattr(dm, "val_dataset", None)
+    return list(getattr(dataset, "dropped_files", None) or ())
+
+
 class SkippedSamples(L.Callback):
     """One total of skipped samples per split and epoch, across loader workers and DDP ranks.
 
-    Datasets with ``skip_bad`` replace a bad sample by the next good one and list the skipped files
-    in that item's ``meta["skipped"]``; collate keeps the metas, so the counts come back from every
+    Datasets with ``skip_bad`` replace a bad training sample by a seeded random substitute, and drop
+    a bad evaluation sample from its batch, naming the bad file in a kept item's ``meta["skipped"]``
+    (:mod:`siglip_dense.data.skip`); collate keeps the metas, so the files come back from every
     worker with the batches. At the end of each training / validation epoch the per-rank lists are
     gathered and, if any sample was skipped, rank 0 logs one line
-    ``skipped N of M samples in <split> (files: ...)``, M being the samples the loaders delivered.
+    ``skipped N of M samples in <split> (files: ...)``: N unique bad files (validation: with those the
+    scan left out of the index), M the samples the loaders delivered plus those left out.
     :attr:`totals` keeps ``split -> (N, M, sorted unique files)`` of the last epoch on every rank.
     """
 
@@ -200,11 +209,12 @@ class SkippedSamples(L.Callback):
             self._seen[split] = self._seen.get(split, 0) + 1
             self._files.setdefault(split, []).extend(meta.get("skipped") or ())
 
-    def _report(self, trainer: L.Trainer, split: str) -> None:
+    def _report(self, trainer: L.Trainer, split: str, dropped: list[str] | None = None) -> None:
         local = (self._files.pop(split, []), self._seen.pop(split, 0))
         parts = gather_objects(trainer, local)
-        files = [f for fs, _ in parts for f in fs]
-        total = (len(files), sum(n for _, n in parts), sorted(set(files)))
+        dropped = list(dropped or ())  # left out by the scan: the same list on every rank
+        unique = sorted({f for fs, _ in parts for f in fs} | set(dropped))
+        total = (len(unique), sum(n for _, n in parts) + len(dropped), unique)
         self.totals[split] = total
         if total[0] and trainer.is_global_zero:
             shown = total[2][: self.max_files_shown]
@@ -236,7 +246,7 @@ class SkippedSamples(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._report(trainer, "validation")
+            self._report(trainer, "validation", scan_dropped(trainer))
 
 
 def _batch_size(batch: Any) -> int:

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from siglip_dense.callbacks import SkippedSamples
 from siglip_dense.checkpoints import load_task
 from siglip_dense.tasks.module import DenseModule
 from siglip_dense.train import output_dir_of
@@ -100,7 +101,13 @@ def apply_detection_options(cfg: DictConfig, task: DenseModule) -> None:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path``; writes metrics.json (and predictions) and returns the metrics."""
+    """Evaluate ``cfg.ckpt_path``; writes metrics.json (and predictions) and returns the metrics.
+
+    With ``data.skip_bad=true`` bad evaluation files are left out of the metrics (never replaced);
+    then metrics.json also holds ``skipped`` (their count) and ``skipped_files``, and
+    :class:`~siglip_dense.callbacks.SkippedSamples` logs one line ``skipped N of M samples in
+    validation (...)`` (console and eval.log).
+    """
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
     task = load_task(cfg.ckpt_path)
     datamodule = instantiate(eval_data_config(cfg, task), _convert_="all")
@@ -115,13 +122,18 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(out_dir)
     )
+    skips = SkippedSamples()
+    trainer.callbacks.append(skips)  # the skip total, also of files the scan left out (skip_bad)
     trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = dict(task.last_metrics)
+    skipped = skips.totals.get("validation", (0, 0, []))
+    if skipped[0]:  # only then: metrics.json of clean data keeps its keys
+        metrics["skipped"], metrics["skipped_files"] = skipped[0], skipped[2]
     if trainer.is_global_zero:
         if cfg.get("save_predictions"):
             task.finalize_predictions(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(task.summarize(metrics))
+        print(task.summarize({k: v for k, v in metrics.items() if not k.startswith("skipped")}))
         print(f"metrics -> {out_dir / 'metrics.json'}")
     return metrics
