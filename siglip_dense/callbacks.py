@@ -194,7 +194,7 @@ class SkippedSamples(L.Callback):
     worker with the batches. At the end of each training / validation epoch the per-rank lists are
     gathered and, if any sample was skipped, rank 0 logs one line
     ``skipped N of M samples in <split> (files: ...)``: N unique bad files (validation: with those the
-    scan left out of the index), M the samples the loaders delivered plus those left out.
+    scan left out of the index), M the samples of the split (delivered, plus validation's left out).
     :attr:`totals` keeps ``split -> (N, M, sorted unique files)`` of the last epoch on every rank.
     """
 
@@ -205,6 +205,8 @@ class SkippedSamples(L.Callback):
         self.totals: dict[str, tuple[int, int, list[str]]] = {}
 
     def _record(self, split: str, batch: Any) -> None:
+        if isinstance(batch, dict) and batch.get("skipped"):  # an evaluation batch left empty
+            self._files.setdefault(split, []).extend(batch["skipped"])
         for meta in batch_metas(batch):
             self._seen[split] = self._seen.get(split, 0) + 1
             self._files.setdefault(split, []).extend(meta.get("skipped") or ())
@@ -212,9 +214,10 @@ class SkippedSamples(L.Callback):
     def _report(self, trainer: L.Trainer, split: str, dropped: list[str] | None = None) -> None:
         local = (self._files.pop(split, []), self._seen.pop(split, 0))
         parts = gather_objects(trainer, local)
-        dropped = list(dropped or ())  # left out by the scan: the same list on every rank
-        unique = sorted({f for fs, _ in parts for f in fs} | set(dropped))
-        total = (len(unique), sum(n for _, n in parts) + len(dropped), unique)
+        unique = sorted({f for fs, _ in parts for f in fs} | set(dropped or ()))
+        delivered = sum(n for _, n in parts)
+        # evaluation leaves skipped samples out (training delivers a substitute for each)
+        total = (len(unique), delivered + len(unique) if dropped is not None else delivered, unique)
         self.totals[split] = total
         if total[0] and trainer.is_global_zero:
             shown = total[2][: self.max_files_shown]

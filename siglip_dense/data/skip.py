@@ -76,17 +76,12 @@ def substitute(dataset: Any, index: int, seed: int | None, marker: dict[str, Any
 
 def collate_kept(items: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]]) -> dict[str, Any]:
     """``collate`` of the evaluation items that loaded; skipped files go to the first kept item's
-    ``meta["skipped"]`` (counted by :class:`~siglip_dense.callbacks.SkippedSamples`).
-
-    Raises:
-        DataError: naming the files when every sample of the batch failed to load.
-    """
+    ``meta["skipped"]`` (counted by :class:`~siglip_dense.callbacks.SkippedSamples`). When none
+    loaded: ``{"meta": [], "skipped": files}``, which evaluation steps pass over."""
     kept = [it for it in items if not is_skipped(it)]
     files = [it[SKIPPED_KEY] for it in items if is_skipped(it)]
-    if not kept:
-        raise DataError(
-            f"every sample of an evaluation batch failed to load after the scan: {', '.join(files)}"
-        )
+    if not kept:  # an empty batch: the task's eval step passes over it, SkippedSamples counts the files
+        return {"meta": [], "skipped": files}
     if files:
         kept[0]["meta"]["skipped"] = list(kept[0]["meta"].get("skipped") or ()) + files
     return collate(kept)
