@@ -5,7 +5,8 @@ What ``predict`` accepts (:func:`to_rgb_images`), one image or a batch:
 - a file path (``str`` / ``Path``): decoded like the datasets do (:func:`siglip_dense.data.io.read_image`:
   grey, RGBA and palette files become RGB, 16-bit grey is scaled to its own maximum);
 - a PIL image of any mode: ``image.convert("RGB")`` (grey replicated, alpha dropped, palette expanded;
-  16/32-bit grey modes ``I;16`` / ``I`` are scaled to their maximum, as files are);
+  16/32-bit grey modes ``I``, ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` are scaled to their maximum,
+  as files are);
 - a numpy array, always channels-last: H×W (grey), H×W×1, H×W×3 (RGB) or H×W×4 (RGBA: alpha dropped);
 - a torch tensor: H×W, C×H×W (torchvision's layout, ``read_image`` / ``to_tensor``) or H×W×C, with
   C ∈ {1, 3, 4}; the layout is C×H×W when the first dimension is 1, 3 or 4 and the last is not,
@@ -108,22 +109,31 @@ class DetectionPrediction:
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
-def to_rgb_images(images: Any) -> tuple[list[torch.Tensor], bool]:
+class RGBImages(list):
+    """Images already converted by :func:`to_rgb_images` (3×H×W float32 in [0, 1]): the internal form
+    ``DenseModule.predict`` hands its tasks, passed through unchanged. Converting twice would read a
+    3×H×3 tensor (a 3-pixel-wide image) as ambiguous and refuse it."""
+
+
+def to_rgb_images(images: Any) -> tuple[RGBImages, bool]:
     """Whatever ``predict`` accepts → (3×H×W float32 CPU tensors in [0, 1], whether it was a batch).
 
     uint8 values become ``v / 255`` in float32 (so a float32 ``array / 255`` gives the same tensor).
+    An :class:`RGBImages` (already converted) is returned as is, as a batch.
 
     Raises:
         ValueError / TypeError: an item that is not an image as listed in the module docstring; the
             message names the item's index, its type and shape or dtype.
     """
+    if isinstance(images, RGBImages):
+        return images, True
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("predict got an empty list of images")
-        return [_one_image(x, i) for i, x in enumerate(images)], True
+        return RGBImages(_one_image(x, i) for i, x in enumerate(images)), True
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return [_one_image(x, i, in_batch=True) for i, x in enumerate(images)], True
-    return [_one_image(images, 0)], False
+        return RGBImages(_one_image(x, i, in_batch=True) for i, x in enumerate(images)), True
+    return RGBImages([_one_image(images, 0)]), False
 
 
 def _one_image(item: Any, index: int, in_batch: bool = False) -> torch.Tensor:
@@ -137,10 +147,10 @@ def _one_image(item: Any, index: int, in_batch: bool = False) -> torch.Tensor:
     except ImportError:  # pragma: no cover - PIL is a dependency
         Image = None  # noqa: N806
     if Image is not None and isinstance(item, Image.Image):
-        if item.mode in ("I", "I;16"):  # 16/32-bit grey: scaled to its maximum, as read_image does
-            grey = np.asarray(item).astype(np.float64)
-            grey = (grey / max(float(grey.max()), 1.0) * 255.0).round().astype(np.uint8)
-            return _from_hwc(torch.from_numpy(grey[..., None]), where)
+        from siglip_dense.data.io import is_wide_grey, wide_grey_to_uint8
+
+        if is_wide_grey(item.mode):  # 16/32-bit grey, any byte order: scaled as read_image does
+            return _from_hwc(torch.from_numpy(wide_grey_to_uint8(item)[..., None]), where)
         return _from_hwc(torch.from_numpy(np.array(item.convert("RGB"), dtype=np.uint8)), where)
     if isinstance(item, np.ndarray):
         if item.ndim == 2:
@@ -269,7 +279,7 @@ def run_predict(
     written: list[Path] = []
     for path in files:
         rgb = to_rgb_images(path)[0][0]  # decoded once: the prediction and the picture see the same pixels
-        prediction = model.predict(rgb, score_threshold=score_threshold)
+        prediction = model.predict(RGBImages([rgb]), score_threshold=score_threshold)[0]
         new = model.write_outputs(to_uint8(rgb), prediction, out_dir, output_name(path, source))
         written += new
         print(f"{path} -> {', '.join(str(p.relative_to(out_dir)) for p in new)}")
