@@ -24,6 +24,7 @@ multi-task model returns ``{task name: result}`` per image.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +140,12 @@ def to_rgb_images(images: Any) -> tuple[RGBImages, bool]:
 def _one_image(item: Any, index: int, in_batch: bool = False) -> torch.Tensor:
     where = f"image {index} ({_describe(item)})"
     if isinstance(item, (str, os.PathLike)):
-        from siglip_dense.data.io import read_image
+        from siglip_dense.data.io import DataError, read_image
 
-        return _from_hwc(torch.from_numpy(read_image(item)), where)
+        try:
+            return _from_hwc(torch.from_numpy(read_image(item)), where)
+        except DataError as exc:  # missing / corrupt: the message names the file, add its index
+            raise DataError(f"image {index}: {exc}") from exc
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - PIL is a dependency
@@ -223,10 +227,21 @@ def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float], 
 
 
 # -- files ------------------------------------------------------------------------------------------------
+def is_predict_output(path: Path) -> bool:
+    """Whether ``path`` is named as :func:`run_predict` names its files: ``<name><ext>.png`` or
+    ``<name><ext>_vis.png`` with ``<ext>`` an image extension (``x.jpg.png``, ``x.jpg_vis.png``)."""
+    name = path.name
+    for tail in ("_vis.png", ".png"):
+        if name.endswith(tail) and Path(name[: -len(tail)]).suffix.lower() in IMAGE_SUFFIXES:
+            return True
+    return False
+
+
 def list_images(source: str | Path, exclude: str | Path | None = None) -> list[Path]:
     """One image file, or every image under a directory (recursive, sorted by relative path).
 
-    Files under ``exclude`` (the output folder, when it lies inside the input) are left out.
+    Under ``exclude`` (the output folder, when it lies inside the input or is the input) only the
+    files a previous prediction wrote (:func:`is_predict_output`) are left out.
     """
     source = Path(source)
     if source.is_file():
@@ -239,7 +254,7 @@ def list_images(source: str | Path, exclude: str | Path | None = None) -> list[P
         key=lambda p: p.relative_to(source).as_posix(),
     )
     if skip is not None:
-        files = [p for p in files if not p.resolve().is_relative_to(skip)]
+        files = [p for p in files if not (p.resolve().is_relative_to(skip) and is_predict_output(p))]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
     return files
@@ -269,18 +284,41 @@ def run_predict(
     :func:`output_name`): segmentation ``<name>.png`` (label values in the dataset's convention) and
     ``<name>_vis.png``; depth ``<name>.npy`` (float32 metres) and ``<name>_vis.png``; detection
     ``<name>.json`` and ``<name>_vis.png``. Multi-task models write into ``output/<task>/``.
+
+    A file that cannot be read (corrupt, not an image) is skipped with a warning naming it and the
+    run goes on; at the end the failures are listed and a :class:`DataError` raised (the CLI exits
+    with status 1 and one ``error:`` line), after every readable image has been written.
+    ``output`` may be the input folder: only files named like these outputs are then left out.
+
+    Raises:
+        DataError: naming the files that could not be read (or the input, if it has no image).
     """
     from siglip_dense.checkpoints import load_model
+    from siglip_dense.data.io import DataError
 
-    model = load_model(ckpt_path, device=device)
     source, out_dir = Path(source), Path(output)
-    files = list_images(source, exclude=out_dir)
+    try:
+        files = list_images(source, exclude=out_dir)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from exc
+    model = load_model(ckpt_path, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    failed: list[str] = []
     for path in files:
-        rgb = to_rgb_images(path)[0][0]  # decoded once: the prediction and the picture see the same pixels
+        try:  # decoded once: the prediction and the picture see the same pixels
+            rgb = to_rgb_images(path)[0][0]
+        except DataError as exc:
+            failed.append(str(path))
+            warnings.warn(f"skipped {path}: {exc}", stacklevel=2)
+            continue
         prediction = model.predict(RGBImages([rgb]), score_threshold=score_threshold)[0]
         new = model.write_outputs(to_uint8(rgb), prediction, out_dir, output_name(path, source))
         written += new
         print(f"{path} -> {', '.join(str(p.relative_to(out_dir)) for p in new)}")
+    if failed:
+        raise DataError(
+            f"{len(failed)} of {len(files)} images could not be read (the other {len(files) - len(failed)} "
+            f"were predicted into {out_dir}): {', '.join(failed)}"
+        )
     return written

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -424,3 +425,34 @@ def test_big_endian_16_bit_grey_reads_like_little_endian(seg_ckpt: Path, tmp_pat
     for mode, dtype in (("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
         image = Image.frombytes(mode, (20, 24), values.astype(dtype).tobytes())
         same(model.predict(image), reference, mode)
+
+
+def test_predict_folder_with_a_corrupt_file_into_itself(
+    seg_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tools/predict.py with output= the input folder and one corrupt file: the good images are
+    predicted, the bad one is warned about by name, listed at the end as one ``error:`` line, and
+    the exit status is 1; a second run reads the same inputs (not the first run's outputs)."""
+    from siglip_dense.cli import predict
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray(rgb_image(24, 32)).save(src / name)
+    (src / "photo_vis.png").write_bytes(b"not an image")  # named like no output of ours: an input
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="skipped .*photo_vis.png"), pytest.raises(SystemExit) as info:
+            predict([f"ckpt_path={seg_ckpt}", f"input={src}", f"output={src}"])
+        assert info.value.code == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "1 of 3 images could not be read" in errors[0], errors
+        assert str(src / "photo_vis.png") in errors[0]
+        assert {"a.png.png", "a.png_vis.png", "b.jpg.png", "b.jpg_vis.png"} <= {p.name for p in src.iterdir()}
+
+
+def test_missing_path_in_a_batch_names_its_index(seg_ckpt: Path, tmp_path: Path) -> None:
+    from siglip_dense.data.io import DataError
+
+    missing = tmp_path / "nope.png"
+    with pytest.raises(DataError, match=rf"image 1: image file not found: {re.escape(str(missing))}"):
+        load_model(seg_ckpt).predict([rgb_image(), missing])
