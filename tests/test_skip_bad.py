@@ -129,3 +129,16 @@ def test_scan_drops_bad_evaluation_samples_and_names_them(tmp_path: Path) -> Non
         assert scan_dataset(ds, "val", decode=True, workers=2) == 1
     assert len(ds) == 5 and ds.dropped_files == [bad]
     assert bad not in {str(s[0]) for s in ds.samples}
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim", "fsdp", "multinode"])
+def test_every_trainer_config_sets_the_keys_readme_lists(
+    trainer: str, tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """README "Trainer keys": every trainer config defines these (settable without a ``+``)."""
+    from tests.conftest import compose_train_cfg
+
+    cfg = compose_train_cfg(["experiment=toy_seg", f"trainer={trainer}"], tmp_path / "run")
+    keys = "accelerator devices precision max_epochs max_steps check_val_every_n_epoch log_every_n_steps"
+    keys += " gradient_clip_val deterministic num_sanity_val_steps enable_model_summary"
+    assert [k for k in keys.split() if k not in cfg.trainer] == []
