@@ -26,6 +26,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -185,6 +186,14 @@ def scan_dropped(trainer: L.Trainer) -> list[str]:
     return list(getattr(dataset, "dropped_files", None) or ())
 
 
+def _when(trainer: L.Trainer) -> str:
+    """``epoch N`` while fitting; a validation after fit (``current_epoch`` is then max_epochs) is
+    ``after epoch N``, an evaluation of a fresh trainer ``evaluation``."""
+    if trainer.state.fn == TrainerFn.FITTING:
+        return f"epoch {trainer.current_epoch + 1}"
+    return f"after epoch {trainer.current_epoch}" if trainer.current_epoch else "evaluation"
+
+
 class SkippedSamples(L.Callback):
     """One total of skipped samples per split and epoch, across loader workers and DDP ranks.
 
@@ -224,7 +233,7 @@ class SkippedSamples(L.Callback):
             more = f", ... (+{len(total[2]) - len(shown)})" if len(total[2]) > len(shown) else ""
             log.warning(
                 f"skipped {total[0]} of {total[1]} samples in {split} "
-                f"(epoch {trainer.current_epoch + 1}; files: {', '.join(shown)}{more})"
+                f"({_when(trainer)}; files: {', '.join(shown)}{more})"
             )
 
     def on_train_batch_end(

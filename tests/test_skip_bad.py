@@ -55,10 +55,14 @@ class _Probe(L.LightningModule):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.seen: list[int] = []
+        self.validated: list[int] = []
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.seen += [int(Path(m["path"]).stem) for m in batch["meta"]]
         return (self.w * batch["image"].mean()) ** 2
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validated += [int(Path(m["path"]).stem) for m in batch["meta"]]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -142,3 +146,31 @@ def test_every_trainer_config_sets_the_keys_readme_lists(
     keys = "accelerator devices precision max_epochs max_steps check_val_every_n_epoch log_every_n_steps"
     keys += " gradient_clip_val deterministic num_sanity_val_steps enable_model_summary"
     assert [k for k in keys.split() if k not in cfg.trainer] == []
+
+
+def test_eval_sample_failing_after_the_scan_is_dropped_and_labelled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A validation file that fails in the loader is dropped from its batch (batch size 1: an empty
+    batch, passed over), counted once; the validation after fit is labelled "after epoch 1"."""
+    root = seg_folder(tmp_path / "d", 6, range(2, 3))
+    data = _Data(SegFolderDataset(root, "training", num_classes=4, skip_bad=True))
+    data.val_dataset = SegFolderDataset(root, "training", num_classes=4, skip_bad=True)
+    data.val_batch_size, data.num_workers = 1, 0
+    skips, probe = SkippedSamples(), _Probe()
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[skips],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="siglip_dense"):
+        warnings.simplefilter("ignore")
+        trainer.fit(probe, datamodule=data)
+        trainer.validate(probe, datamodule=data, verbose=False)
+    assert probe.validated == [0, 1, 3, 4, 5] * 2
+    bad = str(root / "images" / "training" / "002.png")
+    assert skips.totals["validation"] == (1, 6, [bad])
+    lines = [r.getMessage() for r in caplog.records if "samples in validation" in r.getMessage()]
+    assert lines == [
+        f"skipped 1 of 6 samples in validation (epoch 1; files: {bad})",
+        f"skipped 1 of 6 samples in validation (after epoch 1; files: {bad})",
+    ]
