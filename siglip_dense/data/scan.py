@@ -12,7 +12,10 @@ Two checks, both raising :class:`~siglip_dense.data.io.DataError` naming the pat
   seconds for COCO train on a few threads). The validation split, read only after a whole training
   interval, is fully decoded (the dataset's own ``load``: label range for segmentation, depth
   validity), so a corrupt validation image stops the run in seconds instead of after an epoch.
-  Datasets with ``skip_bad=true`` get a warning with the count instead of an error.
+  Datasets with ``skip_bad=true`` get a warning with the count instead of an error; the bad
+  files of a fully decoded (evaluation) split are also left out of its index, so they are never
+  scored (:mod:`siglip_dense.data.skip`). Checks run on threads and never touch the process-wide
+  warning filters (``warnings.catch_warnings`` is not thread-safe).
 """
 
 from __future__ import annotations
