@@ -182,8 +182,9 @@ def gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
 def scan_dropped(trainer: L.Trainer) -> list[str]:
     """Files the pre-run scan left out of the validation split (``skip_bad``; data.skip.drop_samples)."""
     dm = getattr(trainer, "datamodule", None)
-    dataset = getattr(dm, "val_dataset", None)
-    return list(getattr(dataset, "dropped_files", None) or ())
+    members = list((getattr(dm, "datamodules", None) or {}).values()) or [dm]  # multi-task: each task's
+    datasets = [getattr(m, "val_dataset", None) for m in members]
+    return [f for d in datasets for f in (getattr(d, "dropped_files", None) or ())]
 
 
 def _when(trainer: L.Trainer) -> str:
