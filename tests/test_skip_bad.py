@@ -174,3 +174,15 @@ def test_eval_sample_failing_after_the_scan_is_dropped_and_labelled(
         f"skipped 1 of 6 samples in validation (epoch 1; files: {bad})",
         f"skipped 1 of 6 samples in validation (after epoch 1; files: {bad})",
     ]
+
+
+def test_a_bad_file_in_an_evaluation_run_is_checked_before_evaluation(tmp_path: Path) -> None:
+    """``validate`` stage: the error says when the check ran (not "before training")."""
+    from types import SimpleNamespace
+
+    from siglip_dense.data.scan import scan_datamodule
+
+    root = seg_folder(tmp_path / "d", 4, range(1, 2))
+    dm = SimpleNamespace(train_dataset=None, val_dataset=SegFolderDataset(root, "training"), num_workers=1)
+    with pytest.raises(DataError, match=r"001\.png.*checked before evaluation; set data.skip_bad=true"):
+        scan_datamodule(dm, "validate")
