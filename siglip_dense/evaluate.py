@@ -101,13 +101,7 @@ def apply_detection_options(cfg: DictConfig, task: DenseModule) -> None:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path``; writes metrics.json (and predictions) and returns the metrics.
-
-    With ``data.skip_bad=true`` bad evaluation files are left out of the metrics (never replaced);
-    then metrics.json also holds ``skipped`` (their count) and ``skipped_files``, and
-    :class:`~siglip_dense.callbacks.SkippedSamples` logs one line ``skipped N of M samples in
-    validation (...)`` (console and eval.log).
-    """
+    """Evaluate ``cfg.ckpt_path``; writes metrics.json (and predictions) and returns the metrics."""
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
     task = load_task(cfg.ckpt_path)
     datamodule = instantiate(eval_data_config(cfg, task), _convert_="all")
@@ -122,8 +116,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(out_dir)
     )
+    # data.skip_bad=true: bad evaluation files are left out of the metrics (never replaced); then
+    # metrics.json also holds ``skipped`` (their count) and ``skipped_files``, and SkippedSamples logs
+    # one line ``skipped N of M samples in validation (evaluation; files: ...)`` (console, eval.log)
     skips = SkippedSamples()
-    trainer.callbacks.append(skips)  # the skip total, also of files the scan left out (skip_bad)
+    trainer.callbacks.append(skips)
     trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = dict(task.last_metrics)
     skipped = skips.totals.get("validation", (0, 0, []))
