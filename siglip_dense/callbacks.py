@@ -26,6 +26,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -178,14 +179,32 @@ def gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
     return [obj]
 
 
+def scan_dropped(trainer: L.Trainer) -> list[str]:
+    """Files the pre-run scan left out of the validation split (``skip_bad``; data.skip.drop_samples)."""
+    dm = getattr(trainer, "datamodule", None)
+    members = list((getattr(dm, "datamodules", None) or {}).values()) or [dm]  # multi-task: each task's
+    datasets = [getattr(m, "val_dataset", None) for m in members]
+    return [f for d in datasets for f in (getattr(d, "dropped_files", None) or ())]
+
+
+def _when(trainer: L.Trainer) -> str:
+    """``epoch N`` while fitting; a validation after fit (``current_epoch`` is then max_epochs) is
+    ``after epoch N``, an evaluation of a fresh trainer ``evaluation``."""
+    if trainer.state.fn == TrainerFn.FITTING:
+        return f"epoch {trainer.current_epoch + 1}"
+    return f"after epoch {trainer.current_epoch}" if trainer.current_epoch else "evaluation"
+
+
 class SkippedSamples(L.Callback):
     """One total of skipped samples per split and epoch, across loader workers and DDP ranks.
 
-    Datasets with ``skip_bad`` replace a bad sample by the next good one and list the skipped files
-    in that item's ``meta["skipped"]``; collate keeps the metas, so the counts come back from every
+    Datasets with ``skip_bad`` replace a bad training sample by a seeded random substitute, and drop
+    a bad evaluation sample from its batch, naming the bad file in a kept item's ``meta["skipped"]``
+    (:mod:`siglip_dense.data.skip`); collate keeps the metas, so the files come back from every
     worker with the batches. At the end of each training / validation epoch the per-rank lists are
     gathered and, if any sample was skipped, rank 0 logs one line
-    ``skipped N of M samples in <split> (files: ...)``, M being the samples the loaders delivered.
+    ``skipped N of M samples in <split> (files: ...)``: N unique bad files (validation: with those the
+    scan left out of the index), M the samples of the split (delivered, plus validation's left out).
     :attr:`totals` keeps ``split -> (N, M, sorted unique files)`` of the last epoch on every rank.
     """
 
@@ -196,22 +215,26 @@ class SkippedSamples(L.Callback):
         self.totals: dict[str, tuple[int, int, list[str]]] = {}
 
     def _record(self, split: str, batch: Any) -> None:
+        if isinstance(batch, dict) and batch.get("skipped"):  # an evaluation batch left empty
+            self._files.setdefault(split, []).extend(batch["skipped"])
         for meta in batch_metas(batch):
             self._seen[split] = self._seen.get(split, 0) + 1
             self._files.setdefault(split, []).extend(meta.get("skipped") or ())
 
-    def _report(self, trainer: L.Trainer, split: str) -> None:
+    def _report(self, trainer: L.Trainer, split: str, dropped: list[str] | None = None) -> None:
         local = (self._files.pop(split, []), self._seen.pop(split, 0))
         parts = gather_objects(trainer, local)
-        files = [f for fs, _ in parts for f in fs]
-        total = (len(files), sum(n for _, n in parts), sorted(set(files)))
+        unique = sorted({f for fs, _ in parts for f in fs} | set(dropped or ()))
+        delivered = sum(n for _, n in parts)
+        # evaluation leaves skipped samples out (training delivers a substitute for each)
+        total = (len(unique), delivered + len(unique) if dropped is not None else delivered, unique)
         self.totals[split] = total
         if total[0] and trainer.is_global_zero:
             shown = total[2][: self.max_files_shown]
             more = f", ... (+{len(total[2]) - len(shown)})" if len(total[2]) > len(shown) else ""
             log.warning(
                 f"skipped {total[0]} of {total[1]} samples in {split} "
-                f"(epoch {trainer.current_epoch + 1}; files: {', '.join(shown)}{more})"
+                f"({_when(trainer)}; files: {', '.join(shown)}{more})"
             )
 
     def on_train_batch_end(
@@ -236,7 +259,7 @@ class SkippedSamples(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._report(trainer, "validation")
+            self._report(trainer, "validation", scan_dropped(trainer))
 
 
 def _batch_size(batch: Any) -> int:

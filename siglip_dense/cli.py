@@ -284,7 +284,7 @@ def predict_app(cfg: DictConfig) -> list[Path]:
             cfg.ckpt_path, cfg.input, cfg.output, cfg.classes, cfg.device, cfg.open_vocab
         )
     thr = cfg.get("score_threshold")
-    return run_predict(cfg.ckpt_path, cfg.input, cfg.output, device=cfg.device, score_threshold=thr)
+    return report_data_errors(lambda c: run_predict(c.ckpt_path, c.input, c.output, c.device, thr), cfg)
 
 
 def predict(argv: Sequence[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from siglip_dense.callbacks import SkippedSamples
 from siglip_dense.checkpoints import load_task
 from siglip_dense.tasks.module import DenseModule
 from siglip_dense.train import output_dir_of
@@ -134,13 +135,21 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(out_dir)
     )
+    # data.skip_bad=true: bad evaluation files are left out of the metrics (never replaced); then
+    # metrics.json also holds ``skipped`` (their count) and ``skipped_files``, and SkippedSamples logs
+    # one line ``skipped N of M samples in validation (evaluation; files: ...)`` (console, eval.log)
+    skips = SkippedSamples()
+    trainer.callbacks.append(skips)
     trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = dict(task.last_metrics)
+    skipped = skips.totals.get("validation", (0, 0, []))
+    if skipped[0]:  # only then: metrics.json of clean data keeps its keys
+        metrics["skipped"], metrics["skipped_files"] = skipped[0], skipped[2]
     if trainer.is_global_zero:
         if cfg.get("save_predictions"):
             task.finalize_predictions(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(task.summarize(metrics))
+        print(task.summarize({k: v for k, v in metrics.items() if not k.startswith("skipped")}))
         print(f"metrics -> {out_dir / 'metrics.json'}")
     return metrics

@@ -5,7 +5,8 @@ What ``predict`` accepts (:func:`to_rgb_images`), one image or a batch:
 - a file path (``str`` / ``Path``): decoded like the datasets do (:func:`siglip_dense.data.io.read_image`:
   grey, RGBA and palette files become RGB, 16-bit grey is scaled to its own maximum);
 - a PIL image of any mode: ``image.convert("RGB")`` (grey replicated, alpha dropped, palette expanded;
-  16/32-bit grey modes ``I;16`` / ``I`` are scaled to their maximum, as files are);
+  16/32-bit grey modes ``I``, ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` are scaled to their maximum,
+  as files are);
 - a numpy array, always channels-last: H×W (grey), H×W×1, H×W×3 (RGB) or H×W×4 (RGBA: alpha dropped);
 - a torch tensor: H×W, C×H×W (torchvision's layout, ``read_image`` / ``to_tensor``) or H×W×C, with
   C ∈ {1, 3, 4}; the layout is C×H×W when the first dimension is 1, 3 or 4 and the last is not,
@@ -24,6 +25,7 @@ multi-task model returns ``{task name: result}`` per image.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,39 +127,51 @@ class DetectionPrediction:
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
-def to_rgb_images(images: Any) -> tuple[list[torch.Tensor], bool]:
+class RGBImages(list):
+    """Images already converted by :func:`to_rgb_images` (3×H×W float32 in [0, 1]): the internal form
+    ``DenseModule.predict`` hands its tasks, passed through unchanged. Converting twice would read a
+    3×H×3 tensor (a 3-pixel-wide image) as ambiguous and refuse it."""
+
+
+def to_rgb_images(images: Any) -> tuple[RGBImages, bool]:
     """Whatever ``predict`` accepts → (3×H×W float32 CPU tensors in [0, 1], whether it was a batch).
 
     uint8 values become ``v / 255`` in float32 (so a float32 ``array / 255`` gives the same tensor).
+    An :class:`RGBImages` (already converted) is returned as is, as a batch.
 
     Raises:
         ValueError / TypeError: an item that is not an image as listed in the module docstring; the
             message names the item's index, its type and shape or dtype.
     """
+    if isinstance(images, RGBImages):
+        return images, True
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("predict got an empty list of images")
-        return [_one_image(x, i) for i, x in enumerate(images)], True
+        return RGBImages(_one_image(x, i) for i, x in enumerate(images)), True
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return [_one_image(x, i, in_batch=True) for i, x in enumerate(images)], True
-    return [_one_image(images, 0)], False
+        return RGBImages(_one_image(x, i, in_batch=True) for i, x in enumerate(images)), True
+    return RGBImages([_one_image(images, 0)]), False
 
 
 def _one_image(item: Any, index: int, in_batch: bool = False) -> torch.Tensor:
     where = f"image {index} ({_describe(item)})"
     if isinstance(item, (str, os.PathLike)):
-        from siglip_dense.data.io import read_image
+        from siglip_dense.data.io import DataError, read_image
 
-        return _from_hwc(torch.from_numpy(read_image(item)), where)
+        try:
+            return _from_hwc(torch.from_numpy(read_image(item)), where)
+        except DataError as exc:  # missing / corrupt: the message names the file, add its index
+            raise DataError(f"image {index}: {exc}") from exc
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - PIL is a dependency
         Image = None  # noqa: N806
     if Image is not None and isinstance(item, Image.Image):
-        if item.mode in ("I", "I;16"):  # 16/32-bit grey: scaled to its maximum, as read_image does
-            grey = np.asarray(item).astype(np.float64)
-            grey = (grey / max(float(grey.max()), 1.0) * 255.0).round().astype(np.uint8)
-            return _from_hwc(torch.from_numpy(grey[..., None]), where)
+        from siglip_dense.data.io import is_wide_grey, wide_grey_to_uint8
+
+        if is_wide_grey(item.mode):  # 16/32-bit grey, any byte order: scaled as read_image does
+            return _from_hwc(torch.from_numpy(wide_grey_to_uint8(item)[..., None]), where)
         return _from_hwc(torch.from_numpy(np.array(item.convert("RGB"), dtype=np.uint8)), where)
     if isinstance(item, np.ndarray):
         if item.ndim == 2:
@@ -230,10 +244,21 @@ def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float], 
 
 
 # -- files ------------------------------------------------------------------------------------------------
+def is_predict_output(path: Path) -> bool:
+    """Whether ``path`` is named as :func:`run_predict` names its files: ``<name><ext>.png`` or
+    ``<name><ext>_vis.png`` with ``<ext>`` an image extension (``x.jpg.png``, ``x.jpg_vis.png``)."""
+    name = path.name
+    for tail in ("_vis.png", ".png"):
+        if name.endswith(tail) and Path(name[: -len(tail)]).suffix.lower() in IMAGE_SUFFIXES:
+            return True
+    return False
+
+
 def list_images(source: str | Path, exclude: str | Path | None = None) -> list[Path]:
     """One image file, or every image under a directory (recursive, sorted by relative path).
 
-    Files under ``exclude`` (the output folder, when it lies inside the input) are left out.
+    Under ``exclude`` (the output folder, when it lies inside the input or is the input) only the
+    files a previous prediction wrote (:func:`is_predict_output`) are left out.
     """
     source = Path(source)
     if source.is_file():
@@ -246,7 +271,7 @@ def list_images(source: str | Path, exclude: str | Path | None = None) -> list[P
         key=lambda p: p.relative_to(source).as_posix(),
     )
     if skip is not None:
-        files = [p for p in files if not p.resolve().is_relative_to(skip)]
+        files = [p for p in files if not (p.resolve().is_relative_to(skip) and is_predict_output(p))]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
     return files
@@ -276,18 +301,41 @@ def run_predict(
     :func:`output_name`): segmentation ``<name>.png`` (label values in the dataset's convention) and
     ``<name>_vis.png``; depth ``<name>.npy`` (float32 metres) and ``<name>_vis.png``; detection
     ``<name>.json`` and ``<name>_vis.png``. Multi-task models write into ``output/<task>/``.
+
+    A file that cannot be read (corrupt, not an image) is skipped with a warning naming it and the
+    run goes on; at the end the failures are listed and a :class:`DataError` raised (the CLI exits
+    with status 1 and one ``error:`` line), after every readable image has been written.
+    ``output`` may be the input folder: only files named like these outputs are then left out.
+
+    Raises:
+        DataError: naming the files that could not be read (or the input, if it has no image).
     """
     from siglip_dense.checkpoints import load_model
+    from siglip_dense.data.io import DataError
 
-    model = load_model(ckpt_path, device=device)
     source, out_dir = Path(source), Path(output)
-    files = list_images(source, exclude=out_dir)
+    try:
+        files = list_images(source, exclude=out_dir)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from exc
+    model = load_model(ckpt_path, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    failed: list[str] = []
     for path in files:
-        rgb = to_rgb_images(path)[0][0]  # decoded once: the prediction and the picture see the same pixels
-        prediction = model.predict(rgb, score_threshold=score_threshold)
+        try:  # decoded once: the prediction and the picture see the same pixels
+            rgb = to_rgb_images(path)[0][0]
+        except DataError as exc:
+            failed.append(str(path))
+            warnings.warn(f"skipped {path}: {exc}", stacklevel=2)
+            continue
+        prediction = model.predict(RGBImages([rgb]), score_threshold=score_threshold)[0]
         new = model.write_outputs(to_uint8(rgb), prediction, out_dir, output_name(path, source))
         written += new
         print(f"{path} -> {', '.join(str(p.relative_to(out_dir)) for p in new)}")
+    if failed:
+        raise DataError(
+            f"{len(failed)} of {len(files)} images could not be read (the other {len(files) - len(failed)} "
+            f"were predicted into {out_dir}): {', '.join(failed)}"
+        )
     return written

@@ -108,7 +108,7 @@ def test_training_split_headers_and_sizes_are_checked(toy_data_root: Path, tmp_p
     with pytest.raises(DataError, match=f"{ann} is 11x13"):
         _seg_dm(root).setup("fit")
     dm = SegDataModule(root, crop_size=(64, 64), num_workers=0, skip_bad=True)
-    with pytest.warns(UserWarning, match="1 of .* train .* unreadable and will be skipped"):
+    with pytest.warns(UserWarning, match="1 of .* train .* mismatched in size .*EXIF.* will be skipped"):
         dm.setup("fit")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,28 @@ def test_depth_eval_matches_training_and_saved_npy(
     ref = numpy_depth_metrics(out / "predictions", root)
     for key, value in ref.items():
         assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_depth_eval_skip_bad_equals_eval_without_the_bad_image(
+    depth_run: tuple[Path, Path], tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """skip_bad leaves a bad validation image out of the depth metrics: the same numbers as the split
+    without it (the old skip scored the next image twice), and the skip counted in metrics.json."""
+    run_dir, root = depth_run
+    skip_root = Path(shutil.copytree(root, tmp_path / "skip"))
+    drop_root = Path(shutil.copytree(root, tmp_path / "drop"))
+    lines = (root / "splits" / "val.txt").read_text().splitlines()
+    bad = skip_root / lines[1].split()[0]
+    bad.write_bytes(b"not an image")
+    (drop_root / "splits" / "val.txt").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    ckpt = best_ckpt(run_dir)
+    with pytest.warns(UserWarning, match=re.escape(bad.name)):
+        skipped = run_eval(
+            eval_cfg(ckpt, tmp_path / "e1", tmp_path, f"data.root={skip_root}", "data.skip_bad=true")
+        )
+    dropped = run_eval(eval_cfg(ckpt, tmp_path / "e2", tmp_path, f"data.root={drop_root}"))
+    assert skipped.pop("skipped") == 1 and skipped.pop("skipped_files") == [str(bad)]
+    assert json.dumps(skipped, sort_keys=True) == json.dumps(dropped, sort_keys=True)
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ the predictions on disk, not just the logged numbers, carry the reported mIoU.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +155,29 @@ def test_eval_tool_fails_loudly_on_a_missing_checkpoint(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "nope.ckpt" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("scan", ["true", "false"])
+def test_eval_skip_bad_equals_eval_without_the_bad_image(
+    seg_run: Path, toy_data_root: Path, tmp_path: Path, hydra_cleanup: None, scan: str
+) -> None:
+    """skip_bad leaves a bad validation image out of the metric (never scores another image twice):
+    the same metrics as the data with that image removed, and the skip counted in metrics.json.
+    scan=false: the image fails in the loader and is dropped from its batch."""
+    skip_root = Path(shutil.copytree(toy_data_root, tmp_path / "skip"))
+    drop_root = Path(shutil.copytree(toy_data_root, tmp_path / "drop"))
+    bad = sorted((skip_root / "images" / "validation").iterdir())[1]
+    bad.write_bytes(b"not an image")
+    (drop_root / "images" / "validation" / bad.name).unlink()
+    (drop_root / "annotations" / "validation" / f"{bad.stem}.png").unlink()
+
+    def evaluate(root: Path, *extra: str) -> dict:
+        overrides = [f"ckpt_path={best_ckpt(seg_run)}", f"data.root={root}", "data.num_workers=0", *extra]
+        return run_eval(compose_cfg("eval", [*overrides, f"output_dir={root}_eval"], root.parent / "h"))
+
+    with pytest.warns(UserWarning, match=re.escape(bad.name)):
+        skipped = evaluate(skip_root, "data.skip_bad=true", f"+data.scan={scan}")
+    dropped = evaluate(drop_root)
+    assert skipped.pop("skipped") == 1 and skipped.pop("skipped_files") == [str(bad)]
+    assert json.dumps(skipped, sort_keys=True) == json.dumps(dropped, sort_keys=True)
+    assert json.loads((tmp_path / "skip_eval" / "metrics.json").read_text())["skipped"] == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -386,3 +387,72 @@ def test_export_files_respect_the_umask(seg_ckpt: Path, tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
     same(load_model(out).predict(rgb_image()), load_model(seg_ckpt).predict(rgb_image()))
+
+
+@pytest.mark.parametrize("shape", [(100, 3, 3), (3, 3, 3), (9, 1, 3), (4, 40, 4)])
+def test_narrow_images_predict_from_arrays_and_paths(seg_ckpt: Path, tmp_path: Path, shape: tuple) -> None:
+    """Images 1, 3 or 4 pixels wide (or high) are valid: numpy is channels-last, and the input is
+    converted once (the old second conversion read a 3×H×3 tensor as ambiguous and refused it)."""
+    model = load_model(seg_ckpt)
+    arr = np.random.default_rng(5).integers(0, 256, shape, dtype=np.uint8)
+    pred = model.predict(arr)
+    assert pred.shape == shape[:2]
+    path = tmp_path / "narrow.png"
+    Image.fromarray(arr).save(path)
+    same(model.predict(str(path)), model.predict(arr[..., :3]))
+    same(model.predict([arr, str(path)])[0], pred)
+    written = run_predict(seg_ckpt, path, tmp_path / "out")
+    labels = np.asarray(Image.open(next(p for p in written if not p.stem.endswith("_vis"))))
+    assert labels.shape == shape[:2]
+
+
+def test_big_endian_16_bit_grey_reads_like_little_endian(seg_ckpt: Path, tmp_path: Path) -> None:
+    """A 16-bit TIFF saved big-endian (PIL mode I;16B) reads as the little-endian PNG of the same
+    values, in the training reader and in predict (it was clipped to 255 by convert("RGB"))."""
+    from siglip_dense.data.io import read_image
+
+    values = np.random.default_rng(4).integers(0, 60000, (24, 20)).astype(np.uint16)
+    big, little = tmp_path / "big.tif", tmp_path / "little.png"
+    Image.fromarray(values.astype(">u2")).save(big)
+    Image.fromarray(values).save(little)
+    assert Image.open(big).mode == "I;16B"
+    scaled = (values / values.max() * 255.0).round().astype(np.uint8)  # numpy reference
+    assert np.array_equal(read_image(big), np.repeat(scaled[..., None], 3, axis=2))
+    assert np.array_equal(read_image(big), read_image(little))
+    model = load_model(seg_ckpt)
+    reference = model.predict(scaled)
+    same(model.predict(big), reference)
+    for mode, dtype in (("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
+        image = Image.frombytes(mode, (20, 24), values.astype(dtype).tobytes())
+        same(model.predict(image), reference, mode)
+
+
+def test_predict_folder_with_a_corrupt_file_into_itself(
+    seg_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tools/predict.py with output= the input folder and one corrupt file: the good images are
+    predicted, the bad one is warned about by name, listed at the end as one ``error:`` line, and
+    the exit status is 1; a second run reads the same inputs (not the first run's outputs)."""
+    from siglip_dense.cli import predict
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray(rgb_image(24, 32)).save(src / name)
+    (src / "photo_vis.png").write_bytes(b"not an image")  # named like no output of ours: an input
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="skipped .*photo_vis.png"), pytest.raises(SystemExit) as info:
+            predict([f"ckpt_path={seg_ckpt}", f"input={src}", f"output={src}"])
+        assert info.value.code == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "1 of 3 images could not be read" in errors[0], errors
+        assert str(src / "photo_vis.png") in errors[0]
+        assert {"a.png.png", "a.png_vis.png", "b.jpg.png", "b.jpg_vis.png"} <= {p.name for p in src.iterdir()}
+
+
+def test_missing_path_in_a_batch_names_its_index(seg_ckpt: Path, tmp_path: Path) -> None:
+    from siglip_dense.data.io import DataError
+
+    missing = tmp_path / "nope.png"
+    with pytest.raises(DataError, match=rf"image 1: image file not found: {re.escape(str(missing))}"):
+        load_model(seg_ckpt).predict([rgb_image(), missing])

@@ -19,6 +19,7 @@ from siglip_dense.data.samplers import (
     seed_worker,
     worker_seed,
 )
+from siglip_dense.data.skip import collate_kept
 
 
 class DenseDataModule(L.LightningDataModule):
@@ -94,7 +95,8 @@ class DenseDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.val_batch_size,
             sampler=eval_sampler(dataset),
-            collate_fn=type(self).collate_eval,
+            # a sample that fails after the scan (skip_bad) is dropped from its batch, never replaced
+            collate_fn=functools.partial(collate_kept, collate=type(self).collate_eval),
             **self._loader_kwargs(self._global_rank()),
         )
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from siglip_dense.data.io import DataError, read_image
+from siglip_dense.data.skip import load_or_skip
 from siglip_dense.data.transforms import apply_det_transform
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -421,28 +422,13 @@ class CocoDetection(Dataset):
             rle = seg
         return mask_utils.decode(rle).astype(np.uint8)
 
+    def sample_file(self, index: int) -> Path:
+        """The image file of sample ``index`` (what skip totals name)."""
+        return self.image_path(self.image_ids[index])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """The sample at ``index``; with ``skip_bad`` a broken one is replaced by the next good one,
-        counted in ``num_skipped``, warned about and listed in ``meta["skipped"]`` (image files)."""
-        skipped: list[str] = []
-        for attempt in range(len(self.image_ids)):
-            i = (index + attempt) % len(self.image_ids)
-            try:
-                loaded = self.load(i)
-            except DataError as exc:
-                if not self.skip_bad:
-                    raise
-                self.num_skipped += 1
-                skipped.append(str(self.image_path(self.image_ids[i])))
-                warnings.warn(
-                    f"skipped bad sample ({self.num_skipped} so far in this process): {exc}", stacklevel=2
-                )
-                continue
-            item = self._make_item(*loaded)
-            if skipped:  # only then: metas stay as they were for clean data
-                item["meta"]["skipped"] = skipped
-            return item
-        raise DataError(f"every image listed in {self.ann_file} failed to load")
+        """The sample at ``index``; with ``skip_bad`` a bad one is a skip marker (see :mod:`~siglip_dense.data.skip`)."""
+        return load_or_skip(self, index, lambda i: self._make_item(*self.load(i)))
 
     def _make_item(
         self,

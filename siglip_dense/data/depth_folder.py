@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from siglip_dense.data.io import DataError, orphan_annotations, read_depth, read_image, report_orphans
+from siglip_dense.data.skip import load_or_skip
 from siglip_dense.data.transforms import build_depth_eval_transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -53,7 +54,7 @@ def _default_transform() -> Callable[..., dict[str, Any]]:
 
 class DepthDataset(Dataset):
     """RGB + depth pairs; subclasses fill ``samples``. Every problem is a :class:`DataError` naming the
-    file; with ``skip_bad`` a broken sample is replaced by the next good one, counted and warned about.
+    file; with ``skip_bad`` a broken sample is skipped (:mod:`siglip_dense.data.skip`), counted and warned about.
 
     ``invalid_counts`` counts pixels set invalid (``zero``, ``nonfinite``, ``negative``) and samples with
     no valid pixel (``empty_samples``) in this process (each DataLoader worker keeps its own).
@@ -109,26 +110,13 @@ class DepthDataset(Dataset):
             warnings.warn(f"depth {s.depth} has no valid pixel{self._where(s)}", stacklevel=2)
         return image, depth
 
+    def sample_file(self, index: int) -> Path:
+        """The image file of sample ``index`` (what skip totals name)."""
+        return self.samples[index].image
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        skipped: list[str] = []  # image files of the bad samples passed over (meta["skipped"])
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            try:
-                image, depth = self.load(i)
-            except DataError as exc:
-                if not self.skip_bad:
-                    raise
-                self.num_skipped += 1
-                skipped.append(str(self.samples[i].image))
-                warnings.warn(
-                    f"skipped bad sample ({self.num_skipped} so far in this process): {exc}", stacklevel=2
-                )
-                continue
-            item = self._make_item(i, image, depth)
-            if skipped:  # only then: metas stay as they were for clean data
-                item["meta"]["skipped"] = skipped
-            return item
-        raise DataError(f"every sample of {type(self).__name__} failed to load")
+        """The sample at ``index``; with ``skip_bad`` a bad one is a skip marker (see :mod:`~siglip_dense.data.skip`)."""
+        return load_or_skip(self, index, lambda i: self._make_item(i, *self.load(i)))
 
     def _make_item(self, i: int, image: np.ndarray, depth: np.ndarray) -> dict[str, Any]:
         s = self.samples[i]

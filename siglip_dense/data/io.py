@@ -27,14 +27,27 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "I;16" or img.mode == "I":
-                arr = np.asarray(img).astype(np.float64)
-                arr = (arr / max(float(arr.max()), 1.0) * 255.0).round().astype(np.uint8)
-                return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
+            if is_wide_grey(img.mode):
+                return np.ascontiguousarray(np.repeat(wide_grey_to_uint8(img)[..., None], 3, axis=2))
             rgb = img.convert("RGB") if img.mode != "RGB" else img
             return np.array(rgb, dtype=np.uint8)  # a writable copy
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot decode image {path}: {exc} (corrupt or truncated file?)") from exc
+
+
+def is_wide_grey(mode: str) -> bool:
+    """PIL's 16/32-bit integer grey modes: ``I``, ``I;16`` and its byte orders ``I;16B/L/N``
+    (a big-endian 16-bit TIFF opens as ``I;16B``; ``convert("RGB")`` would clip it to 255)."""
+    return mode == "I" or mode.startswith("I;16")
+
+
+def wide_grey_to_uint8(img: Image.Image) -> np.ndarray:
+    """An ``I``/``I;16*`` image → H×W uint8 scaled to its own maximum (``round(v / max · 255)``).
+
+    ``np.asarray`` reads PIL's array interface, which carries the byte order (``>u2`` for
+    ``I;16B``), so every byte order gives the same values."""
+    arr = np.asarray(img).astype(np.float64)
+    return (arr / max(float(arr.max()), 1.0) * 255.0).round().astype(np.uint8)
 
 
 def read_label(path: str | Path) -> np.ndarray:
@@ -50,7 +63,7 @@ def read_label(path: str | Path) -> np.ndarray:
                 return np.array(img, dtype=np.uint8)
             if mode == "1":
                 return np.array(img, dtype=np.uint8)
-            if mode in ("I", "I;16", "I;16B", "I;16L"):
+            if is_wide_grey(mode):
                 arr = np.asarray(img)
                 if arr.size and (arr.max() > 255 or arr.min() < 0):
                     raise DataError(
@@ -78,9 +91,6 @@ def write_label(path: str | Path, array: np.ndarray) -> None:
         arr = arr.astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)  # 2-D uint8 -> mode "L"
-
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 def read_depth(path: str | Path, depth_scale: float = 1000.0) -> np.ndarray:
@@ -115,7 +125,7 @@ def read_depth(path: str | Path, depth_scale: float = 1000.0) -> np.ndarray:
         raise DataError(f"cannot decode depth {path}: {exc} (corrupt or truncated file?)") from exc
     if mode == "F":  # 32-bit float TIFF/PNG-like: already metres
         return arr.astype(np.float32)
-    if mode not in _SIXTEEN_BIT_MODES or arr.ndim != 2:
+    if not is_wide_grey(mode) or arr.ndim != 2:
         raise DataError(
             f"depth {path} is a PIL mode {mode!r} image of dtype {arr.dtype} and shape {arr.shape}: "
             f"expected a single-channel 16-bit PNG in millimetres (depth_scale={depth_scale:g}) or a "

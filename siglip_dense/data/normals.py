@@ -32,6 +32,7 @@ from siglip_dense.data.base import DenseDataModule
 from siglip_dense.data.io import DataError, read_image
 from siglip_dense.data.samplers import worker_seed
 from siglip_dense.data.scan import resolve_root, scan_datamodule
+from siglip_dense.data.skip import load_or_skip
 from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 from siglip_dense.data.transforms import (
     DepthPhotometric,
@@ -150,7 +151,7 @@ class NormalsDataset(Dataset):
     """``ROOT/<split>/rgb/<stem>.png|jpg`` with ``ROOT/<split>/normals/<stem>.png``, paired by stem.
 
     Items: ``image`` 3×H×W float (normalised), ``normals`` 3×H×W float32 unit vectors (0 = invalid),
-    ``meta`` (paths, stem, original size). With ``skip_bad`` a broken sample is replaced by the next
+    ``meta`` (paths, stem, original size). With ``skip_bad`` a broken sample is skipped (data.skip) instead of the next
     good one, counted in ``num_skipped`` and warned about.
     """
 
@@ -215,28 +216,26 @@ class NormalsDataset(Dataset):
             )
         return image, normals
 
+    def sample_file(self, index: int) -> Path:
+        """The image file of sample ``index`` (what skip totals name)."""
+        return self.samples[index][0]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            try:
-                image, normals = self.load(i)
-            except DataError as exc:
-                if not self.skip_bad:
-                    raise
-                self.num_skipped += 1
-                warnings.warn(f"skipped bad sample ({self.num_skipped} so far): {exc}", stacklevel=2)
-                continue
-            out = self.transform(image=image, mask=normals)
-            target = torch.as_tensor(out["mask"], dtype=torch.float32).permute(2, 0, 1)
-            img_path, n_path = self.samples[i]
-            meta = {
-                "path": str(img_path),
-                "normals_path": str(n_path),
-                "stem": img_path.stem,
-                "orig_size": (int(image.shape[0]), int(image.shape[1])),
-            }
-            return {"image": out["image"].float(), "normals": target.contiguous(), "meta": meta}
-        raise DataError(f"every sample in {self.root / self.split} failed to load")
+        """The sample at ``index``; with ``skip_bad`` a bad one is a skip marker (see :mod:`~siglip_dense.data.skip`)."""
+        return load_or_skip(self, index, self._make_item)
+
+    def _make_item(self, i: int) -> dict[str, Any]:
+        image, normals = self.load(i)
+        out = self.transform(image=image, mask=normals)
+        target = torch.as_tensor(out["mask"], dtype=torch.float32).permute(2, 0, 1)
+        img_path, n_path = self.samples[i]
+        meta = {
+            "path": str(img_path),
+            "normals_path": str(n_path),
+            "stem": img_path.stem,
+            "orig_size": (int(image.shape[0]), int(image.shape[1])),
+        }
+        return {"image": out["image"].float(), "normals": target.contiguous(), "meta": meta}
 
 
 def collate_normals_train(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from siglip_dense.data.skip import is_skipped, substitute
 from siglip_dense.data.transforms import seed_transform
 
 
@@ -70,7 +71,9 @@ class PerSampleSeeded(Dataset):
 
     albumentations' Compose has its own RNG; seeding it per sample (instead of per worker stream)
     makes the augmentation of each sample independent of workers and of resume points. A plain
-    integer key loads the sample with the transform's current RNG state.
+    integer key loads the sample with the transform's current RNG state. A bad sample (``skip_bad``)
+    is replaced by a substitute drawn from the whole split with the sample's seed
+    (:func:`siglip_dense.data.skip.substitute`).
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -80,12 +83,16 @@ class PerSampleSeeded(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: SeededIndex | int) -> Any:
+        seed = None
         if isinstance(key, SeededIndex):
             transform = getattr(self.dataset, "transform", None)
             if transform is not None and hasattr(transform, "set_random_state"):
                 seed_transform(transform, key.seed)
-            key = key.index
-        return self.dataset[key]
+            key, seed = key.index, key.seed
+        item = self.dataset[key]
+        if is_skipped(item):  # skip_bad: a uniformly drawn, seeded substitute (siglip_dense.data.skip)
+            item = substitute(self.dataset, int(key), seed, item)
+        return item
 
 
 class ResumableDistributedSampler(DistributedSampler):

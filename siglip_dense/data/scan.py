@@ -12,7 +12,10 @@ Two checks, both raising :class:`~siglip_dense.data.io.DataError` naming the pat
   seconds for COCO train on a few threads). The validation split, read only after a whole training
   interval, is fully decoded (the dataset's own ``load``: label range for segmentation, depth
   validity), so a corrupt validation image stops the run in seconds instead of after an epoch.
-  Datasets with ``skip_bad=true`` get a warning with the count instead of an error.
+  Datasets with ``skip_bad=true`` get a warning with the count instead of an error; the bad
+  files of a fully decoded (evaluation) split are also left out of its index, so they are never
+  scored (:mod:`siglip_dense.data.skip`). Checks run on threads and never touch the process-wide
+  warning filters (``warnings.catch_warnings`` is not thread-safe).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from siglip_dense.data.io import DataError, read_image
+from siglip_dense.data.skip import drop_samples
 
 # what each layout looks like on disk (error messages show it)
 LAYOUTS: dict[str, str] = {
@@ -158,24 +162,35 @@ def _decode_sized(path: Path, size: tuple[int | None, int | None]) -> None:
         raise DataError(f"{path} is {h}×{w} (H×W) but its annotation records {size[0]}×{size[1]}")
 
 
-def run_checks(checks: Iterable[Callable[[], None]], workers: int) -> list[DataError]:
-    """Run checks on a few threads (PIL decodes without the GIL); the errors in sample order."""
+def run_checks(checks: Iterable[Callable[[], None]], workers: int) -> list[tuple[int, DataError]]:
+    """Run checks on a few threads (PIL decodes without the GIL); (sample index, error) in sample order.
 
-    def one(check: Callable[[], None]) -> DataError | None:
+    The global warning filters are never touched from the pool threads (not thread-safe)."""
+
+    def one(item: tuple[int, Callable[[], None]]) -> tuple[int, DataError] | None:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # per-sample warnings surface again at training time
-                check()
+            item[1]()
         except DataError as exc:
-            return exc
+            return item[0], exc
         return None
 
+    # Warnings a check raises are not silenced here: ``warnings.catch_warnings`` swaps the process-wide
+    # filter list and is not thread-safe (it can leave an "ignore" filter installed for good). The
+    # checks load without warning (label/depth problems raise DataError); Python's default filter
+    # shows a repeated warning once per call site anyway.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [e for e in pool.map(one, checks) if e is not None]
+        return [r for r in pool.map(one, enumerate(checks)) if r is not None]
 
 
-def scan_dataset(dataset: Any, split: str, decode: bool, workers: int = 4) -> int:
+def scan_dataset(
+    dataset: Any, split: str, decode: bool, workers: int = 4, when: str = "before training"
+) -> int:
     """Check every sample of ``dataset`` (``decode``: fully, else headers); returns the bad count.
+
+    With ``skip_bad``: a warning with the count and the files. A fully decoded (evaluation) split
+    also drops its bad samples from the index (:func:`~siglip_dense.data.skip.drop_samples`,
+    ``dataset.dropped_files``): a metric over the remaining images, never a substitute scored twice.
+    Training splits keep them (a seeded substitute replaces each when it is drawn).
 
     Raises:
         DataError: the first bad sample's message (with the count), unless ``dataset.skip_bad``.
@@ -184,14 +199,36 @@ def scan_dataset(dataset: Any, split: str, decode: bool, workers: int = 4) -> in
         raise DataError(f"the {split} split has no samples")
     checks = decode_checks(dataset) if decode else header_checks(dataset)
     errors = run_checks(checks, workers)
-    if errors:
-        what = f"{len(errors)} of {len(checks)} {split} samples are unreadable"
-        if not getattr(dataset, "skip_bad", False):
-            raise DataError(
-                f"{errors[0]} ({what}; checked before training; set data.skip_bad=true to skip them)"
-            )
-        warnings.warn(f"{what} and will be skipped (skip_bad=true), e.g. {errors[0]}", stacklevel=2)
+    if not errors:
+        return 0
+    what = f"{len(errors)} of {len(checks)} {split} samples are {_kind(errors)}"
+    if not getattr(dataset, "skip_bad", False):
+        raise DataError(f"{errors[0][1]} ({what}; checked {when}; set data.skip_bad=true to skip them)")
+    if decode and hasattr(dataset, "sample_file"):
+        files = drop_samples(dataset, [i for i, _ in errors])
+        shown = ", ".join(files[:10]) + (f", ... (+{len(files) - 10})" if len(files) > 10 else "")
+        warnings.warn(
+            f"{what} and are left out of evaluation (skip_bad=true; files: {shown}); e.g. {errors[0][1]}",
+            stacklevel=2,
+        )
+    else:
+        warnings.warn(f"{what} and will be skipped (skip_bad=true), e.g. {errors[0][1]}", stacklevel=2)
     return len(errors)
+
+
+def _kind(errors: list[tuple[int, DataError]]) -> str:
+    """'unreadable', or 'mismatched in size' when every error is an image/annotation size mismatch."""
+    if all(_is_size_mismatch(e) for _, e in errors):
+        return (
+            "mismatched in size with their annotation (an image saved with an EXIF orientation? "
+            "images are read without applying it)"
+        )
+    return "unreadable"
+
+
+def _is_size_mismatch(error: DataError) -> bool:
+    text = str(error)
+    return " but its image " in text or " but the image " in text or "but its annotation records" in text
 
 
 def scan_datamodule(dm: Any, stage: str | None) -> None:
@@ -211,7 +248,8 @@ def scan_datamodule(dm: Any, stage: str | None) -> None:
         if dataset is None or name in done:
             continue
         label = f"{name} ({_describe(dataset)})"
-        scan_dataset(dataset, label, decode=decode, workers=workers)
+        when = "before training" if stage in (None, "fit") else "before evaluation"
+        scan_dataset(dataset, label, decode=decode, workers=workers, when=when)
         if name == "validation":
             _check_coco_annotations(dataset, label, fitting=stage in (None, "fit"))
         done.add(name)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from siglip_dense.data.ade20k import ADE20K_CLASSES
 from siglip_dense.data.io import DataError, orphan_annotations, read_image, read_label, report_orphans
+from siglip_dense.data.skip import load_or_skip
 from siglip_dense.data.transforms import IGNORE_INDEX
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -56,7 +57,7 @@ def _default_transform() -> Callable[..., dict[str, Any]]:
 class SegFolderDataset(Dataset):
     """Image/label pairs matched by file stem; every problem is a :class:`DataError` naming the file.
 
-    With ``skip_bad`` a broken sample is replaced by the next good one, counted in ``num_skipped``
+    With ``skip_bad`` a broken sample is skipped (:mod:`siglip_dense.data.skip`), counted in ``num_skipped``
     and warned about (per process: each DataLoader worker keeps its own count).
     """
 
@@ -140,26 +141,13 @@ class SegFolderDataset(Dataset):
                 )
         return image, label
 
+    def sample_file(self, index: int) -> Path:
+        """The image file of sample ``index`` (what skip totals name)."""
+        return self.samples[index][0]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        skipped: list[str] = []  # image files of the bad samples passed over (meta["skipped"])
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            try:
-                image, label = self.load(i)
-            except DataError as exc:
-                if not self.skip_bad:
-                    raise
-                self.num_skipped += 1
-                skipped.append(str(self.samples[i][0]))
-                warnings.warn(
-                    f"skipped bad sample ({self.num_skipped} so far in this process): {exc}", stacklevel=2
-                )
-                continue
-            item = self._make_item(i, image, label)
-            if skipped:  # only then: metas stay as they were for clean data
-                item["meta"]["skipped"] = skipped
-            return item
-        raise DataError(f"every sample in {self.root / 'images' / self.split} failed to load")
+        """The sample at ``index``; with ``skip_bad`` a bad one is a skip marker (see :mod:`~siglip_dense.data.skip`)."""
+        return load_or_skip(self, index, lambda i: self._make_item(i, *self.load(i)))
 
     def _make_item(self, i: int, image: np.ndarray, label: np.ndarray) -> dict[str, Any]:
         img_path, ann_path = self.samples[i]

@@ -559,10 +559,12 @@ class DenseModule(L.LightningModule):
         self._eval_start()
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if isinstance(batch, dict) and batch.get("meta") == []:  # every sample skipped (skip_bad)
+            return
         self._component_of_loader(dataloader_idx).eval_step(batch)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._component_of_loader(dataloader_idx).eval_step(batch)
+        self.validation_step(batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end()
