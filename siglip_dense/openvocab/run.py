@@ -118,7 +118,7 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
     model = _model(cfg.ckpt_path, device, opts)
     datamodule.mean, datamodule.std = model.mean, model.std
     datamodule.setup("validate")
-    metric = SegmentationMetric(len(names), ignore_index=255)
+    metric = SegmentationMetric(len(names), ignore_index=getattr(datamodule, "ignore_index", 255))
     side = int(opts.get("short_side") or min(model.backbone.img_size))
     dataset = datamodule.val_dataset
     for index in range(len(dataset)):  # (iterating would wrap around: __getitem__ takes any index)
@@ -186,7 +186,7 @@ def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     datamodule.setup("validate")
     ev = task.eval_cfg
-    metric = SegmentationMetric(len(names), ignore_index=255)
+    metric = SegmentationMetric(len(names), ignore_index=getattr(datamodule, "ignore_index", 255))
     dataset = datamodule.val_dataset
     for index in range(len(dataset)):
         sample = dataset[index]
