@@ -17,5 +17,8 @@ CONFIG_PACKAGES = [
 setup(
     packages=[*find_packages(include=["siglip_dense", "siglip_dense.*"]), *CONFIG_PACKAGES],
     package_dir={"siglip_dense.configs": "configs"},
-    package_data={name: ["*.yaml"] for name in CONFIG_PACKAGES},
+    package_data={
+        **{name: ["*.yaml"] for name in CONFIG_PACKAGES},
+        "siglip_dense.openvocab": ["classnames/*.json", "classnames/README.md"],
+    },
 )

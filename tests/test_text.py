@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,7 +157,7 @@ def test_text_encoder_errors(tmp_path, text_checkpoint):
     save_siglip_vision(tmp_path / "vision")
     with pytest.raises(CheckpointError, match="no text tower"):
         build_text_encoder(tmp_path / "vision")
-    with pytest.raises(CheckpointError, match="not supported yet"):
+    with pytest.raises(CheckpointError, match="big_vision .npz"):
         build_text_encoder(tmp_path / "vision" / "model.safetensors")
     with pytest.raises(ValueError, match="duplicated"):
         parse_classes("cat,cat")
@@ -222,3 +223,70 @@ def test_open_clip_text_tower(tmp_path, approximate):
         ref = tower(ids)
     assert max_abs_diff(enc.encode(texts), ref) <= PEER_TOL
     assert enc.logit_bias.item() == pytest.approx(-4.1)
+
+
+def text_to_big_vision(text_model: torch.nn.Module, scan: bool) -> dict[str, np.ndarray]:
+    """transformers' text tower in big_vision's two_towers naming (params/txt/...; flax kernels are
+    (in, out), attention q/k/v (D, H, d) and out (H, d, D)); ``scan`` stacks the blocks as big_vision's
+    scanned Encoder stores them."""
+    sd = {k: v.detach().numpy() for k, v in text_model.state_dict().items()}
+    cfg = text_model.config
+    c, h = cfg.hidden_size, cfg.num_attention_heads
+    d = c // h
+    out = {
+        "Embed_0/embedding": sd["embeddings.token_embedding.weight"],
+        "pos_embedding": sd["embeddings.position_embedding.weight"][None],
+        "Encoder_0/encoder_norm/scale": sd["final_layer_norm.weight"],
+        "Encoder_0/encoder_norm/bias": sd["final_layer_norm.bias"],
+        "head/kernel": sd["head.weight"].T,
+        "head/bias": sd["head.bias"],
+    }
+    blocks = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"encoder.layers.{i}."
+        blk = {
+            "LayerNorm_0/scale": sd[f"{p}layer_norm1.weight"],
+            "LayerNorm_0/bias": sd[f"{p}layer_norm1.bias"],
+            "LayerNorm_1/scale": sd[f"{p}layer_norm2.weight"],
+            "LayerNorm_1/bias": sd[f"{p}layer_norm2.bias"],
+            "MlpBlock_0/Dense_0/kernel": sd[f"{p}mlp.fc1.weight"].T,
+            "MlpBlock_0/Dense_0/bias": sd[f"{p}mlp.fc1.bias"],
+            "MlpBlock_0/Dense_1/kernel": sd[f"{p}mlp.fc2.weight"].T,
+            "MlpBlock_0/Dense_1/bias": sd[f"{p}mlp.fc2.bias"],
+            "MultiHeadDotProductAttention_0/out/kernel": sd[f"{p}self_attn.out_proj.weight"].T.reshape(
+                h, d, c
+            ),
+            "MultiHeadDotProductAttention_0/out/bias": sd[f"{p}self_attn.out_proj.bias"],
+        }
+        for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            blk[f"MultiHeadDotProductAttention_0/{name}/kernel"] = sd[
+                f"{p}self_attn.{proj}.weight"
+            ].T.reshape(c, h, d)
+            blk[f"MultiHeadDotProductAttention_0/{name}/bias"] = sd[f"{p}self_attn.{proj}.bias"].reshape(h, d)
+        blocks.append(blk)
+    if scan:
+        out |= {f"Encoder_0/encoderblock/{k}": np.stack([b[k] for b in blocks]) for k in blocks[0]}
+    else:
+        out |= {f"Encoder_0/encoderblock_{i}/{k}": v for i, b in enumerate(blocks) for k, v in b.items()}
+    return {f"params/txt/{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["blocks", "scanned"])
+def test_big_vision_text_tower(text_checkpoint, tmp_path, scan):
+    kind, path, model, tok = text_checkpoint
+    arrays = text_to_big_vision(model.text_model, scan)
+    arrays["params/t"] = model.logit_scale.detach().numpy().reshape(1)
+    arrays["params/b"] = model.logit_bias.detach().numpy().reshape(1)
+    arrays["params/img/embedding/kernel"] = np.zeros((8, 8, 3, 32), np.float32)  # the other tower
+    npz = tmp_path / "siglip.npz"
+    np.savez(npz, **arrays)
+    enc = build_text_encoder(npz, tokenizer=path)
+    assert max_abs_diff(enc.encode(TEXTS), reference_features(kind, model, tok, TEXTS)) <= PEER_TOL
+    assert enc.logit_scale.item() == pytest.approx(2.3) and enc.logit_bias.item() == pytest.approx(-4.1)
+    assert enc.lowercase == (kind == "siglip2")
+    with pytest.raises(CheckpointError, match="tokenizer=DIR"):
+        build_text_encoder(npz)
+    del arrays["params/b"]
+    np.savez(tmp_path / "nob.npz", **arrays)
+    with pytest.raises(CheckpointError, match="params/b"):
+        build_text_encoder(tmp_path / "nob.npz", tokenizer=path)

@@ -10,7 +10,8 @@ downloads: hub ids resolve from the local Hugging Face cache only.
 Supported formats: transformers ``SiglipModel`` / ``Siglip2Model`` ``save_pretrained`` directories
 (and hub ids in the local cache), and open_clip directories (``open_clip_config.json`` +
 ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``, as the ``timm/ViT-*-SigLIP*`` hub
-repos ship them), whose text transformer is mapped onto transformers' keys. Not (yet): big_vision.
+repos ship them), whose text transformer is mapped onto transformers' keys, and big_vision two-tower
+``.npz`` archives (``params/txt/...``, ``params/t``, ``params/b``; the tokenizer files given apart).
 
 Preprocessing follows the sources: SigLIP 2 text is lower-cased (the model was trained on
 lower-cased text; transformers' docs and ``Siglip2Tokenizer``), SigLIP's tokenizer canonicalises
@@ -209,9 +210,11 @@ def build_text_encoder(checkpoint: str | Path, tokenizer: str | Path | None = No
     """The text tower of a SigLIP / SigLIP 2 checkpoint, in eval mode, float32.
 
     Args:
-        checkpoint: a transformers ``SiglipModel`` / ``Siglip2Model`` ``save_pretrained`` directory or
-            a hub id in the local Hugging Face cache (e.g. ``google/siglip2-base-patch16-224``).
-        tokenizer: a directory with the tokenizer files, when they are not next to the weights.
+        checkpoint: a transformers ``SiglipModel`` / ``Siglip2Model`` ``save_pretrained`` directory,
+            a hub id in the local Hugging Face cache (e.g. ``google/siglip2-base-patch16-224``), an
+            open_clip directory, or a big_vision ``.npz``.
+        tokenizer: a directory with the tokenizer files, when they are not next to the weights
+            (required for a big_vision ``.npz``, which holds none).
 
     Raises :class:`~siglip_dense.models.weights.CheckpointError` naming the path when the checkpoint is
     a vision-only model, another format, or lacks text weights or tokenizer files.
@@ -219,12 +222,14 @@ def build_text_encoder(checkpoint: str | Path, tokenizer: str | Path | None = No
     path = resolve_source(checkpoint)
     if path.is_dir() and (path / "open_clip_config.json").is_file():
         return _build_open_clip(path, tokenizer)
+    if path.is_file() and path.suffix == ".npz":
+        return _build_big_vision(path, tokenizer)
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is None or not config_file.is_file():
         raise CheckpointError(
             f"{path}: the text tower is read from a transformers SiglipModel / Siglip2Model "
             f"save_pretrained directory (config.json + weights) or an open_clip directory "
-            f"(open_clip_config.json + weights); big_vision text towers are not supported yet"
+            f"(open_clip_config.json + weights) or a big_vision .npz (with tokenizer=DIR)"
         )
     cfg = _json(config_file)
     model_type = cfg.get("model_type")
@@ -348,4 +353,129 @@ def _build_open_clip(path: Path, tokenizer: str | Path | None) -> TextEncoder:
         lowercase=False,
         source=str(path),
         canonicalize=clean == "canonicalize",
+    ).eval()
+
+
+# big_vision two_towers: text_transformer._Model under params/txt (vit.Encoder -> Encoder_0, blocks
+# encoderblock_<i> or, scanned, one encoderblock with a leading depth axis), params/t = log scale,
+# params/b = bias. Flax layouts: Dense kernel (in, out); attention query/key/value kernel (D, H, d),
+# out kernel (H, d, D).
+_BV_LAYER = {
+    "LayerNorm_0": "layer_norm1",
+    "LayerNorm_1": "layer_norm2",
+    "MlpBlock_0/Dense_0": "mlp.fc1",
+    "MlpBlock_0/Dense_1": "mlp.fc2",
+}
+
+
+def _bv_text_state(arrays: dict[str, Any], prefix: str, path: Path) -> tuple[dict[str, Tensor], int, int]:
+    """big_vision ``params/txt`` arrays -> transformers ``SiglipTextModel`` state dict, depth, heads."""
+
+    def get(key: str) -> Tensor:
+        if prefix + key not in arrays:
+            raise CheckpointError(f"{path}: big_vision text tower without {prefix + key!r}")
+        return torch.from_numpy(arrays[prefix + key].astype("float32"))
+
+    blocks = "Encoder_0/encoderblock"
+    if prefix + f"{blocks}/LayerNorm_0/scale" in arrays:  # scanned: one stacked block
+        depth = int(arrays[prefix + f"{blocks}/LayerNorm_0/scale"].shape[0])
+        block = lambda i, k: get(f"{blocks}/{k}")[i]  # noqa: E731
+    else:
+        depth = len({k[len(prefix) :].split("/")[1] for k in arrays if k.startswith(prefix + f"{blocks}_")})
+        block = lambda i, k: get(f"{blocks}_{i}/{k}")  # noqa: E731
+    if depth == 0:
+        raise CheckpointError(f"{path}: no {prefix}{blocks}_<i> (or scanned {blocks}) arrays")
+    sd = {
+        "embeddings.token_embedding.weight": get("Embed_0/embedding"),
+        "embeddings.position_embedding.weight": get("pos_embedding")[0],
+        "final_layer_norm.weight": get("Encoder_0/encoder_norm/scale"),
+        "final_layer_norm.bias": get("Encoder_0/encoder_norm/bias"),
+        "head.weight": get("head/kernel").T,
+        "head.bias": get("head/bias"),
+    }
+    heads = 0
+    for i in range(depth):
+        dst = f"encoder.layers.{i}."
+        for src, name in _BV_LAYER.items():
+            if src.startswith("LayerNorm"):
+                sd[f"{dst}{name}.weight"], sd[f"{dst}{name}.bias"] = (
+                    block(i, f"{src}/scale"),
+                    block(i, f"{src}/bias"),
+                )
+            else:
+                sd[f"{dst}{name}.weight"], sd[f"{dst}{name}.bias"] = (
+                    block(i, f"{src}/kernel").T,
+                    block(i, f"{src}/bias"),
+                )
+        attn = "MultiHeadDotProductAttention_0/"
+        for src, name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            kernel = block(i, f"{attn}{src}/kernel")  # (D, H, d)
+            heads = kernel.shape[1]
+            sd[f"{dst}self_attn.{name}.weight"] = kernel.flatten(1).T
+            sd[f"{dst}self_attn.{name}.bias"] = block(i, f"{attn}{src}/bias").flatten()
+        out = block(i, f"{attn}out/kernel")  # (H, d, D)
+        sd[f"{dst}self_attn.out_proj.weight"] = out.flatten(0, 1).T
+        sd[f"{dst}self_attn.out_proj.bias"] = block(i, f"{attn}out/bias")
+    return sd, depth, heads
+
+
+def _build_big_vision(path: Path, tokenizer: str | Path | None) -> TextEncoder:
+    """The text tower of a big_vision SigLIP (2) ``.npz``, run by transformers' ``SiglipTextModel``
+    (big_vision's text transformer is the same network: pre-LN blocks, tanh-GELU, flax LayerNorm
+    eps 1e-6, last-token pooling, a Dense head). SigLIP 2 (a Gemma / Siglip2 tokenizer) is lower-cased."""
+    import zipfile
+
+    import numpy as np
+    import transformers
+
+    if tokenizer is None:
+        raise CheckpointError(
+            f"{path}: a big_vision .npz holds no tokenizer; pass tokenizer=DIR (SigLIP: spiece.model + "
+            f"tokenizer_config.json; SigLIP 2: the Gemma tokenizer files)"
+        )
+    try:
+        with np.load(str(path), allow_pickle=False) as npz:
+            keys = [
+                k
+                for k in npz.files
+                if k.startswith(("params/txt/", "txt/")) or k in ("params/t", "params/b", "t", "b")
+            ]
+            arrays = {k: npz[k] for k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable .npz archive (truncated or corrupt?): {e}") from None
+    root = "params/" if any(k.startswith("params/txt/") for k in arrays) else ""
+    if not any(k.startswith(f"{root}txt/") for k in arrays):
+        raise CheckpointError(f"{path}: no big_vision text tower (params/txt/...): an image-only archive?")
+    for key in ("t", "b"):
+        if root + key not in arrays:
+            raise CheckpointError(f"{path}: no {root + key} (the SigLIP logit scale t and bias b)")
+    sd, depth, heads = _bv_text_state(arrays, f"{root}txt/", path)
+    vocab, width = sd["embeddings.token_embedding.weight"].shape
+    config = transformers.SiglipTextConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(width),
+        intermediate_size=int(sd["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        num_hidden_layers=depth,
+        num_attention_heads=int(heads),
+        max_position_embeddings=int(sd["embeddings.position_embedding.weight"].shape[0]),
+        layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",  # flax nn.gelu (approximate=True), big_vision's MlpBlock
+        projection_size=int(sd["head.weight"].shape[0]),
+    )
+    model = transformers.SiglipTextModel(config)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: text weights do not fit SiglipTextModel: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    tok = _load_tokenizer(Path(tokenizer))
+    return TextEncoder(
+        model.float(),
+        tok,
+        torch.from_numpy(np.asarray(arrays[root + "t"], dtype=np.float32)),
+        torch.from_numpy(np.asarray(arrays[root + "b"], dtype=np.float32)),
+        max_length=config.max_position_embeddings,
+        # SigLIP 2's tokenizer (Gemma's; transformers' Siglip2Tokenizer wraps it): lower-cased text
+        lowercase=any(name in type(tok).__name__.lower() for name in ("gemma", "siglip2")),
+        source=str(path),
     ).eval()

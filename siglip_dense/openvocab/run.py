@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from siglip_dense.models.text import parse_classes
 from siglip_dense.openvocab.zeroshot import ZeroShotSegmenter, load_model
 
-OPTION_KEYS = ("method", "templates", "slide", "short_side", "classes")
+OPTION_KEYS = ("method", "templates", "slide", "short_side", "classes", "held_out")
 
 
 def open_vocab_options(cfg: DictConfig | dict[str, Any] | None) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
     model = _model(cfg.ckpt_path, device, opts)
     datamodule.mean, datamodule.std = model.mean, model.std
     datamodule.setup("validate")
-    metric = SegmentationMetric(len(names), ignore_index=255)
+    metric = SegmentationMetric(len(names), ignore_index=getattr(datamodule, "ignore_index", 255))
     side = int(opts.get("short_side") or min(model.backbone.img_size))
     dataset = datamodule.val_dataset
     for index in range(len(dataset)):  # (iterating would wrap around: __getitem__ takes any index)
@@ -128,11 +128,15 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
         x = resize_image(image, eval_resize_scale(h, w, side, 4 * side))
         logits = F.interpolate(model.segment(x, names), size=(h, w), mode="bilinear", align_corners=False)
         metric.update(logits.argmax(1).cpu(), sample["mask"][None].long())
-    return _write_metrics(cfg, metric, names, model.method)
+    return _write_metrics(cfg, metric, names, model.method, opts.get("held_out"))
 
 
-def _write_metrics(cfg: DictConfig, metric: Any, names: list[str], method: str) -> dict[str, Any]:
-    """metrics.json (the segmentation keys) into ``output_dir``; returns the metrics."""
+def _write_metrics(
+    cfg: DictConfig, metric: Any, names: list[str], method: str, held_out: Any = None
+) -> dict[str, Any]:
+    """metrics.json (the segmentation keys; with ``open_vocab.held_out`` also mIoU_seen, mIoU_unseen
+    and hIoU, see :func:`~siglip_dense.openvocab.heldout.seen_unseen_miou`) into ``output_dir``."""
+    from siglip_dense.openvocab.heldout import seen_unseen_miou
     from siglip_dense.train import output_dir_of
 
     result = metric.compute()
@@ -144,10 +148,15 @@ def _write_metrics(cfg: DictConfig, metric: Any, names: list[str], method: str) 
             for n, v in zip(names, result["per_class_IoU"].tolist(), strict=True)
         },
     }
+    if held_out:
+        split = seen_unseen_miou(metrics["per_class_IoU"], _classes(held_out))
+        metrics |= {k: None if v != v else v for k, v in split.items()}
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     print(f"zero-shot ({method}) mIoU {metrics['mIoU']:.4f} aAcc {metrics['aAcc']:.4f}")
+    if held_out:
+        print("seen mIoU {mIoU_seen}, unseen mIoU {mIoU_unseen}, hIoU {hIoU}".format(**metrics))
     print(f"metrics -> {out_dir / 'metrics.json'}")
     return metrics
 
@@ -186,7 +195,7 @@ def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     datamodule.setup("validate")
     ev = task.eval_cfg
-    metric = SegmentationMetric(len(names), ignore_index=255)
+    metric = SegmentationMetric(len(names), ignore_index=getattr(datamodule, "ignore_index", 255))
     dataset = datamodule.val_dataset
     for index in range(len(dataset)):
         sample = dataset[index]
@@ -198,4 +207,4 @@ def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
         )
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         metric.update(logits.argmax(1).cpu(), sample["mask"][None].long())
-    return _write_metrics(cfg, metric, names, "trained head")
+    return _write_metrics(cfg, metric, names, "trained head", opts.get("held_out"))
