@@ -106,7 +106,7 @@ def export(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     state = {
         k.removeprefix("model."): v.contiguous()
         for k, v in ckpt["state_dict"].items()
-        if k.startswith("model.")
+        if k.startswith("model.") and isinstance(v, torch.Tensor)  # not a head's extra state (CAT-Seg names)
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
@@ -135,6 +135,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> L.Lightn
     ``model.predict(images, score_threshold=None)`` takes paths, PIL images, numpy arrays or tensors,
     one or a batch, and returns per task the structures of :mod:`siglip_dense.predict`.
     """
+    from siglip_dense.openvocab.zeroshot import is_image_text_checkpoint
+
+    if is_image_text_checkpoint(path):  # a SigLIP (2) image-text checkpoint: zero-shot, predict(classes=)
+        from siglip_dense.openvocab import load_model as load_open_vocab
+
+        return load_open_vocab(path, device=device)
     return load_task(path, map_location=device)
 
 

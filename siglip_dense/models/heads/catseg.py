@@ -18,8 +18,10 @@ This head keeps its structure, simplified:
    one logit per class and pixel.
 
 The text tower (``text_checkpoint``, a SigLIP (2) image-text checkpoint) stays frozen and out of the
-state dict; the class embeddings are a buffer (saved with the model). :meth:`set_classes` switches to
-another label set (zero-shot evaluation on unseen classes).
+state dict. The class embeddings always belong to the head's current ``class_names`` (recomputed when
+they change, e.g. after ``init_from`` a checkpoint trained on other names); the training names and
+their embeddings are saved as the head's extra state, so a trained checkpoint predicts its own classes
+without the text tower. :meth:`set_classes` switches to another label set (needs the text tower).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siglip_dense.models.text import TextEncoder, build_text_encoder, resolve_templates
+from siglip_dense.models.weights import CheckpointError
+
+_TRAIN_KEY = "class_embeddings"  # the persistent buffer of older checkpoints (now extra state)
 
 
 class _SpatialBlock(nn.Module):
@@ -85,9 +90,14 @@ class CATSegHead(nn.Module):
         self.templates = resolve_templates(templates)
         self.text_checkpoint = str(text_checkpoint)
         self._text: list[TextEncoder] = []  # a list: kept out of the state dict and of .modules()
-        text_dim = self.text_encoder.embed_dim
-        self.register_buffer("class_embeddings", self._embed(class_names), persistent=True)
         self.class_names = list(class_names)
+        self.train_class_names = list(class_names)  # saved with their embeddings (extra state)
+        self._train_embeddings: Tensor | None = None
+        self._embeddings: Tensor | None = None  # K×P×D for class_names, computed on first use
+        try:
+            text_dim = self.text_encoder.embed_dim
+        except CheckpointError:  # loading a trained head without its text tower: dim from the weights
+            text_dim = 1
         num_guidance = len(self.in_keys) - 1 if self.in_keys else 0
         self.proj = nn.Conv2d(in_channels, text_dim, 1)
         self.cost_embed = nn.Conv2d(len(self.templates), embed_dim, 7, padding=3)
@@ -112,9 +122,20 @@ class CATSegHead(nn.Module):
 
     @property
     def text_encoder(self) -> TextEncoder:
-        """The frozen text tower, loaded on first use (CPU; moved to the head's device)."""
+        """The frozen text tower, loaded on first use (CPU; moved to the head's device).
+
+        Raises CheckpointError saying that the text tower is needed and how to point at it."""
         if not self._text:
-            self._text.append(build_text_encoder(self.text_checkpoint))
+            try:
+                self._text.append(build_text_encoder(self.text_checkpoint))
+            except CheckpointError as err:
+                raise CheckpointError(
+                    f"CAT-Seg head: the text tower (SigLIP image-text checkpoint {self.text_checkpoint}) is "
+                    f"needed to embed class names other than the stored training classes "
+                    f"{self.train_class_names}; point at it with task.head.text_checkpoint=DIR (train.py / "
+                    f"tools/eval.py), +open_vocab.text_checkpoint=DIR (tools/predict.py classes=...) or "
+                    f"text_checkpoint= (siglip_dense.openvocab.load_model). {err}"
+                ) from err
         return self._text[0]
 
     @torch.no_grad()
@@ -125,15 +146,54 @@ class CATSegHead(nn.Module):
         emb = F.normalize(enc.encode(prompts), dim=-1)
         return emb.view(len(names), len(self.templates), -1)
 
+    @property
+    def class_embeddings(self) -> Tensor:
+        """K×P×D unit embeddings of ``class_names``: the stored ones for the training names, else
+        from the text tower (cached until the names change)."""
+        if self._embeddings is None:
+            if self.class_names == self.train_class_names:
+                if self._train_embeddings is None:
+                    self._train_embeddings = self._embed(self.train_class_names)
+                self._embeddings = self._train_embeddings
+            else:
+                self._embeddings = self._embed(self.class_names)
+        return self._embeddings
+
     def set_classes(self, names: Sequence[str]) -> None:
         """Switch to another label set (zero-shot evaluation); the trained weights are unchanged."""
-        device = self.class_embeddings.device
-        self.class_embeddings = self._embed(list(names)).to(device)
-        self.class_names = list(names)
+        names = list(names)
+        if names != self.class_names:
+            self.class_names, self._embeddings = names, None
+            self.class_embeddings  # noqa: B018 - embed now: a missing text tower fails here, clearly
+
+    def get_extra_state(self) -> dict[str, object]:
+        """The training names and their embeddings (a checkpoint predicts them without the text tower)."""
+        if self._train_embeddings is None:
+            self._train_embeddings = self._embed(self.train_class_names)
+        return {"class_names": list(self.train_class_names), "class_embeddings": self._train_embeddings.cpu()}
+
+    def set_extra_state(self, state: object) -> None:
+        """Adopt stored embeddings only when they are for this head's training names (``init_from`` a
+        checkpoint trained on other names keeps recomputing from the current names)."""
+        if isinstance(state, dict) and list(state.get("class_names", [])) == self.train_class_names:
+            self._train_embeddings = state["class_embeddings"]
+            self._embeddings = None
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        """Resize the text-space layers to the stored weights (built without the text tower), and read
+        older checkpoints (a persistent ``class_embeddings`` buffer, names unknown: dropped)."""
+        state_dict.pop(prefix + _TRAIN_KEY, None)
+        state_dict.setdefault(prefix + "_extra_state", None)
+        proj = state_dict.get(prefix + "proj.weight")
+        if proj is not None and proj.shape[0] != self.proj.out_channels:
+            text_dim, embed_dim = proj.shape[0], self.text_guidance.out_features
+            self.proj = nn.Conv2d(self.proj.in_channels, text_dim, 1)
+            self.text_guidance = nn.Linear(text_dim, embed_dim)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_classes(self) -> int:
-        return int(self.class_embeddings.shape[0])
+        return len(self.class_names)
 
     def _maps(self, features: dict[str, Tensor]) -> list[Tensor]:
         keys = self.in_keys or list(features)[-1:]
@@ -145,7 +205,7 @@ class CATSegHead(nn.Module):
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         *guides, x = self._maps(features)
         b, _, h, w = x.shape
-        text = self.class_embeddings.to(x.dtype)  # K×P×D
+        text = self.class_embeddings.to(x.device, x.dtype)  # K×P×D
         k, p, _ = text.shape
         img = F.normalize(self.proj(x), dim=1)
         cost = torch.einsum("bdhw,kpd->bkphw", img, text).reshape(b * k, p, h, w)
