@@ -106,7 +106,7 @@ def export(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     state = {
         k.removeprefix("model."): v.contiguous()
         for k, v in ckpt["state_dict"].items()
-        if k.startswith("model.") and isinstance(v, torch.Tensor)  # not a head's extra state (CAT-Seg names)
+        if k.startswith("model.")
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})

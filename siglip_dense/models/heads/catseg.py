@@ -19,13 +19,15 @@ This head keeps its structure, simplified:
 
 The text tower (``text_checkpoint``, a SigLIP (2) image-text checkpoint) stays frozen and out of the
 state dict. The class embeddings always belong to the head's current ``class_names`` (recomputed when
-they change, e.g. after ``init_from`` a checkpoint trained on other names); the training names and
-their embeddings are saved as the head's extra state, so a trained checkpoint predicts its own classes
-without the text tower. :meth:`set_classes` switches to another label set (needs the text tower).
+they change, e.g. after ``init_from`` a checkpoint trained on other names); the training names (UTF-8
+JSON bytes) and their embeddings are saved as two buffers and adopted on load only when the stored
+names are this head's training names, so a trained checkpoint predicts its own classes without the
+text tower. :meth:`set_classes` switches to another label set (needs the text tower).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +38,13 @@ from torch import Tensor, nn
 from siglip_dense.models.text import TextEncoder, build_text_encoder, resolve_templates
 from siglip_dense.models.weights import CheckpointError
 
-_TRAIN_KEY = "class_embeddings"  # the persistent buffer of older checkpoints (now extra state)
+_LEGACY_KEY = "class_embeddings"  # the persistent buffer of the first version (names not stored)
+_NAMES_KEY, _EMB_KEY = "train_class_names_utf8", "train_class_embeddings"
+
+
+def _names_tensor(names: Sequence[str]) -> Tensor:
+    """Class names as a uint8 tensor (UTF-8 JSON): a state-dict entry like any other."""
+    return torch.tensor(list(json.dumps(list(names), ensure_ascii=False).encode()), dtype=torch.uint8)
 
 
 class _SpatialBlock(nn.Module):
@@ -91,13 +99,16 @@ class CATSegHead(nn.Module):
         self.text_checkpoint = str(text_checkpoint)
         self._text: list[TextEncoder] = []  # a list: kept out of the state dict and of .modules()
         self.class_names = list(class_names)
-        self.train_class_names = list(class_names)  # saved with their embeddings (extra state)
-        self._train_embeddings: Tensor | None = None
+        self.train_class_names = list(class_names)
         self._embeddings: Tensor | None = None  # K×P×D for class_names, computed on first use
+        self.register_buffer(_NAMES_KEY, _names_tensor(class_names))
         try:
-            text_dim = self.text_encoder.embed_dim
-        except CheckpointError:  # loading a trained head without its text tower: dim from the weights
-            text_dim = 1
+            emb = self._embed(class_names)
+        except CheckpointError:  # a trained head loaded without its text tower: the stored ones
+            emb = None
+        text_dim = 1 if emb is None else emb.shape[-1]
+        self._have_train_embeddings = emb is not None
+        self.register_buffer(_EMB_KEY, emb if emb is not None else torch.zeros(len(class_names), 1, 1))
         num_guidance = len(self.in_keys) - 1 if self.in_keys else 0
         self.proj = nn.Conv2d(in_channels, text_dim, 1)
         self.cost_embed = nn.Conv2d(len(self.templates), embed_dim, 7, padding=3)
@@ -150,13 +161,13 @@ class CATSegHead(nn.Module):
     def class_embeddings(self) -> Tensor:
         """K×P×D unit embeddings of ``class_names``: the stored ones for the training names, else
         from the text tower (cached until the names change)."""
+        if self.class_names == self.train_class_names:
+            if not self._have_train_embeddings:
+                self.train_class_embeddings = self._embed(self.train_class_names)
+                self._have_train_embeddings = True
+            return self.train_class_embeddings
         if self._embeddings is None:
-            if self.class_names == self.train_class_names:
-                if self._train_embeddings is None:
-                    self._train_embeddings = self._embed(self.train_class_names)
-                self._embeddings = self._train_embeddings
-            else:
-                self._embeddings = self._embed(self.class_names)
+            self._embeddings = self._embed(self.class_names)
         return self._embeddings
 
     def set_classes(self, names: Sequence[str]) -> None:
@@ -166,24 +177,21 @@ class CATSegHead(nn.Module):
             self.class_names, self._embeddings = names, None
             self.class_embeddings  # noqa: B018 - embed now: a missing text tower fails here, clearly
 
-    def get_extra_state(self) -> dict[str, object]:
-        """The training names and their embeddings (a checkpoint predicts them without the text tower)."""
-        if self._train_embeddings is None:
-            self._train_embeddings = self._embed(self.train_class_names)
-        return {"class_names": list(self.train_class_names), "class_embeddings": self._train_embeddings.cpu()}
-
-    def set_extra_state(self, state: object) -> None:
-        """Adopt stored embeddings only when they are for this head's training names (``init_from`` a
-        checkpoint trained on other names keeps recomputing from the current names)."""
-        if isinstance(state, dict) and list(state.get("class_names", [])) == self.train_class_names:
-            self._train_embeddings = state["class_embeddings"]
-            self._embeddings = None
-
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
-        """Resize the text-space layers to the stored weights (built without the text tower), and read
-        older checkpoints (a persistent ``class_embeddings`` buffer, names unknown: dropped)."""
-        state_dict.pop(prefix + _TRAIN_KEY, None)
-        state_dict.setdefault(prefix + "_extra_state", None)
+        """Stored training embeddings are adopted only when stored with this head's training names
+        (``init_from`` a head trained on other names keeps those of its own names); text-space layers
+        take the stored width (a head built without its text tower); the first version's
+        ``class_embeddings`` (names not stored) is dropped."""
+        state_dict.pop(prefix + _LEGACY_KEY, None)
+        names_key, emb_key = prefix + _NAMES_KEY, prefix + _EMB_KEY
+        stored = state_dict.get(names_key)
+        own_names = getattr(self, _NAMES_KEY)
+        if stored is not None and torch.equal(stored.cpu(), own_names.cpu()) and emb_key in state_dict:
+            emb = state_dict[emb_key]
+            self.train_class_embeddings = torch.empty_like(emb, device=own_names.device)
+            self._have_train_embeddings, self._embeddings = True, None
+        else:  # other names (or none stored): keep this head's own entries
+            state_dict[names_key], state_dict[emb_key] = own_names, getattr(self, _EMB_KEY)
         proj = state_dict.get(prefix + "proj.weight")
         if proj is not None and proj.shape[0] != self.proj.out_channels:
             text_dim, embed_dim = proj.shape[0], self.text_guidance.out_features
