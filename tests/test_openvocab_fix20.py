@@ -4,9 +4,12 @@ load_model with new classes, README class-list strings through Hydra, output nam
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +121,117 @@ def test_readme_classes_strings_parse(hydra_cleanup):
         seen.append(_classes(cfg.classes))
     assert ["cat", "sofa", "window"] in seen
     assert any(any(not n.isascii() for n in names) for names in seen)
+
+
+def test_eval_data_group_drops_the_null_member_placeholders(toy_data_root, tmp_path, hydra_cleanup):
+    """``data=toy_seg`` on tools/eval.py: eval.yaml's all-null ``data.datamodules`` must not reach the
+    single-task datamodule (any checkpoint kind: the chosen group is returned before the task is read)."""
+    from hydra.utils import instantiate
+
+    from siglip_dense.evaluate import eval_data_config
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(
+        "eval", ["ckpt_path=x.ckpt", "data=toy_seg", f"data.root={toy_data_root}"], tmp_path / "r"
+    )
+    data = eval_data_config(cfg, task=None)
+    assert "datamodules" not in data and data["root"] == str(toy_data_root)
+    assert instantiate(data, _convert_="all").num_classes == 8  # SegDataModule takes every key
+
+
+# -- 3 / 4 / 6: a trained CAT-Seg checkpoint -------------------------------------------------------
+@pytest.fixture(scope="module")
+def catseg_run(tmp_path_factory, toy_data_root) -> tuple[Path, Path, Path]:
+    """(SigLIP 2 dir, run dir, toy data): train.py experiment=toy_openvocab, 2 steps."""
+    tmp = tmp_path_factory.mktemp("catseg")
+    _, clip, *_ = _save_checkpoint("siglip2", tmp / "clip")
+    run = tmp / "run"
+    _run_tool(
+        str(REPO / "train.py"),
+        "experiment=toy_openvocab",
+        f"backbone.checkpoint={clip}",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        f"hydra.run.dir={run}",
+        f"data.root={toy_data_root}",
+        "data.num_workers=0",
+        cwd=tmp,
+    )
+    return clip, run, toy_data_root
+
+
+@pytest.mark.slow
+def test_eval_trained_catseg_with_a_data_group(catseg_run, tmp_path):
+    """tools/eval.py [zero_shot=true] ckpt_path=<CAT-Seg ckpt> data=toy_seg data.root=...: both
+    reproduce the run's own validation mIoU (same data, same names)."""
+    _, run, data = catseg_run
+    trained = json.loads((run / "metrics.json").read_text())["mIoU"]
+    for extra in (["zero_shot=true"], []):
+        out = tmp_path / f"eval{len(extra)}"
+        _run_tool(
+            str(REPO / "tools/eval.py"),
+            *extra,
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            "data=toy_seg",
+            f"data.root={data}",
+            f"output_dir={out}",
+            cwd=tmp_path,
+        )
+        assert json.loads((out / "metrics.json").read_text())["mIoU"] == pytest.approx(trained, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_trained_catseg_new_classes_and_moved_text_tower(catseg_run, tmp_path):
+    """load_model(ckpt).predict(images, classes=...) and tools/predict.py classes=...; with the SigLIP
+    directory moved the training classes still predict, new names name the text tower option."""
+    import siglip_dense
+    import siglip_dense.openvocab as ov
+    from siglip_dense.data.io import read_label
+
+    clip, run, _ = catseg_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    new = ["floor", "partition", "Banner"]
+    own = np.asarray(siglip_dense.load_model(ckpt).predict(img))
+    ref_new = np.asarray(siglip_dense.load_model(ckpt).predict(img, classes=new))
+    assert ref_new.shape == (40, 56) and set(np.unique(ref_new)) <= {0, 1, 2}
+    from PIL import Image
+
+    Image.fromarray(img).save(tmp_path / "x.jpg")
+    decoded = np.asarray(Image.open(tmp_path / "x.jpg").convert("RGB"))
+    _run_tool(
+        str(REPO / "tools/predict.py"),
+        f"ckpt_path={ckpt}",
+        f"input={tmp_path / 'x.jpg'}",
+        f"output={tmp_path / 'out'}",
+        f"classes=[{','.join(new)}]",
+        cwd=tmp_path,
+    )
+    expected = np.asarray(siglip_dense.load_model(ckpt).predict(decoded, classes=new))
+    assert np.array_equal(read_label(tmp_path / "out" / "x.jpg.png"), expected)  # project naming
+    moved = clip.with_name("clip_moved")
+    clip.rename(moved)
+    try:
+        assert np.array_equal(np.asarray(siglip_dense.load_model(ckpt).predict(img)), own)
+        with pytest.raises(CheckpointError, match=r"text tower.*open_vocab\.text_checkpoint"):
+            siglip_dense.load_model(ckpt).predict(img, classes=new)
+        task = ov.load_model(ckpt, text_checkpoint=moved)
+        assert np.array_equal(np.asarray(task.predict(img, classes=new)), ref_new)
+    finally:
+        moved.rename(clip)
+
+
+def test_load_model_of_a_siglip_checkpoint_predicts_classes(siglip2_checkpoint):  # noqa: F811
+    """siglip_dense.load_model(<SigLIP 2 dir>) is the training-free segmenter; same maps as openvocab's."""
+    import siglip_dense
+    from siglip_dense.openvocab import ZeroShotSegmenter
+
+    _, path, *_ = siglip2_checkpoint
+    img = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    model = siglip_dense.load_model(path)
+    assert isinstance(model, ZeroShotSegmenter)
+    ref = ZeroShotSegmenter.from_checkpoint(path).predict([img], classes=["cat", "sofa"])[0]
+    assert np.array_equal(model.predict([img], classes=["cat", "sofa"])[0], ref)
+    with pytest.raises(ValueError, match="same text for this model"):
+        model.predict([img], classes=["Cat", "cat"])
