@@ -235,3 +235,49 @@ def test_load_model_of_a_siglip_checkpoint_predicts_classes(siglip2_checkpoint):
     assert np.array_equal(model.predict([img], classes=["cat", "sofa"])[0], ref)
     with pytest.raises(ValueError, match="same text for this model"):
         model.predict([img], classes=["Cat", "cat"])
+
+
+# -- 7: legend font, width; one-line class errors ------------------------------------------------------
+def test_overlay_legend_fits_long_names_in_a_covering_font(tmp_path):
+    """The legend is as wide as its longest name in the font used; that font has every glyph of the
+    names (matplotlib's font list), or a warning says which characters it lacks."""
+    import warnings
+
+    from matplotlib import ft2font
+    from PIL import Image
+
+    from siglip_dense.visualize import legend_font, save_segmentation_overlay
+
+    names = ["fenêtre", "a very long class name that does not fit one hundred and eighty pixels", "猫"]
+    labels = np.repeat(np.arange(3), 20)[None].repeat(10, 0)
+    font = legend_font(names[:2])
+    assert {ord(c) for c in "".join(names[:2]) if c != " "} <= set(ft2font.FT2Font(font.path).get_charmap())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = save_segmentation_overlay(np.zeros((10, 60, 3), np.uint8), labels, names, tmp_path / "v.png")
+        cjk = legend_font(["猫"])
+    if "猫" in "".join(str(w.message) for w in caught):
+        assert "LastResort" not in cjk.path  # placeholder boxes are not a font for the names
+    else:
+        assert ord("猫") in ft2font.FT2Font(cjk.path).get_charmap()
+    width = Image.open(out).width - 60
+    assert width >= 22 + legend_font(names).getlength(names[1]) > 180
+
+
+def test_bad_classes_are_one_line_errors(siglip2_checkpoint, tmp_path):  # noqa: F811
+    """tools/predict.py with duplicated names after SigLIP 2's lower-casing: status 1, one error line."""
+    import os
+    import subprocess
+    import sys
+
+    _, path, *_ = siglip2_checkpoint
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools/predict.py"), f"ckpt_path={path}", f"input={tmp_path}",
+         f"output={tmp_path / 'o'}", "classes=[Cat,cat]"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "error: classes 'Cat' and 'cat' are the same text for this model" in proc.stderr
+    assert "Traceback" not in proc.stderr
