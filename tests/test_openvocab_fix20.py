@@ -20,6 +20,7 @@ from siglip_dense.models.weights import CheckpointError
 from tests.conftest import REPO
 from tests.test_openvocab import _run_tool, _save_checkpoint, siglip2_checkpoint, siglip_checkpoint  # noqa: F401 - module fixtures
 from tests.test_openvocab_catseg import NAMES, features, make_head
+from tests.test_predict_api import seg_ckpt  # noqa: F401 - module fixture (a closed-set checkpoint)
 
 RENAMED = ["partition", "ground", "heavens", "sphere", "crate"]
 
@@ -281,3 +282,19 @@ def test_bad_classes_are_one_line_errors(siglip2_checkpoint, tmp_path):  # noqa:
     assert proc.returncode == 1
     assert "error: classes 'Cat' and 'cat' are the same text for this model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_classes_for_a_closed_set_or_vision_only_checkpoint_are_refused(seg_ckpt, tmp_path):  # noqa: F811
+    """A trained closed-set head and a vision-only SigLIP have no way to embed new names: clear errors."""
+    import siglip_dense
+    import siglip_dense.openvocab as ov
+    from tests.conftest import save_siglip_vision
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="closed-set"):
+        siglip_dense.load_model(seg_ckpt).predict(img, classes=["cat", "sofa"])
+    with pytest.raises(ValueError, match="closed-set"):
+        ov.load_model(seg_ckpt)
+    save_siglip_vision(tmp_path / "vision")
+    with pytest.raises(CheckpointError, match=r"vision/config\.json.*vision-only model has no text tower"):
+        siglip_dense.load_model(tmp_path / "vision")

@@ -35,7 +35,7 @@ from siglip_dense.data.io import DataError
 from siglip_dense.evaluation.sliding_window import check_window_coverage, slide_inference, whole_inference
 from siglip_dense.models.backbone import SigLIP2Backbone, build_backbone
 from siglip_dense.models.text import TEXT_MODEL_TYPES, TextEncoder, build_text_encoder, parse_classes
-from siglip_dense.models.weights import _json
+from siglip_dense.models.weights import CheckpointError, _json
 
 METHODS = ("maskclip", "clearclip")
 
@@ -220,12 +220,21 @@ def is_trained_checkpoint(path: str | Path) -> bool:
 
 
 def is_image_text_checkpoint(path: str | Path) -> bool:
-    """A local transformers SiglipModel / Siglip2Model or open_clip SigLIP directory (both towers)."""
+    """A local transformers SiglipModel / Siglip2Model or open_clip SigLIP directory (both towers).
+
+    Raises CheckpointError for another transformers model directory (a vision-only SigLIP)."""
     path = Path(path)
     if (path / "open_clip_config.json").is_file():
         return True
     config = path / "config.json"
-    return config.is_file() and _json(config).get("model_type") in TEXT_MODEL_TYPES
+    model_type = _json(config).get("model_type") if config.is_file() else None
+    if model_type is not None and model_type not in TEXT_MODEL_TYPES:
+        raise CheckpointError(
+            f"{config}: model_type {model_type!r} is neither a trained siglip-dense checkpoint nor a SigLIP "
+            f"image-text checkpoint ({', '.join(TEXT_MODEL_TYPES)}): a vision-only model has no text tower "
+            "for class names; train a head on it (train.py backbone.checkpoint=...) instead"
+        )
+    return model_type is not None
 
 
 def open_vocab_heads(task: nn.Module) -> list[Any]:
