@@ -298,3 +298,18 @@ def test_classes_for_a_closed_set_or_vision_only_checkpoint_are_refused(seg_ckpt
     save_siglip_vision(tmp_path / "vision")
     with pytest.raises(CheckpointError, match=r"vision/config\.json.*vision-only model has no text tower"):
         siglip_dense.load_model(tmp_path / "vision")
+
+
+def test_bad_open_vocab_options_are_data_errors():
+    """Bad ``open_vocab`` values raise the error the CLI reports in one line (a DataError)."""
+    from siglip_dense.cli import data_error_message
+    from siglip_dense.openvocab.run import open_vocab_options
+
+    for bad, match in (
+        ({"method": "bogus"}, "open_vocab.method must be one of"),
+        ({"templates": ["no placeholder"]}, r"open_vocab.templates: .*\{\}"),
+        ({"colour": 1}, r"unknown keys \['colour'\]"),
+    ):
+        with pytest.raises(ValueError, match=match) as err:
+            open_vocab_options(bad)
+        assert data_error_message(err.value) == str(err.value)

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from siglip_dense.models.text import resolve_templates
 from siglip_dense.openvocab.zeroshot import (
-    ClassNamesError,
+    METHODS,
+    OpenVocabError,
     ZeroShotSegmenter,
     class_names,
     is_trained_checkpoint,
@@ -34,14 +36,20 @@ def open_vocab_options(cfg: DictConfig | dict[str, Any] | None) -> dict[str, Any
     opts = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     unknown = sorted(set(opts) - set(OPTION_KEYS))
     if unknown:
-        raise ClassNamesError(f"open_vocab: unknown keys {unknown}; known: {list(OPTION_KEYS)}")
+        raise OpenVocabError(f"open_vocab: unknown keys {unknown}; known: {list(OPTION_KEYS)}")
+    if opts.get("method") is not None and opts["method"] not in METHODS:
+        raise OpenVocabError(f"open_vocab.method must be one of {list(METHODS)}, got {opts['method']!r}")
+    try:
+        resolve_templates(opts.get("templates") or "none")
+    except ValueError as err:
+        raise OpenVocabError(f"open_vocab.templates: {err}") from None
     return opts
 
 
 def _classes(value: Any) -> list[str]:
     """Hydra gives ``classes="a,b"`` as a string and ``classes=[a,b]`` as a list."""
     if isinstance(value, DictConfig):
-        raise ClassNamesError(f"classes must be a comma-separated string or a list, got {value}")
+        raise OpenVocabError(f"classes must be a comma-separated string or a list, got {value}")
     if not isinstance(value, str) and isinstance(value, Sequence) or OmegaConf.is_list(value):
         return class_names([str(v) for v in value])
     return class_names(str(value))

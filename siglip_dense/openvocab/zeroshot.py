@@ -189,7 +189,7 @@ class ZeroShotSegmenter(nn.Module):
         return out
 
 
-class ClassNamesError(DataError):
+class OpenVocabError(DataError):
     """Bad ``classes`` / ``open_vocab`` values, or classes for a closed-set model: the CLI reports it
     in one line (a :class:`~siglip_dense.data.io.DataError`, i.e. a ValueError)."""
 
@@ -200,14 +200,14 @@ def class_names(classes: Any, text_encoder: TextEncoder | None = None) -> list[s
     try:
         names = parse_classes(classes)
     except ValueError as err:
-        raise ClassNamesError(str(err)) from None
+        raise OpenVocabError(str(err)) from None
     if text_encoder is not None:
         ids = text_encoder.tokenize(names)["input_ids"]
         same = [
             (names[i], names[j]) for i in range(len(names)) for j in range(i) if torch.equal(ids[i], ids[j])
         ]
         if same:
-            raise ClassNamesError(
+            raise OpenVocabError(
                 f"classes {same[0][1]!r} and {same[0][0]!r} are the same text for this model "
                 f"(after its normalisation: {'lower-cased' if text_encoder.lowercase else 'canonicalised'})"
             )
@@ -248,11 +248,11 @@ def open_vocab_heads(task: nn.Module) -> list[Any]:
 def set_task_classes(task: nn.Module, classes: Any, text_checkpoint: str | Path | None = None) -> list[str]:
     """Switch a trained open-vocabulary task (CAT-Seg head) to ``classes``; returns the names.
 
-    Raises ClassNamesError for a closed-set model, CheckpointError when new names need the missing
+    Raises OpenVocabError for a closed-set model, CheckpointError when new names need the missing
     text tower (``text_checkpoint`` points at it)."""
     comps = open_vocab_heads(task)
     if not comps:
-        raise ClassNamesError(
+        raise OpenVocabError(
             "classes= needs an open-vocabulary model (a trained CAT-Seg head or a SigLIP image-text "
             "checkpoint); this checkpoint's head is closed-set: it predicts its training classes only"
         )
@@ -275,13 +275,13 @@ def load_model(
 
     A SigLIP (2) image-text checkpoint -> :class:`ZeroShotSegmenter` (kwargs: method, templates, slide,
     tokenizer); a trained CAT-Seg ``.ckpt`` -> its task (kwargs: text_checkpoint, the SigLIP checkpoint
-    for new class names when it moved). Raises ClassNamesError for a closed-set trained checkpoint."""
+    for new class names when it moved). Raises OpenVocabError for a closed-set trained checkpoint."""
     if is_trained_checkpoint(checkpoint):
         from siglip_dense.checkpoints import load_task
 
         task = load_task(checkpoint, map_location=device)
         if not open_vocab_heads(task):
-            raise ClassNamesError(
+            raise OpenVocabError(
                 f"{checkpoint}: its head is closed-set, not open-vocabulary (no CAT-Seg head): it "
                 "cannot segment other class names"
             )
