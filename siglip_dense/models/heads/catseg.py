@@ -143,9 +143,9 @@ class CATSegHead(nn.Module):
                 raise CheckpointError(
                     f"CAT-Seg head: the text tower (SigLIP image-text checkpoint {self.text_checkpoint}) is "
                     f"needed to embed class names other than the stored training classes "
-                    f"{self.train_class_names}; point at it with task.head.text_checkpoint=DIR (train.py / "
-                    f"tools/eval.py), +open_vocab.text_checkpoint=DIR (tools/predict.py classes=...) or "
-                    f"text_checkpoint= (siglip_dense.openvocab.load_model). {err}"
+                    f"{self.train_class_names}; point at it with task.head.text_checkpoint=DIR (train.py), "
+                    f"+open_vocab.text_checkpoint=DIR (tools/predict.py classes=..., tools/eval.py "
+                    f"zero_shot=true) or text_checkpoint= (siglip_dense.openvocab.load_model). {err}"
                 ) from err
         return self._text[0]
 
