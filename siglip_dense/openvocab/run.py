@@ -28,15 +28,16 @@ from siglip_dense.openvocab.zeroshot import (
     load_model,
 )
 
-OPTION_KEYS = ("method", "templates", "slide", "short_side", "classes", "tokenizer", "text_checkpoint")
+OPTION_KEYS = ("method", "templates", "slide", "short_side", "classes")
 
 
 def open_vocab_options(cfg: DictConfig | dict[str, Any] | None) -> dict[str, Any]:
     """The ``open_vocab`` config block as plain values; an unknown key is an error naming it."""
     opts = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-    unknown = sorted(set(opts) - set(OPTION_KEYS))
+    known = [*OPTION_KEYS, *TEXT_TOWER_KEYS]
+    unknown = sorted(set(opts) - set(known))
     if unknown:
-        raise OpenVocabError(f"open_vocab: unknown keys {unknown}; known: {list(OPTION_KEYS)}")
+        raise OpenVocabError(f"open_vocab: unknown keys {unknown}; known: {known}")
     if opts.get("method") is not None and opts["method"] not in METHODS:
         raise OpenVocabError(f"open_vocab.method must be one of {list(METHODS)}, got {opts['method']!r}")
     try:
@@ -53,6 +54,10 @@ def _classes(value: Any) -> list[str]:
     if not isinstance(value, str) and isinstance(value, Sequence) or OmegaConf.is_list(value):
         return class_names([str(v) for v in value])
     return class_names(str(value))
+
+
+# where the text tower's files are when not next to the weights / not where training saw them
+TEXT_TOWER_KEYS = ("tokenizer", "text_checkpoint")
 
 
 def _model(ckpt_path: str, device: str, opts: dict[str, Any]) -> ZeroShotSegmenter:
