@@ -45,7 +45,7 @@ def test_class_embeddings_are_the_text_towers(siglip_checkpoint):  # noqa: F811
         ref = F.normalize(reference_features(kind, model, tok, [t.format(name) for t in temps]), dim=-1)
         assert max_abs_diff(head.class_embeddings[i], ref) <= PEER_TOL
     assert (
-        json.loads(bytes(head.state_dict()["train_class_names_utf8"].tolist())) == NAMES
+        json.loads(bytes(head.state_dict()["class_names_utf8"].tolist())) == NAMES
     )  # stored with embeddings
     assert not any("text_model" in k for k in head.state_dict())  # the frozen tower is not saved
 

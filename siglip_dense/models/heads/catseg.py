@@ -20,7 +20,7 @@ This head keeps its structure, simplified:
 The text tower (``text_checkpoint``, a SigLIP (2) image-text checkpoint) stays frozen and out of the
 state dict. The class embeddings always belong to the head's current ``class_names`` (recomputed when
 they change, e.g. after ``init_from`` a checkpoint trained on other names); the training names (UTF-8
-JSON bytes) and their embeddings are saved as two buffers and adopted on load only when the stored
+JSON bytes, ``class_names_utf8``) and their embeddings (``class_embeddings``) are saved as buffers, adopted on load only when the stored
 names are this head's training names, so a trained checkpoint predicts its own classes without the
 text tower. :meth:`set_classes` switches to another label set (needs the text tower).
 """
@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from siglip_dense.models.text import TextEncoder, build_text_encoder, resolve_templates
 from siglip_dense.models.weights import CheckpointError
 
-_LEGACY_KEY = "class_embeddings"  # the persistent buffer of the first version (names not stored)
-_NAMES_KEY, _EMB_KEY = "train_class_names_utf8", "train_class_embeddings"
+# buffers: the training names' embeddings (K×P×D; the first version stored them without the names)
+# and those names
+_EMB_KEY, _NAMES_KEY = "class_embeddings", "class_names_utf8"
 
 
 def _names_tensor(names: Sequence[str]) -> Tensor:
@@ -158,14 +159,14 @@ class CATSegHead(nn.Module):
         return emb.view(len(names), len(self.templates), -1)
 
     @property
-    def class_embeddings(self) -> Tensor:
-        """K×P×D unit embeddings of ``class_names``: the stored ones for the training names, else
-        from the text tower (cached until the names change)."""
+    def current_embeddings(self) -> Tensor:
+        """K×P×D unit embeddings of ``class_names``: the ``class_embeddings`` buffer for the training
+        names, else from the text tower (cached until the names change)."""
         if self.class_names == self.train_class_names:
             if not self._have_train_embeddings:
-                self.train_class_embeddings = self._embed(self.train_class_names)
+                self.class_embeddings = self._embed(self.train_class_names)
                 self._have_train_embeddings = True
-            return self.train_class_embeddings
+            return self.class_embeddings
         if self._embeddings is None:
             self._embeddings = self._embed(self.class_names)
         return self._embeddings
@@ -175,20 +176,19 @@ class CATSegHead(nn.Module):
         names = list(names)
         if names != self.class_names:
             self.class_names, self._embeddings = names, None
-            self.class_embeddings  # noqa: B018 - embed now: a missing text tower fails here, clearly
+            self.current_embeddings  # noqa: B018 - embed now: a missing text tower fails here, clearly
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         """Stored training embeddings are adopted only when stored with this head's training names
         (``init_from`` a head trained on other names keeps those of its own names); text-space layers
         take the stored width (a head built without its text tower); the first version's
-        ``class_embeddings`` (names not stored) is dropped."""
-        state_dict.pop(prefix + _LEGACY_KEY, None)
+        ``class_embeddings`` (names not stored) is replaced by this head's own."""
         names_key, emb_key = prefix + _NAMES_KEY, prefix + _EMB_KEY
         stored = state_dict.get(names_key)
         own_names = getattr(self, _NAMES_KEY)
         if stored is not None and torch.equal(stored.cpu(), own_names.cpu()) and emb_key in state_dict:
             emb = state_dict[emb_key]
-            self.train_class_embeddings = torch.empty_like(emb, device=own_names.device)
+            self.class_embeddings = torch.empty_like(emb, device=own_names.device)
             self._have_train_embeddings, self._embeddings = True, None
         else:  # other names (or none stored): keep this head's own entries
             state_dict[names_key], state_dict[emb_key] = own_names, getattr(self, _EMB_KEY)
@@ -213,7 +213,7 @@ class CATSegHead(nn.Module):
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         *guides, x = self._maps(features)
         b, _, h, w = x.shape
-        text = self.class_embeddings.to(x.device, x.dtype)  # K×P×D
+        text = self.current_embeddings.to(x.device, x.dtype)  # K×P×D
         k, p, _ = text.shape
         img = F.normalize(self.proj(x), dim=1)
         cost = torch.einsum("bdhw,kpd->bkphw", img, text).reshape(b * k, p, h, w)
