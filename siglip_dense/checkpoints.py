@@ -135,6 +135,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> L.Lightn
     ``model.predict(images, score_threshold=None)`` takes paths, PIL images, numpy arrays or tensors,
     one or a batch, and returns per task the structures of :mod:`siglip_dense.predict`.
     """
+    from siglip_dense.openvocab.zeroshot import is_image_text_checkpoint
+
+    if is_image_text_checkpoint(path):  # a SigLIP (2) image-text checkpoint: zero-shot, predict(classes=)
+        from siglip_dense.openvocab import load_model as load_open_vocab
+
+        return load_open_vocab(path, device=device)
     return load_task(path, map_location=device)
 
 

@@ -280,8 +280,11 @@ def predict_app(cfg: DictConfig) -> list[Path]:
     if cfg.get("classes") is not None:  # open vocabulary: ckpt_path is a SigLIP (2) image-text checkpoint
         from siglip_dense.openvocab.run import run_open_vocab_predict
 
-        return run_open_vocab_predict(
-            cfg.ckpt_path, cfg.input, cfg.output, cfg.classes, cfg.device, cfg.open_vocab
+        return report_data_errors(  # bad classes / open_vocab values: one line, not a traceback
+            lambda c: run_open_vocab_predict(
+                c.ckpt_path, c.input, c.output, c.classes, c.device, c.open_vocab
+            ),
+            cfg,
         )
     thr = cfg.get("score_threshold")
     return report_data_errors(lambda c: run_predict(c.ckpt_path, c.input, c.output, c.device, thr), cfg)

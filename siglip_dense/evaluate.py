@@ -29,6 +29,9 @@ def eval_data_config(cfg: DictConfig, task: DenseModule) -> dict[str, Any]:
     """``data=<name>`` picks a config; otherwise the checkpoint's own, with single keys overridden."""
     overrides = OmegaConf.to_container(cfg.get("data") or {}, resolve=True)
     if _data_group_chosen() or "_target_" in overrides:
+        members = overrides.get("datamodules") or {}  # eval.yaml's all-null per-task placeholders: drop
+        if not any(v is not None for keys in members.values() for v in (keys or {}).values()):
+            overrides.pop("datamodules", None)
         return overrides
     if not task.data_config:
         raise ValueError(

@@ -299,22 +299,68 @@ def save_detection_grid(task: Any, datamodule: Any, path: Path, num: int = 6) ->
     return path
 
 
+_FONT_CHARS: dict[str, frozenset[int]] = {}  # font file -> code points it has glyphs for
+_FONT_WARNED: set[str] = set()
+
+
+def _font_chars(path: str) -> frozenset[int]:
+    from matplotlib import ft2font
+
+    if path not in _FONT_CHARS:
+        try:
+            _FONT_CHARS[path] = frozenset(ft2font.FT2Font(path).get_charmap())
+        except (OSError, RuntimeError):
+            _FONT_CHARS[path] = frozenset()
+    return _FONT_CHARS[path]
+
+
+def legend_font(names: list[str], size: int = 12) -> Any:
+    """A TrueType font with glyphs for every character of ``names``: matplotlib's DejaVu Sans (Latin,
+    Greek, Cyrillic) when it covers them, else the first installed font that does (a CJK font, found
+    through matplotlib's font list; nothing is downloaded). None covering them: DejaVu Sans, and a
+    warning (once per missing set) that those names are drawn as boxes."""
+    import warnings
+
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    needed = {ord(c) for name in names for c in name if not c.isspace()}
+    default = font_manager.findfont("DejaVu Sans")
+    installed = {f.fname for f in font_manager.fontManager.ttflist if "LastResort" not in f.fname}
+    candidates = [default] + sorted(installed - {default})  # (LastResort: placeholder boxes only)
+    for path in candidates:
+        if needed <= _font_chars(path):
+            return ImageFont.truetype(path, size)
+    missing = "".join(sorted(chr(c) for c in needed - _font_chars(default)))
+    if missing not in _FONT_WARNED:
+        _FONT_WARNED.add(missing)
+        warnings.warn(
+            f"no installed font has glyphs for {missing!r}: legend names with them are drawn as boxes "
+            "(install a CJK font such as fonts-noto-cjk)",
+            stacklevel=2,
+        )
+    return ImageFont.truetype(default, size)
+
+
 def save_segmentation_overlay(
     image: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, alpha: float = 0.5
 ) -> Path:
-    """The image with its label map blended in, and a legend of the classes present (largest first)."""
+    """The image with its label map blended in, and a legend of the classes present (largest first),
+    names in a font that has their glyphs (:func:`legend_font`), the legend as wide as the longest."""
     k = len(class_names)
     blended = overlay(image, labels, k, alpha)
     ids, counts = np.unique(labels[(labels >= 0) & (labels < k)], return_counts=True)
     present = [int(i) for i in ids[np.argsort(-counts)]]
     colours = palette(k)
-    row_h, width = 16, 180
+    font = legend_font([class_names[c] for c in present])
+    longest = max((font.getlength(class_names[c]) for c in present), default=0.0)
+    row_h, width = 16, max(180, 22 + int(np.ceil(longest)) + 8)
     legend = Image.new("RGB", (width, max(blended.shape[0], row_h * len(present) + 4)), (255, 255, 255))
     draw = ImageDraw.Draw(legend)
     for n, c in enumerate(present):
         y = 2 + n * row_h
         draw.rectangle([4, y, 16, y + 12], fill=tuple(int(v) for v in colours[c]))
-        draw.text((22, y), class_names[c], fill=(0, 0, 0))
+        draw.text((22, y), class_names[c], fill=(0, 0, 0), font=font)
     canvas = Image.new("RGB", (blended.shape[1] + width, legend.height), (255, 255, 255))
     canvas.paste(Image.fromarray(blended), (0, 0))
     canvas.paste(legend, (blended.shape[1], 0))

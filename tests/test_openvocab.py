@@ -171,8 +171,8 @@ def test_predict_tool_free_text_classes(siglip2_checkpoint, tmp_path):
         "open_vocab.method=maskclip",
         cwd=tmp_path,
     )
-    labels = np.asarray(Image.open(out / "room.png"))
-    vis = np.asarray(Image.open(out / "room_vis.png"))
+    labels = np.asarray(Image.open(out / "room.jpg.png"))  # the project naming: file name + .png
+    vis = np.asarray(Image.open(out / "room.jpg_vis.png"))
     assert labels.shape == (48, 64) and labels.max() < 3
     assert vis.shape[0] == 48 and vis.shape[1] > 64  # overlay + legend column
     assert json.loads((out / "classes.json").read_text()) == ["猫", "canapé", "window"]

@@ -193,17 +193,36 @@ def _hf_classes(model_type: str) -> tuple[type, type]:
     return transformers.Siglip2TextConfig, transformers.Siglip2TextModel
 
 
-def _load_tokenizer(directory: Path) -> Any:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model")
+
+
+def _load_tokenizer(directory: Path, vocab_size: int | None = None) -> Any:
+    """The checkpoint's own tokenizer; without its files transformers would build a tiny default
+    vocabulary (every name -> <unk>), so they are required, and must fit the text embedding table."""
     from transformers import AutoTokenizer
 
+    option = (
+        "(or give a directory holding them: tokenizer=DIR, on the command line +open_vocab.tokenizer=DIR)"
+    )
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{directory}: no tokenizer files: missing {' / '.join(TOKENIZER_FILES)} (the checkpoint's "
+            f"own tokenizer, as the hub repo ships it, next to the weights) {option}"
+        )
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, ImportError) as err:
         raise CheckpointError(
             f"{directory}: no usable tokenizer files (tokenizer.json / spiece.model + tokenizer_config.json "
             f"as the hub repo ships them; SigLIP's SentencePiece tokenizer needs the sentencepiece "
             f"package): {err}"
         ) from err
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise CheckpointError(
+            f"{directory}: its tokenizer has {len(tok)} tokens, the text tower's vocab_size is {vocab_size}: "
+            f"not this checkpoint's tokenizer {option}"
+        )
+    return tok
 
 
 def build_text_encoder(checkpoint: str | Path, tokenizer: str | Path | None = None) -> TextEncoder:
@@ -252,7 +271,7 @@ def build_text_encoder(checkpoint: str | Path, tokenizer: str | Path | None = No
             f"{weight_file}: text_model weights do not fit {model_cls.__name__}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    tok = _load_tokenizer(Path(tokenizer) if tokenizer is not None else path)
+    tok = _load_tokenizer(Path(tokenizer) if tokenizer is not None else path, int(text_cfg.vocab_size))
     return TextEncoder(
         model.float(),
         tok,
@@ -346,7 +365,7 @@ def _build_open_clip(path: Path, tokenizer: str | Path | None) -> TextEncoder:
     clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
     return TextEncoder(
         model.float(),
-        _load_tokenizer(Path(tokenizer) if tokenizer is not None else path),
+        _load_tokenizer(Path(tokenizer) if tokenizer is not None else path, config.vocab_size),
         sd["logit_scale"],
         sd["logit_bias"],
         max_length=config.max_position_embeddings,

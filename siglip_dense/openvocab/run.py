@@ -1,9 +1,9 @@
 """Open-vocabulary entry points behind ``tools/predict.py classes=...`` and ``tools/eval.py zero_shot=true``.
 
-predict: ``python tools/predict.py ckpt_path=SIGLIP_CKPT input=IMG output=DIR classes="cat,sofa,window"``
+predict: ``python tools/predict.py ckpt_path=SIGLIP_CKPT input=IMG output=DIR 'classes=[cat,sofa,window]'``
 eval:    ``python tools/eval.py zero_shot=true ckpt_path=SIGLIP_CKPT data=ade20k data.root=DIR``
 ``ckpt_path`` is a SigLIP (2) image-text checkpoint (a transformers ``SiglipModel`` / ``Siglip2Model``
-directory or a hub id in the local cache), not a trained siglip-dense checkpoint.
+directory or a hub id in the local cache) or a trained CAT-Seg checkpoint (``.ckpt``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from siglip_dense.models.text import parse_classes
-from siglip_dense.openvocab.zeroshot import ZeroShotSegmenter, load_model
+from siglip_dense.models.text import resolve_templates
+from siglip_dense.openvocab.zeroshot import (
+    METHODS,
+    OpenVocabError,
+    ZeroShotSegmenter,
+    class_names,
+    is_trained_checkpoint,
+    load_model,
+)
 
 OPTION_KEYS = ("method", "templates", "slide", "short_side", "classes", "held_out")
 
@@ -27,23 +34,39 @@ OPTION_KEYS = ("method", "templates", "slide", "short_side", "classes", "held_ou
 def open_vocab_options(cfg: DictConfig | dict[str, Any] | None) -> dict[str, Any]:
     """The ``open_vocab`` config block as plain values; an unknown key is an error naming it."""
     opts = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-    unknown = sorted(set(opts) - set(OPTION_KEYS))
+    known = [*OPTION_KEYS, *TEXT_TOWER_KEYS]
+    unknown = sorted(set(opts) - set(known))
     if unknown:
-        raise ValueError(f"open_vocab: unknown keys {unknown}; known: {list(OPTION_KEYS)}")
+        raise OpenVocabError(f"open_vocab: unknown keys {unknown}; known: {known}")
+    if opts.get("method") is not None and opts["method"] not in METHODS:
+        raise OpenVocabError(f"open_vocab.method must be one of {list(METHODS)}, got {opts['method']!r}")
+    try:
+        resolve_templates(opts.get("templates") or "none")
+    except ValueError as err:
+        raise OpenVocabError(f"open_vocab.templates: {err}") from None
     return opts
 
 
 def _classes(value: Any) -> list[str]:
     """Hydra gives ``classes="a,b"`` as a string and ``classes=[a,b]`` as a list."""
     if isinstance(value, DictConfig):
-        raise ValueError(f"classes must be a comma-separated string or a list, got {value}")
+        raise OpenVocabError(f"classes must be a comma-separated string or a list, got {value}")
     if not isinstance(value, str) and isinstance(value, Sequence) or OmegaConf.is_list(value):
-        return parse_classes([str(v) for v in value])
-    return parse_classes(str(value))
+        return class_names([str(v) for v in value])
+    return class_names(str(value))
+
+
+# where the text tower's files are when not next to the weights / not where training saw them
+TEXT_TOWER_KEYS = ("tokenizer", "text_checkpoint")
 
 
 def _model(ckpt_path: str, device: str, opts: dict[str, Any]) -> ZeroShotSegmenter:
-    kwargs = {k: opts[k] for k in ("method", "templates", "slide") if opts.get(k) is not None}
+    keys = (
+        ("text_checkpoint",)
+        if is_trained_checkpoint(ckpt_path)
+        else ("method", "templates", "slide", "tokenizer")
+    )
+    kwargs = {k: opts[k] for k in keys if opts.get(k) is not None}
     return load_model(ckpt_path, device=device, **kwargs)
 
 
@@ -55,10 +78,12 @@ def run_open_vocab_predict(
     device: str = "cpu",
     options: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Each image: ``<stem>.png`` (uint8 index into ``classes``) and ``<stem>_vis.png`` (overlay with a
-    legend of the classes present); ``classes.json`` lists the names. Returns the files written."""
+    """Each image ``<name>`` (file name incl. extension, as :func:`siglip_dense.predict.output_name`):
+    ``<name>.png`` (uint8 index into ``classes``) and ``<name>_vis.png`` (overlay with a legend of the
+    classes present); ``classes.json`` lists the names. ``ckpt_path``: a SigLIP (2) image-text
+    checkpoint (training-free) or a trained CAT-Seg ``.ckpt``. Returns the files written."""
     from siglip_dense.data.io import read_image, write_label
-    from siglip_dense.predict import list_images
+    from siglip_dense.predict import list_images, output_name
     from siglip_dense.visualize import save_segmentation_overlay
 
     names = _classes(classes)
@@ -70,12 +95,20 @@ def run_open_vocab_predict(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "classes.json").write_text(json.dumps(names, ensure_ascii=False, indent=1))
     written: list[Path] = []
-    for path in list_images(source):
+    if isinstance(model, ZeroShotSegmenter):
+        class_names(names, model.text_encoder)  # before any file is written
+    source = Path(source)
+    for path in list_images(source, exclude=out_dir):
         image = np.ascontiguousarray(read_image(path))
-        labels = model.predict([image], names, short_side=opts.get("short_side"))[0]
-        raw = out_dir / f"{path.stem}.png"
+        if isinstance(model, ZeroShotSegmenter):
+            labels = model.predict([image], names, short_side=opts.get("short_side"))[0]
+        else:  # a trained CAT-Seg head: its own eval protocol
+            labels = np.asarray(model.predict(image, classes=names))
+        name = output_name(path, source)
+        raw = out_dir / f"{name}.png"
+        raw.parent.mkdir(parents=True, exist_ok=True)
         write_label(raw, labels.astype(np.uint8))
-        vis = save_segmentation_overlay(image, labels, names, out_dir / f"{path.stem}_vis.png")
+        vis = save_segmentation_overlay(image, labels, names, out_dir / f"{name}_vis.png")
         written += [raw, vis]
         print(f"{path} -> {raw.name}, {vis.name}")
     return written
@@ -163,7 +196,7 @@ def _write_metrics(
 
 def _is_trained_checkpoint(path: str | Path) -> bool:
     """A siglip-dense Lightning checkpoint (a file) rather than a SigLIP image-text checkpoint (a dir/hub id)."""
-    return Path(path).is_file() and Path(path).suffix == ".ckpt"
+    return is_trained_checkpoint(path)
 
 
 @torch.no_grad()
@@ -191,6 +224,8 @@ def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"open_vocab.classes has {len(names)} names, the data has {datamodule.num_classes} classes"
         )
+    if opts.get("text_checkpoint"):
+        head.text_checkpoint, head._text = str(opts["text_checkpoint"]), []
     head.set_classes(names)
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     datamodule.setup("validate")

@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from siglip_dense.data.io import DataError
 from siglip_dense.evaluation.sliding_window import check_window_coverage, slide_inference, whole_inference
 from siglip_dense.models.backbone import SigLIP2Backbone, build_backbone
-from siglip_dense.models.text import TextEncoder, build_text_encoder, parse_classes
+from siglip_dense.models.text import TEXT_MODEL_TYPES, TextEncoder, build_text_encoder, parse_classes
+from siglip_dense.models.weights import CheckpointError, _json
 
 METHODS = ("maskclip", "clearclip")
 
@@ -178,7 +180,7 @@ class ZeroShotSegmenter(nn.Module):
         self, images: Sequence[np.ndarray], classes: str | Sequence[str], short_side: int | None = None
     ) -> list[np.ndarray]:
         """uint8 H×W×3 RGB images -> H×W int64 label maps (index into ``classes``) at each image's size."""
-        names = parse_classes(classes)
+        names = class_names(classes, self.text_encoder)
         out = []
         for image in images:
             logits = self.segment(self.preprocess(image, short_side), names)
@@ -187,9 +189,105 @@ class ZeroShotSegmenter(nn.Module):
         return out
 
 
+class OpenVocabError(DataError):
+    """Bad ``classes`` / ``open_vocab`` values, or classes for a closed-set model: the CLI reports it
+    in one line (a :class:`~siglip_dense.data.io.DataError`, i.e. a ValueError)."""
+
+
+def class_names(classes: Any, text_encoder: TextEncoder | None = None) -> list[str]:
+    """``"a,b"`` / ``[a, b]`` -> names; with the text tower, names that the model's own text
+    normalisation (SigLIP 2 lower-cases, SigLIP canonicalises) makes identical are refused too."""
+    try:
+        names = parse_classes(classes)
+    except ValueError as err:
+        raise OpenVocabError(str(err)) from None
+    if text_encoder is not None:
+        ids = text_encoder.tokenize(names)["input_ids"]
+        same = [
+            (names[i], names[j]) for i in range(len(names)) for j in range(i) if torch.equal(ids[i], ids[j])
+        ]
+        if same:
+            raise OpenVocabError(
+                f"classes {same[0][1]!r} and {same[0][0]!r} are the same text for this model "
+                f"(after its normalisation: {'lower-cased' if text_encoder.lowercase else 'canonicalised'})"
+            )
+    return names
+
+
+def is_trained_checkpoint(path: str | Path) -> bool:
+    """A siglip-dense Lightning checkpoint (a ``.ckpt`` file), not a SigLIP image-text checkpoint."""
+    return Path(path).is_file() and Path(path).suffix == ".ckpt"
+
+
+def is_image_text_checkpoint(path: str | Path) -> bool:
+    """A local transformers SiglipModel / Siglip2Model or open_clip SigLIP directory (both towers).
+
+    Raises CheckpointError for another transformers model directory (a vision-only SigLIP)."""
+    path = Path(path)
+    if (path / "open_clip_config.json").is_file():
+        return True
+    config = path / "config.json"
+    model_type = _json(config).get("model_type") if config.is_file() else None
+    if model_type is not None and model_type not in TEXT_MODEL_TYPES:
+        raise CheckpointError(
+            f"{config}: model_type {model_type!r} is neither a trained siglip-dense checkpoint nor a SigLIP "
+            f"image-text checkpoint ({', '.join(TEXT_MODEL_TYPES)}): a vision-only model has no text tower "
+            "for class names; train a head on it (train.py backbone.checkpoint=...) instead"
+        )
+    return model_type is not None
+
+
+def open_vocab_heads(task: nn.Module) -> list[Any]:
+    """The task components whose head takes new class names (CAT-Seg); [] for closed-set models."""
+    comps = getattr(task, "components", {}) or {}
+    return [
+        c for c in comps.values() if hasattr(getattr(getattr(c, "model", None), "head", None), "set_classes")
+    ]
+
+
+def set_task_classes(task: nn.Module, classes: Any, text_checkpoint: str | Path | None = None) -> list[str]:
+    """Switch a trained open-vocabulary task (CAT-Seg head) to ``classes``; returns the names.
+
+    Raises OpenVocabError for a closed-set model, CheckpointError when new names need the missing
+    text tower (``text_checkpoint`` points at it)."""
+    comps = open_vocab_heads(task)
+    if not comps:
+        raise OpenVocabError(
+            "classes= needs an open-vocabulary model (a trained CAT-Seg head or a SigLIP image-text "
+            "checkpoint); this checkpoint's head is closed-set: it predicts its training classes only"
+        )
+    names = class_names(classes)
+    for comp in comps:
+        head = comp.model.head
+        if text_checkpoint is not None:
+            head.text_checkpoint, head._text = str(text_checkpoint), []
+        if names != head.class_names:
+            class_names(names, head.text_encoder)
+        head.set_classes(names)
+        comp.class_names, comp.num_classes = list(names), len(names)
+    return names
+
+
 def load_model(
     checkpoint: str | Path, device: str | torch.device = "cpu", **kwargs: Any
-) -> ZeroShotSegmenter:
-    """A :class:`ZeroShotSegmenter` from a SigLIP (2) checkpoint on ``device`` (kwargs: method,
-    templates, slide, tokenizer): ``load_model(ckpt).predict(images, classes=["cat", "sofa"])``."""
+) -> ZeroShotSegmenter | nn.Module:
+    """An open-vocabulary model on ``device``: ``load_model(ckpt).predict(images, classes=["cat", "sofa"])``.
+
+    A SigLIP (2) image-text checkpoint -> :class:`ZeroShotSegmenter` (kwargs: method, templates, slide,
+    tokenizer); a trained CAT-Seg ``.ckpt`` -> its task (kwargs: text_checkpoint, the SigLIP checkpoint
+    for new class names when it moved). Raises OpenVocabError for a closed-set trained checkpoint."""
+    if is_trained_checkpoint(checkpoint):
+        from siglip_dense.checkpoints import load_task
+
+        task = load_task(checkpoint, map_location=device)
+        if not open_vocab_heads(task):
+            raise OpenVocabError(
+                f"{checkpoint}: its head is closed-set, not open-vocabulary (no CAT-Seg head): it "
+                "cannot segment other class names"
+            )
+        text = kwargs.get("text_checkpoint")
+        for comp in open_vocab_heads(task) if text is not None else []:
+            comp.model.head.text_checkpoint, comp.model.head._text = str(text), []
+        return task.to(device).eval()
+    kwargs.pop("text_checkpoint", None)
     return ZeroShotSegmenter.from_checkpoint(checkpoint, **kwargs).to(device).eval()

@@ -597,7 +597,7 @@ class DenseModule(L.LightningModule):
         next(iter(self.components.values())).set_tta(tta)
 
     # -- inference without Hydra or a datamodule (tools/predict.py, load_model) ---------------------
-    def predict(self, images: Any, score_threshold: float | None = None) -> Any:
+    def predict(self, images: Any, score_threshold: float | None = None, classes: Any = None) -> Any:
         """Predictions for one image or a batch (paths, PIL images, numpy arrays, tensors: see
         :mod:`siglip_dense.predict`); one result for one image, a list for a batch.
 
@@ -612,6 +612,10 @@ class DenseModule(L.LightningModule):
         """
         from siglip_dense.predict import to_rgb_images
 
+        if classes is not None:  # open vocabulary (a CAT-Seg head): switch the label set first
+            from siglip_dense.openvocab.zeroshot import set_task_classes
+
+            set_task_classes(self, classes)
         rgb, batched = to_rgb_images(images)
         options = {"score_threshold": score_threshold} if score_threshold is not None else {}
         takes = {

@@ -18,12 +18,16 @@ This head keeps its structure, simplified:
    one logit per class and pixel.
 
 The text tower (``text_checkpoint``, a SigLIP (2) image-text checkpoint) stays frozen and out of the
-state dict; the class embeddings are a buffer (saved with the model). :meth:`set_classes` switches to
-another label set (zero-shot evaluation on unseen classes).
+state dict. The class embeddings always belong to the head's current ``class_names`` (recomputed when
+they change, e.g. after ``init_from`` a checkpoint trained on other names); the training names (UTF-8
+JSON bytes, ``class_names_utf8``) and their embeddings (``class_embeddings``) are saved as buffers, adopted on load only when the stored
+names are this head's training names, so a trained checkpoint predicts its own classes without the
+text tower. :meth:`set_classes` switches to another label set (needs the text tower).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siglip_dense.models.text import TextEncoder, build_text_encoder, resolve_templates
+from siglip_dense.models.weights import CheckpointError
+
+# buffers: the training names' embeddings (K×P×D; the first version stored them without the names)
+# and those names
+_EMB_KEY, _NAMES_KEY = "class_embeddings", "class_names_utf8"
+
+
+def _names_tensor(names: Sequence[str]) -> Tensor:
+    """Class names as a uint8 tensor (UTF-8 JSON): a state-dict entry like any other."""
+    return torch.tensor(list(json.dumps(list(names), ensure_ascii=False).encode()), dtype=torch.uint8)
 
 
 class _SpatialBlock(nn.Module):
@@ -85,9 +99,17 @@ class CATSegHead(nn.Module):
         self.templates = resolve_templates(templates)
         self.text_checkpoint = str(text_checkpoint)
         self._text: list[TextEncoder] = []  # a list: kept out of the state dict and of .modules()
-        text_dim = self.text_encoder.embed_dim
-        self.register_buffer("class_embeddings", self._embed(class_names), persistent=True)
         self.class_names = list(class_names)
+        self.train_class_names = list(class_names)
+        self._embeddings: Tensor | None = None  # K×P×D for class_names, computed on first use
+        self.register_buffer(_NAMES_KEY, _names_tensor(class_names))
+        try:
+            emb = self._embed(class_names)
+        except CheckpointError:  # a trained head loaded without its text tower: the stored ones
+            emb = None
+        text_dim = 1 if emb is None else emb.shape[-1]
+        self._have_train_embeddings = emb is not None
+        self.register_buffer(_EMB_KEY, emb if emb is not None else torch.zeros(len(class_names), 1, 1))
         num_guidance = len(self.in_keys) - 1 if self.in_keys else 0
         self.proj = nn.Conv2d(in_channels, text_dim, 1)
         self.cost_embed = nn.Conv2d(len(self.templates), embed_dim, 7, padding=3)
@@ -112,9 +134,20 @@ class CATSegHead(nn.Module):
 
     @property
     def text_encoder(self) -> TextEncoder:
-        """The frozen text tower, loaded on first use (CPU; moved to the head's device)."""
+        """The frozen text tower, loaded on first use (CPU; moved to the head's device).
+
+        Raises CheckpointError saying that the text tower is needed and how to point at it."""
         if not self._text:
-            self._text.append(build_text_encoder(self.text_checkpoint))
+            try:
+                self._text.append(build_text_encoder(self.text_checkpoint))
+            except CheckpointError as err:
+                raise CheckpointError(
+                    f"CAT-Seg head: the text tower (SigLIP image-text checkpoint {self.text_checkpoint}) is "
+                    f"needed to embed class names other than the stored training classes "
+                    f"{self.train_class_names}; point at it with task.head.text_checkpoint=DIR (train.py), "
+                    f"+open_vocab.text_checkpoint=DIR (tools/predict.py classes=..., tools/eval.py "
+                    f"zero_shot=true) or text_checkpoint= (siglip_dense.openvocab.load_model). {err}"
+                ) from err
         return self._text[0]
 
     @torch.no_grad()
@@ -125,15 +158,50 @@ class CATSegHead(nn.Module):
         emb = F.normalize(enc.encode(prompts), dim=-1)
         return emb.view(len(names), len(self.templates), -1)
 
+    @property
+    def current_embeddings(self) -> Tensor:
+        """K×P×D unit embeddings of ``class_names``: the ``class_embeddings`` buffer for the training
+        names, else from the text tower (cached until the names change)."""
+        if self.class_names == self.train_class_names:
+            if not self._have_train_embeddings:
+                self.class_embeddings = self._embed(self.train_class_names)
+                self._have_train_embeddings = True
+            return self.class_embeddings
+        if self._embeddings is None:
+            self._embeddings = self._embed(self.class_names)
+        return self._embeddings
+
     def set_classes(self, names: Sequence[str]) -> None:
         """Switch to another label set (zero-shot evaluation); the trained weights are unchanged."""
-        device = self.class_embeddings.device
-        self.class_embeddings = self._embed(list(names)).to(device)
-        self.class_names = list(names)
+        names = list(names)
+        if names != self.class_names:
+            self.class_names, self._embeddings = names, None
+            self.current_embeddings  # noqa: B018 - embed now: a missing text tower fails here, clearly
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        """Stored training embeddings are adopted only when stored with this head's training names
+        (``init_from`` a head trained on other names keeps those of its own names); text-space layers
+        take the stored width (a head built without its text tower); the first version's
+        ``class_embeddings`` (names not stored) is replaced by this head's own."""
+        names_key, emb_key = prefix + _NAMES_KEY, prefix + _EMB_KEY
+        stored = state_dict.get(names_key)
+        own_names = getattr(self, _NAMES_KEY)
+        if stored is not None and torch.equal(stored.cpu(), own_names.cpu()) and emb_key in state_dict:
+            emb = state_dict[emb_key]
+            self.class_embeddings = torch.empty_like(emb, device=own_names.device)
+            self._have_train_embeddings, self._embeddings = True, None
+        else:  # other names (or none stored): keep this head's own entries
+            state_dict[names_key], state_dict[emb_key] = own_names, getattr(self, _EMB_KEY)
+        proj = state_dict.get(prefix + "proj.weight")
+        if proj is not None and proj.shape[0] != self.proj.out_channels:
+            text_dim, embed_dim = proj.shape[0], self.text_guidance.out_features
+            self.proj = nn.Conv2d(self.proj.in_channels, text_dim, 1)
+            self.text_guidance = nn.Linear(text_dim, embed_dim)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_classes(self) -> int:
-        return int(self.class_embeddings.shape[0])
+        return len(self.class_names)
 
     def _maps(self, features: dict[str, Tensor]) -> list[Tensor]:
         keys = self.in_keys or list(features)[-1:]
@@ -145,7 +213,7 @@ class CATSegHead(nn.Module):
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         *guides, x = self._maps(features)
         b, _, h, w = x.shape
-        text = self.class_embeddings.to(x.dtype)  # K×P×D
+        text = self.current_embeddings.to(x.device, x.dtype)  # K×P×D
         k, p, _ = text.shape
         img = F.normalize(self.proj(x), dim=1)
         cost = torch.einsum("bdhw,kpd->bkphw", img, text).reshape(b * k, p, h, w)
