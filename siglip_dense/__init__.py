@@ -15,7 +15,18 @@ _register_resolvers()
 
 
 def load_model(path: str, device: str = "cpu"):  # noqa: ANN201 - a DenseTask, imported lazily
-    """A trained model from a checkpoint or an export directory, ready for ``model.predict(images)``."""
-    from siglip_dense.checkpoints import load_model as _load
+    """A ready model, in eval mode: ``model.predict(images[, classes=...])``.
 
-    return _load(path, device=device)
+    A trained checkpoint or an export directory -> its task (``siglip_dense.checkpoints.load_model``);
+    a SigLIP (2) image-text checkpoint -> the training-free open-vocabulary segmenter
+    (``siglip_dense.openvocab.load_model``). Dispatched here so that neither module imports the other.
+    """
+    from siglip_dense.openvocab.zeroshot import is_image_text_checkpoint
+
+    if is_image_text_checkpoint(path):
+        from siglip_dense.openvocab import load_model as load_open_vocab
+
+        return load_open_vocab(path, device=device)
+    from siglip_dense.checkpoints import load_model as load_task_model
+
+    return load_task_model(path, device=device)

@@ -133,14 +133,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> L.Lightn
     """A ready model from a checkpoint or an export, in eval mode; no Hydra needed.
 
     ``model.predict(images, score_threshold=None)`` takes paths, PIL images, numpy arrays or tensors,
-    one or a batch, and returns per task the structures of :mod:`siglip_dense.predict`.
+    one or a batch, and returns per task the structures of :mod:`siglip_dense.predict`. SigLIP
+    image-text checkpoints (zero-shot) go through :func:`siglip_dense.load_model`.
     """
-    from siglip_dense.openvocab.zeroshot import is_image_text_checkpoint
-
-    if is_image_text_checkpoint(path):  # a SigLIP (2) image-text checkpoint: zero-shot, predict(classes=)
-        from siglip_dense.openvocab import load_model as load_open_vocab
-
-        return load_open_vocab(path, device=device)
     return load_task(path, map_location=device)
 
 
