@@ -22,6 +22,25 @@ from siglip_dense.data.samplers import (
 from siglip_dense.data.skip import collate_kept
 
 
+def stack_batch(batch: list[dict[str, Any]], target: str) -> dict[str, Any]:
+    """Training batches: fixed-size crops stacked (``image`` and ``target``); ``meta`` stays a list of
+    per-image dicts (error messages read their paths)."""
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        target: torch.stack([b[target] for b in batch]),
+        "meta": [b["meta"] for b in batch],
+    }
+
+
+def list_batch(batch: list[dict[str, Any]], target: str) -> dict[str, Any]:
+    """Evaluation (and detection) batches: lists of per-image tensors, each at its own size."""
+    return {
+        "image": [b["image"] for b in batch],
+        target: [b[target] for b in batch],
+        "meta": [b["meta"] for b in batch],
+    }
+
+
 class DenseDataModule(L.LightningDataModule):
     """What every task's data module shares: seeds, rank, and the train / evaluation loaders.
 

@@ -3,14 +3,13 @@ evaluation protocol (depth range, crop) lives here and reaches the task through 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from siglip_dense.data.base import DenseDataModule
+from siglip_dense.data.base import DenseDataModule, list_batch, stack_batch
 from siglip_dense.data.depth_folder import DepthDataset, DepthFolderDataset
 from siglip_dense.data.io import DataError
 from siglip_dense.data.nyu import NYUDepthDataset
@@ -19,23 +18,8 @@ from siglip_dense.data.scan import header_size, resolve_root, scan_datamodule
 from siglip_dense.data.toy import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 from siglip_dense.data.transforms import build_depth_eval_transform, build_depth_train_transform
 
-
-def collate_depth_train(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack fixed-size crops; ``meta`` stays a list of per-image dicts."""
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "depth": torch.stack([b["depth"] for b in batch]),
-        "meta": [b["meta"] for b in batch],
-    }
-
-
-def collate_depth_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists of per-image tensors: evaluation runs at each image's own (ground-truth) size."""
-    return {
-        "image": [b["image"] for b in batch],
-        "depth": [b["depth"] for b in batch],
-        "meta": [b["meta"] for b in batch],
-    }
+collate_depth_train = functools.partial(stack_batch, target="depth")
+collate_depth_eval = functools.partial(list_batch, target="depth")
 
 
 DATASETS: dict[str, type[DepthDataset]] = {"nyu": NYUDepthDataset, "folder": DepthFolderDataset}

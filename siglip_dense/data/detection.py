@@ -3,26 +3,21 @@ own json, or toy scenes) for torchvision detectors."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from siglip_dense.data.base import DenseDataModule
+from siglip_dense.data.base import DenseDataModule, list_batch
 from siglip_dense.data.coco import CategoryMap, CocoDetection, load_coco_json
 from siglip_dense.data.io import DataError
 from siglip_dense.data.samplers import worker_seed
 from siglip_dense.data.scan import resolve_root, scan_datamodule
 from siglip_dense.data.transforms import build_det_eval_transform, build_det_train_transform
 
-
-def collate_det(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists, not stacks: torchvision detectors take a list of images of any sizes and per-image targets."""
-    return {
-        "image": [b["image"] for b in batch],
-        "target": [b["target"] for b in batch],
-        "meta": [b["meta"] for b in batch],
-    }
+# lists, not stacks: torchvision detectors take images of any sizes and per-image targets
+collate_det = functools.partial(list_batch, target="target")
 
 
 class DetDataModule(DenseDataModule):

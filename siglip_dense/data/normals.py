@@ -16,6 +16,7 @@ flips together. In-plane rotation is not offered (it would need the vectors rota
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from siglip_dense.data.base import DenseDataModule
+from siglip_dense.data.base import DenseDataModule, list_batch, stack_batch
 from siglip_dense.data.io import DataError, read_image
 from siglip_dense.data.samplers import worker_seed
 from siglip_dense.data.scan import resolve_root, scan_datamodule
@@ -238,22 +239,8 @@ class NormalsDataset(Dataset):
         return {"image": out["image"].float(), "normals": target.contiguous(), "meta": meta}
 
 
-def collate_normals_train(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack fixed-size crops; ``meta`` stays a list of per-image dicts."""
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "normals": torch.stack([b["normals"] for b in batch]),
-        "meta": [b["meta"] for b in batch],
-    }
-
-
-def collate_normals_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists of per-image tensors: evaluation runs at each image's own (ground-truth) size."""
-    return {
-        "image": [b["image"] for b in batch],
-        "normals": [b["normals"] for b in batch],
-        "meta": [b["meta"] for b in batch],
-    }
+collate_normals_train = functools.partial(stack_batch, target="normals")
+collate_normals_eval = functools.partial(list_batch, target="normals")
 
 
 class NormalsDataModule(DenseDataModule):

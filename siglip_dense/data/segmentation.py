@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from siglip_dense.data.base import DenseDataModule
+from siglip_dense.data.base import DenseDataModule, list_batch, stack_batch
 from siglip_dense.data.samplers import worker_seed
 from siglip_dense.data.scan import resolve_root, scan_datamodule
 from siglip_dense.data.seg_folder import SegFolderDataset, load_class_names
 from siglip_dense.data.transforms import IGNORE_INDEX, build_seg_eval_transform, build_seg_train_transform
 
-
-def collate_seg_train(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack fixed-size crops; ``meta`` stays a list of per-image dicts (error messages read paths)."""
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "mask": torch.stack([b["mask"] for b in batch]),
-        "meta": [b["meta"] for b in batch],
-    }
-
-
-def collate_seg_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists of per-image tensors: evaluation runs at each image's original size."""
-    return {
-        "image": [b["image"] for b in batch],
-        "mask": [b["mask"] for b in batch],
-        "meta": [b["meta"] for b in batch],
-    }
+collate_seg_train = functools.partial(stack_batch, target="mask")
+collate_seg_eval = functools.partial(list_batch, target="mask")
 
 
 class SegDataModule(DenseDataModule):
