@@ -472,6 +472,23 @@ def test_load_into_vit_reports(tmp_path: Path) -> None:
     assert report.mismatched and report.missing
 
 
+def test_backbone_checkpoint_without_a_block_is_an_error_unless_strict_false(tmp_path: Path) -> None:
+    """The error names the file, the random block and the way out; strict=False warns and loads the rest."""
+    src = build_backbone("tiny", out_indices=[-1], verbose=False)
+    state = {k: v for k, v in src.vit.state_dict().items() if not k.startswith("blocks.3.")}
+    path = tmp_path / "no_block3.safetensors"
+    save_checkpoint(path, state, src.arch_config)
+    with pytest.raises(
+        CheckpointError,
+        match=r"no_block3\.safetensors.*blocks\.3 would stay random.*\+backbone\.strict=false",
+    ):
+        build_backbone("tiny", checkpoint=path, verbose=False)
+    with pytest.warns(UserWarning, match=r"no_block3\.safetensors.*blocks\.3 would stay random"):
+        built = build_backbone("tiny", checkpoint=path, strict=False, verbose=False)
+    own = built.vit.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items())
+
+
 def test_guessed_heads_taken_from_requested_arch(tmp_path: Path) -> None:
     cfg = ArchConfig(**TINY, patch_size=16, img_size=(32, 32))
     src = create_vit(cfg, keep_head=True).eval()

@@ -97,6 +97,17 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def key_groups(keys: Any) -> list[str]:
+    """State-dict keys shortened to their block (``blocks.3.attn.qkv.weight`` → ``blocks.3``, up to
+    the first numeric part); keys without one stay whole. First-seen order, no repeats."""
+    out: dict[str, None] = {}
+    for key in keys:
+        parts = str(key).split(".")
+        cut = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), len(parts))
+        out.setdefault(".".join(parts[:cut]), None)
+    return list(out)
+
+
 def _first(keys: Any, n: int = 5) -> str:
     keys = list(keys)
     more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
@@ -1039,12 +1050,19 @@ def load_into_vit(vit: torch.nn.Module, loaded: LoadedCheckpoint, strict: bool =
         new_sd[k] = v
         report.loaded.append(k)
     report.missing = [k for k in target if k not in new_sd]
-    if strict and (report.missing or report.mismatched):
-        raise CheckpointError(
-            f"{loaded.path} ({loaded.source_format}) does not fit the model: "
-            f"missing {len(report.missing)} [{_first(report.missing)}], "
-            f"shape mismatches {len(report.mismatched)} [{_first(report.mismatched)}]"
+    if report.missing or report.mismatched:
+        left = key_groups([*report.missing, *(m.split(" ")[0] for m in report.mismatched)])
+        what = (
+            f"{loaded.path} ({loaded.source_format}) does not fit the model: {_first(left, 8)} would stay "
+            f"random (missing {len(report.missing)} tensors, shape mismatches {len(report.mismatched)} "
+            f"[{_first(report.mismatched)}])"
         )
+        if strict:
+            raise CheckpointError(
+                f"{what}. Use a checkpoint with the whole backbone, or allow a partly random backbone "
+                "with strict=False (train.py: +backbone.strict=false)"
+            )
+        warnings.warn(f"{what} (strict=False: kept random)", stacklevel=2)
     vit.load_state_dict(new_sd, strict=False)
     return report
 
@@ -1082,6 +1100,7 @@ __all__ = [
     "LoadedCheckpoint",
     "check_arch_matches",
     "hf_cache_dir",
+    "key_groups",
     "load_into_vit",
     "read_checkpoint",
     "recorded_arch",
