@@ -2,8 +2,9 @@
 
 The detectors are torchvision's own; this module only adapts them to a plain ViT (ViTDet, Li et al.
 2022): the backbone is SigLIP2Backbone + SimpleFeaturePyramid, anchors and RoI poolers are derived
-from the pyramid's levels (never hard-coded), torchvision's internal transform neither normalises a
-second time nor resizes against our LSJ pipeline, and padding follows what the neck needs.
+from the pyramid's strides (never hard-coded, never inferred from the images seen), torchvision's
+internal transform neither normalises a second time nor resizes against our LSJ pipeline, and
+padding follows what the neck needs.
 
 Conventions:
 - inputs are already normalised with the backbone's mean/std (our data pipeline), so torchvision's
@@ -191,7 +192,7 @@ class NominalStrideRoIAlign(MultiScaleRoIAlign):
 
     torchvision infers ``scales`` (and the FPN level mapper) from the first call's feature and image
     sizes and keeps them (they are not in the state dict): with the ViTDet square pad, a landscape
-    first image gives scales 2× off for the model's lifetime. Here they are ``1 / stride`` from
+    first image gives scales 2× (or more) off for the model's lifetime. Here they are ``1 / stride`` from
     construction and restored before every call, never read from data. The level mapper is FPN's
     eq. 1 (canonical box 224 px at level 4), as torchvision's and detectron2's ``ROIPooler``.
 
