@@ -50,29 +50,85 @@ def _load_ckpt(path: Path) -> dict[str, Any]:
         raise CheckpointFormatError(f"could not read checkpoint {path}: {e}") from e
 
 
+_WHAT_LOADS = (
+    f"a checkpoint written by siglip-dense's train.py (.ckpt) or an export directory ({WEIGHTS_FILE} + "
+    f"{CONFIG_FILE}, tools/export.py)"
+)
+
+
+def _safetensors_format(path: Path) -> str | None:
+    """The ``format`` a safetensors file's metadata records (None: none, or not readable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # noqa: BLE001 - SafetensorError, OSError: the caller's error names the file
+        return None
+
+
+def checkpoint_location(path: str | Path) -> Path:
+    """What ``path`` names as a task checkpoint: an export's ``model.safetensors`` is its directory.
+
+    An export's weight file is only half of it (the hyper-parameters that rebuild the model are in
+    the ``config.json`` beside it), so the file stands for the directory, which is what a user who
+    passes it means.
+
+    Raises:
+        CheckpointFormatError: a safetensors file that is not an export's weights (a backbone weight
+            file, a converted checkpoint), or an export's weights without their ``config.json``.
+    """
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return path
+    if _safetensors_format(path) != EXPORT_FORMAT:
+        raise CheckpointFormatError(
+            f"{path} is a safetensors weight file, not a siglip-dense task checkpoint: pass {_WHAT_LOADS}; "
+            f"backbone weights start a training run instead (train.py backbone.checkpoint={path})"
+        )
+    if not (path.parent / CONFIG_FILE).is_file():
+        raise CheckpointFormatError(
+            f"{path} holds the weights of a siglip-dense export, but {path.parent / CONFIG_FILE} (the "
+            f"model's config) is missing: pass the export directory with both files, as tools/export.py "
+            "writes it"
+        )
+    return path.parent
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The self-description of a Lightning checkpoint or an export directory."""
+    """The self-description of a Lightning checkpoint or an export (its directory or weight file)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = checkpoint_location(path)
     if path.is_dir():
         config = path / CONFIG_FILE
         if not config.is_file():
-            raise CheckpointFormatError(f"{path} is a directory without {CONFIG_FILE}: not an export")
-        return json.loads(config.read_text())["siglip_dense"]
+            raise CheckpointFormatError(
+                f"{path} is a directory without {CONFIG_FILE}: not an export; pass {_WHAT_LOADS}"
+            )
+        described = json.loads(config.read_text())
+        if not isinstance(described, dict) or "siglip_dense" not in described:
+            raise CheckpointFormatError(
+                f"{config} has no 'siglip_dense' entry: {path} is not a siglip-dense export; pass {_WHAT_LOADS}"
+            )
+        return described["siglip_dense"]
     ckpt = _load_ckpt(path)
-    if "siglip_dense" not in ckpt:
+    if not isinstance(ckpt, dict) or "siglip_dense" not in ckpt:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointFormatError(
-            f"{path} has no 'siglip_dense' entry: not written by siglip-dense's train.py "
-            f"(top-level keys: {sorted(ckpt)[:8]})"
+            f"{path} has no 'siglip_dense' entry (top-level keys: {keys}): expected {_WHAT_LOADS}; "
+            f"backbone weights start a training run instead (train.py backbone.checkpoint={path})"
         )
     return ckpt["siglip_dense"]
 
 
 def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
-    """Rebuild the task of a Lightning checkpoint or an export directory, weights loaded, eval mode."""
+    """Rebuild the task of a Lightning checkpoint or an export (its directory or its
+    ``model.safetensors``), weights loaded, eval mode."""
     path = Path(path)
     meta = read_meta(path)
+    path = checkpoint_location(path)
     cls = task_class(meta["task"])
     with defer_eval_checks():  # a stored eval setting is checked where eval can override it
         task = _rebuild(cls, path, meta, map_location)
@@ -130,7 +186,8 @@ def chmod_as_new_file(path: Path) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> L.LightningModule:
-    """A ready model from a checkpoint or an export, in eval mode; no Hydra needed.
+    """A ready model from a checkpoint or an export (its directory or its ``model.safetensors``), in
+    eval mode; no Hydra needed.
 
     ``model.predict(images, score_threshold=None)`` takes paths, PIL images, numpy arrays or tensors,
     one or a batch, and returns per task the structures of :mod:`siglip_dense.predict`. SigLIP

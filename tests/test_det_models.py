@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from torchvision.models.detection.image_list import ImageList
 
 from siglip_dense.data.detection import DetDataModule
 from siglip_dense.models import build_backbone
-from siglip_dense.models.heads.detection import NominalStrideAnchorGenerator, build_detector
+from siglip_dense.models.heads.detection import (
+    NominalStrideAnchorGenerator,
+    NominalStrideRoIAlign,
+    build_detector,
+)
 from siglip_dense.models.necks import SimpleFeaturePyramid
 from siglip_dense.tasks.base import param_groups_layer_decay
 from siglip_dense.tasks.detection import DetectionTask
@@ -143,8 +150,6 @@ def test_anchors_follow_the_pyramid() -> None:
 
 def test_nominal_strides_for_patch14_inputs() -> None:
     """torchvision infers stride = padded_size // grid, which is wrong for patch-14 grids; ours is not."""
-    from torchvision.models.detection.image_list import ImageList
-
     gen = NominalStrideAnchorGenerator([[32.0], [64.0]], [[1.0], [1.0]], [4, 8])
     feats = [torch.zeros(1, 1, 130, 130), torch.zeros(1, 1, 65, 65)]  # a 518 input, stride-16 grid 33
     images = ImageList(torch.zeros(1, 3, 518, 518), [(518, 518)])
@@ -190,3 +195,59 @@ def test_bf16_autocast_keeps_boxes_fp32(toy_batches: tuple) -> None:
     # coordinates are not on the bf16 grid (steps of 0.5-1 px above 128)
     big = out["boxes"][out["boxes"] > 64]
     assert big.numel() == 0 or not torch.equal(big, big.bfloat16().float())
+
+
+@pytest.mark.parametrize("kind", list(DETECTORS))
+def test_detections_do_not_depend_on_the_images_seen_before(kind: str, toy_batches: tuple) -> None:
+    """An image's detections are the same alone, after a landscape image, after a portrait one.
+
+    torchvision's RoI pooler infers its scales from the first image it pools and keeps them: under
+    the square pad a landscape image's short side made them 4× off for every later image.
+    """
+    _, _, data_kwargs = toy_batches
+    neck, detector = DETECTORS[kind]
+    torch.manual_seed(0)
+    fresh = DetectionTask(BACKBONE, neck, detector, image_size=SIZE, **data_kwargs).eval()
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (96, 112, 3), dtype=np.uint8)
+    landscape = rng.integers(0, 256, (40, 160, 3), dtype=np.uint8)
+    portrait = rng.integers(0, 256, (160, 40, 3), dtype=np.uint8)
+
+    def photo_after(*before: np.ndarray) -> Any:
+        return copy.deepcopy(fresh).predict([*before, photo], score_threshold=0.0)[-1]
+
+    alone = photo_after()
+    assert len(alone.boxes) > 0
+    for before in ([landscape], [portrait], [landscape, portrait]):
+        after = photo_after(*before)
+        np.testing.assert_array_equal(after.boxes, alone.boxes)
+        np.testing.assert_array_equal(after.scores, alone.scores)
+        np.testing.assert_array_equal(after.labels, alone.labels)
+
+
+def test_roi_pooling_scales_come_from_the_strides() -> None:
+    """1 / stride per level and FPN's level mapper (eq. 1: 224 px boxes at level 4) from the start."""
+    body, neck = _parts()
+    model = build_detector("mask_rcnn", body, neck, 3, image_size=128, roi_levels=["p5", "p3", "p4", "p2"])
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        assert isinstance(pool, NominalStrideRoIAlign)
+        assert pool.featmap_names == ["p2", "p3", "p4", "p5"]
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [0.0, 0.0, 224.0, 224.0], [0.0, 0.0, 900.0, 900.0]])
+        # floor(4 + log2(sqrt(area) / 224)) clamped to 2..5, as an index from p2
+        assert pool.map_levels([boxes]).tolist() == [0, 2, 3]
+        feats = {f"p{k}": torch.zeros(1, 2, 512 // 2**k, 512 // 2**k) for k in range(2, 6)}
+        pool(feats, [boxes], [(160, 512)])  # a landscape first image: nothing is inferred from it
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    with pytest.raises(ValueError, match="consecutive pyramid levels"):
+        build_detector("faster_rcnn", body, neck, 3, image_size=128, roi_levels=["p2", "p4"])
+
+
+def test_anchors_under_bf16_features_are_the_fp32_anchors() -> None:
+    """Under autocast the features are bf16; anchors stay fp32 (bf16 rounds 377 px to 376)."""
+    gen = NominalStrideAnchorGenerator([[32.0, 45.0]], [[0.5, 1.0, 2.0]], [4])
+    images = ImageList(torch.zeros(1, 3, 512, 512), [(512, 512)])
+    fp32 = gen(images, [torch.zeros(1, 1, 128, 128)])[0]
+    bf16 = gen(images, [torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16)])[0]
+    assert bf16.dtype == torch.float32 and torch.equal(bf16, fp32)
+    assert torch.equal(gen(images, [torch.zeros(1, 1, 128, 128)])[0], fp32)  # after a bf16 call too

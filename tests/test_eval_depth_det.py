@@ -178,6 +178,87 @@ def test_detection_eval_results_rescored_by_pycocotools(
         assert metrics[f"bbox_{name}"] == (None if stat < 0 else pytest.approx(float(stat), abs=1e-12)), name
 
 
+def _pad_coco_image(root: Path, split: str, image_id: int, bottom: int, right: int) -> None:
+    """Pad one image of a COCO split bottom/right with grey; its annotations keep their coordinates
+    (masks stored as RLE are re-encoded at the new size, polygons and boxes are unchanged)."""
+    from pycocotools import mask as mask_utils
+
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    data = json.loads(ann_file.read_text())
+    info = next(im for im in data["images"] if im["id"] == image_id)
+    path = root / split / info["file_name"]
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    Image.fromarray(np.pad(rgb, ((0, bottom), (0, right), (0, 0)), constant_values=127)).save(
+        path, quality=95
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+    for ann in data["annotations"]:
+        if ann["image_id"] == image_id and isinstance(ann["segmentation"], dict):
+            mask = np.pad(gt.annToMask(ann), ((0, bottom), (0, right)))
+            rle = mask_utils.encode(np.asfortranarray(mask))
+            ann["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("utf-8")}
+    info["height"], info["width"] = info["height"] + bottom, info["width"] + right
+    ann_file.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def det_data_landscape_first(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Toy COCO data whose first validation image is landscape (2.5:1), its second portrait."""
+    root = ensure_toy_data(
+        tmp_path_factory.mktemp("evdet_order") / "data" / "toy_det",
+        num_train=4,
+        num_val=3,
+        seed=3,
+        layout="coco",
+    )
+    images = {
+        im["id"]: im
+        for im in json.loads((root / "annotations" / "instances_val2017.json").read_text())["images"]
+    }
+    first, second = images[1], images[2]
+    _pad_coco_image(root, "val2017", 1, 0, int(2.5 * first["height"]) - first["width"])
+    _pad_coco_image(root, "val2017", 2, int(2.5 * second["width"]) - second["height"], 0)
+    return root
+
+
+DETECTOR_RUNS = {
+    "faster_rcnn": ["task=det_faster_rcnn", "data.with_masks=false", "task.detector.box_score_thresh=0.0"],
+    "mask_rcnn": ["task.detector.box_score_thresh=0.0"],
+    "retinanet": ["task=det_retinanet", "neck.top_block=false", "task.detector.score_thresh=0.0"],
+    "fcos": ["task=det_fcos", "neck.top_block=false", "task.detector.score_thresh=0.0"],
+}
+
+
+def _sorted_results(path: Path) -> list[dict]:
+    return sorted(json.loads(path.read_text()), key=lambda r: (r["image_id"], -r["score"], r["bbox"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(DETECTOR_RUNS))
+def test_detection_eval_equals_the_training_validation_whatever_the_first_image(
+    kind: str, det_data_landscape_first: Path, tmp_path: Path, hydra_cleanup: None
+) -> None:
+    """tools/eval.py on a fresh process's model gives the training run's own validation results.
+
+    The first evaluated image is landscape: torchvision's RoI pooler inferred its scales from it
+    (the training run's from its square crops), so R-CNN results used to differ.
+    """
+    root = det_data_landscape_first
+    run_dir = tmp_path / "run"
+    small = ["data.batch_size=2", "data.image_size=128", "task.detector.box_detections_per_img=20"]
+    overrides = ["experiment=toy_det", *SHORT, *small, *DETECTOR_RUNS[kind]]
+    if kind in ("retinanet", "fcos"):
+        overrides.append("task.detector.detections_per_img=20")
+    run_train(compose_train_cfg(overrides, run_dir, data_dir=root.parent))
+    metrics = run_eval(eval_cfg(best_ckpt(run_dir), tmp_path / "eval", tmp_path))
+    trained = _sorted_results(run_dir / "coco_results.json")
+    evaluated = _sorted_results(tmp_path / "eval" / "coco_results.json")
+    assert {r["image_id"] for r in trained} == {1, 2, 3}
+    assert evaluated == trained
+    assert metrics == json.loads((run_dir / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_detection_predict_tool(det_run: tuple[Path, Path], tmp_path: Path) -> None:
     run_dir, root = det_run

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from siglip_dense.checkpoints import export, load_model
+from siglip_dense.checkpoints import CheckpointFormatError, export, load_model
 from siglip_dense.predict import (
     DepthPrediction,
     DetectionPrediction,
@@ -387,6 +387,44 @@ def test_export_files_respect_the_umask(seg_ckpt: Path, tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
     same(load_model(out).predict(rgb_image()), load_model(seg_ckpt).predict(rgb_image()))
+
+
+def test_an_exports_weight_file_loads_as_its_export(seg_ckpt: Path, tmp_path: Path) -> None:
+    """``load_model(<export>/model.safetensors)`` is the export (its config.json is beside it); a weight
+    file without it, or one that is no export, is an error saying what to pass instead."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import siglip_dense
+
+    out = export(seg_ckpt, tmp_path / "export")
+    same(
+        siglip_dense.load_model(str(out / "model.safetensors")).predict(rgb_image()),
+        load_model(seg_ckpt).predict(rgb_image()),
+    )
+    alone = tmp_path / "alone" / "model.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(out / "model.safetensors", alone)
+    with pytest.raises(
+        CheckpointFormatError,
+        match=rf"{re.escape(str(alone.parent / 'config.json'))}.*missing: pass the export directory",
+    ):
+        siglip_dense.load_model(str(alone))
+    backbone = tmp_path / "backbone.safetensors"
+    save_file({"patch_embed.proj.weight": torch.zeros(2, 3, 4, 4)}, str(backbone))
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"not a siglip-dense task checkpoint: pass .*export directory.*backbone\.checkpoint=",
+    ):
+        siglip_dense.load_model(str(backbone))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"foreign\.ckpt has no 'siglip_dense' entry .*expected a checkpoint written by siglip-dense's train\.py .*or an export directory",
+    ):
+        siglip_dense.load_model(str(foreign))
 
 
 @pytest.mark.parametrize("shape", [(100, 3, 3), (3, 3, 3), (9, 1, 3), (4, 40, 4)])

@@ -162,3 +162,36 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def readme_recipe_rows() -> dict[str, list[str]]:
+    """README's recipe table: the first cell's recipe name (``{...}`` sizes kept) -> the row's cells."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    head = "| experiment | task | backbone | protocol | reference |"
+    assert head in text
+    rows: dict[str, list[str]] = {}
+    for line in text[text.index(head) :].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].split("`")[1] if "`" in cells[0] else cells[0]] = cells
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("recipe", "metric", "numbers"),
+    [
+        ("ade20k_linear", "mIoU", ("41.8", "45.4")),
+        ("voc_linear", "mIoU", ("77.1", "78.1")),
+        ("nyu_normals_linear", "rmse", ("angular RMSE", "24.9°", "23.0°")),
+    ],
+)
+def test_readme_quotes_the_paper_in_the_metric_the_recipe_monitors(
+    reference: dict[str, dict[str, Any]], recipe: str, metric: str, numbers: tuple[str, ...]
+) -> None:
+    """The SigLIP 2 paper's Tab. 2 number sits beside its recipe, named as the recipe monitors it."""
+    row = next(cells for name, cells in readme_recipe_rows().items() if name.startswith(f"{recipe}_{{"))
+    quoted = row[-1]
+    assert "SigLIP 2 paper" in quoted and all(n in quoted for n in numbers), quoted
+    assert reference[f"{recipe}_so400m14"]["monitor"] == f"val/{metric}"
+    assert metric in " ".join(row[-2:]) or metric.upper() in quoted, row

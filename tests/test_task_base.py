@@ -116,14 +116,14 @@ def test_scheduler_config_is_a_partial_of_warmup_schedule() -> None:
 
 
 # -- init_from: every artefact the project writes, any task's layout ----------------------------------
-def _task(tmp_path: Path, experiment: str, **extra: Any) -> DenseTask:
+def _task(tmp_path: Path, experiment: str, overrides: tuple[str, ...] = (), **extra: Any) -> DenseTask:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from tests.conftest import compose_train_cfg
 
-    cfg = compose_train_cfg([f"experiment={experiment}"], tmp_path / "run")
+    cfg = compose_train_cfg([f"experiment={experiment}", *overrides], tmp_path / "run")
     GlobalHydra.instance().clear()
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     task_cfg.update(num_classes=3, class_names=["a", "b", "c"], **extra)
@@ -180,6 +180,45 @@ def test_segmentation_backbone_starts_a_detector(tmp_path: Path) -> None:
     theirs = seg.backbone.state_dict()
     assert set(det.init_report.loaded) == {f"model.backbone.body.{k}" for k in own}
     assert all(torch.equal(own[k], theirs[k]) for k in own)
+
+
+@pytest.mark.parametrize("experiment", ["toy_seg", "toy_det"])
+def test_init_from_without_a_backbone_block_is_an_error_unless_allowed(
+    tmp_path: Path, experiment: str
+) -> None:
+    """A backbone block the file lacks would stay random: an error naming the file, the block and
+    ``+backbone.strict=false``; with that, a warning, and the rest of the backbone is loaded."""
+    torch.manual_seed(0)
+    seg = _task(tmp_path, "toy_seg")
+    ckpt = _lightning_checkpoint(seg, tmp_path / "seg.ckpt")
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    raw["state_dict"] = {k: v for k, v in raw["state_dict"].items() if ".vit.blocks.3." not in k}
+    torch.save(raw, tmp_path / "no_block3.ckpt")
+    extra: dict[str, Any] = {"category_ids": [1, 2, 3]} if experiment == "toy_det" else {}
+    for filter_name in ("backbone", "all"):
+        with pytest.raises(
+            Exception,  # IncompleteInitError, wrapped by hydra's instantiate
+            match=r"no_block3\.ckpt.* 12 tensors .*\(vit\.blocks\.3\).*\+backbone\.strict=false",
+        ):
+            _task(
+                tmp_path,
+                experiment,
+                init_from=str(tmp_path / "no_block3.ckpt"),
+                init_from_filter=filter_name,
+                **extra,
+            )
+    with pytest.warns(UserWarning, match=r"no_block3\.ckpt.*vit\.blocks\.3.*kept random"):
+        task = _task(
+            tmp_path,
+            experiment,
+            ("+backbone.strict=false",),
+            init_from=str(tmp_path / "no_block3.ckpt"),
+            init_from_filter="backbone",
+            **extra,
+        )
+    own, theirs = task.backbone.state_dict(), seg.backbone.state_dict()
+    assert all(torch.equal(own[k], theirs[k]) for k in own if not k.startswith("vit.blocks.3."))
+    assert not torch.equal(own["vit.blocks.3.attn.qkv.weight"], theirs["vit.blocks.3.attn.qkv.weight"])
 
 
 # -- weight decay groups: the same under FSDP as in one process -----------------------------------------

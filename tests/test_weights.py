@@ -472,6 +472,53 @@ def test_load_into_vit_reports(tmp_path: Path) -> None:
     assert report.mismatched and report.missing
 
 
+def test_backbone_checkpoint_without_a_block_is_an_error_unless_strict_false(tmp_path: Path) -> None:
+    """The error names the file, the random block and the way out; strict=False warns and loads the rest."""
+    src = build_backbone("tiny", out_indices=[-1], verbose=False)
+    state = {k: v for k, v in src.vit.state_dict().items() if not k.startswith("blocks.3.")}
+    path = tmp_path / "no_block3.safetensors"
+    save_checkpoint(path, state, src.arch_config)
+    with pytest.raises(
+        CheckpointError,
+        match=r"no_block3\.safetensors.*blocks\.3 would stay random.*\+backbone\.strict=false",
+    ):
+        build_backbone("tiny", checkpoint=path, verbose=False)
+    with pytest.warns(UserWarning, match=r"no_block3\.safetensors.*blocks\.3 would stay random"):
+        built = build_backbone("tiny", checkpoint=path, strict=False, verbose=False)
+    own = built.vit.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items())
+
+
+def test_birder_file_of_other_widths_says_its_head_count_is_assumed(tmp_path: Path) -> None:
+    """birder's ``.pt`` stores only overrides of its registered network (often none): with widths
+    that are not the registered network's, the registered head count is an assumption, said so
+    with the way to set it; set, the backbone is birder's own network."""
+    import warnings
+
+    from tests.test_fix16 import BIRDER_TINY, _birder_file, _birder_reference
+
+    path = _birder_file(tmp_path, "vit_so400m_p14_ap", (56, 56))
+    raw = torch.load(path, map_location="cpu", weights_only=False)  # birder's own file
+    raw.pop("config")  # as birder's published weights: no network config
+    bare = tmp_path / "vit_so400m_p14_ap_1.pt"
+    torch.save(raw, bare)
+    with pytest.warns(
+        UserWarning,
+        match=r"vit_so400m_p14_ap_1\.pt: .*registered vit_so400m_p14_ap \(hidden_dim 64 \(registered 1152\).*"
+        r"head count 16 .* is assumed.*\+backbone\.num_heads=N",
+    ):
+        build_backbone(checkpoint=bare, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_heads = build_backbone(checkpoint=bare, num_heads=BIRDER_TINY["num_heads"], verbose=False).eval()
+        build_backbone(checkpoint=path, verbose=False)  # the file's own config names the heads
+    assert not [w for w in caught if "head count" in str(w.message)]
+    ref = _birder_reference(path, "vit_so400m_p14_ap")
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert (set_heads.forward_features(x) - ref.forward_features(x)).abs().max() <= 1e-5
+
+
 def test_guessed_heads_taken_from_requested_arch(tmp_path: Path) -> None:
     cfg = ArchConfig(**TINY, patch_size=16, img_size=(32, 32))
     src = create_vit(cfg, keep_head=True).eval()

@@ -8,6 +8,7 @@ chosen blocks, layer ids for layer-wise lr decay, freezing, and a checkpoint-dri
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -564,6 +565,24 @@ class SigLIP2Backbone(nn.Module):
         return self
 
 
+def warn_doubtful_heads(
+    loaded: weights.LoadedCheckpoint, cfg: ArchConfig, timm_kwargs: dict[str, Any]
+) -> None:
+    """Say when the head count is an assumption the checkpoint cannot confirm, and how to set it.
+
+    Heads are invisible in tensor shapes; a ``num_heads`` given by the caller (or a requested arch
+    that took over a guessed count) settles it.
+    """
+    why = loaded.doubtful.get("num_heads")
+    if why is None or "num_heads" in timm_kwargs or "num_heads" not in loaded.guessed:
+        return
+    warnings.warn(
+        f"{loaded.path}: {why}; building {cfg.num_heads} heads. If the network has another count, set "
+        "it with build_backbone(..., num_heads=N) (train.py: +backbone.num_heads=N)",
+        stacklevel=3,
+    )
+
+
 def build_backbone(
     arch: str | None = None,
     checkpoint: str | Path | None = None,
@@ -641,6 +660,7 @@ def build_backbone(
         **timm_kwargs,
     )
     if loaded is not None:
+        warn_doubtful_heads(loaded, cfg, timm_kwargs)
         report = weights.load_into_vit(vit, loaded, strict=strict)
         if verbose:
             print(report)

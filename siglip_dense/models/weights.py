@@ -73,6 +73,8 @@ class LoadedCheckpoint:
     dropped_keys: list[str] = field(default_factory=list)
     # ArchConfig fields that were guessed (no config, not derivable from tensor shapes)
     guessed: set[str] = field(default_factory=set)
+    # guessed fields whose guess is doubtful -> why (build_backbone warns unless the caller sets them)
+    doubtful: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +97,17 @@ class LoadReport:
             if keys:
                 parts.append(f"{name.replace('_', ' ')} {len(keys)}: {_first(keys)}")
         return "; ".join(parts)
+
+
+def key_groups(keys: Any) -> list[str]:
+    """State-dict keys shortened to their block (``blocks.3.attn.qkv.weight`` → ``blocks.3``, up to
+    the first numeric part); keys without one stay whole. First-seen order, no repeats."""
+    out: dict[str, None] = {}
+    for key in keys:
+        parts = str(key).split(".")
+        cut = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), len(parts))
+        out.setdefault(".".join(parts[:cut]), None)
+    return list(out)
 
 
 def _first(keys: Any, n: int = 5) -> str:
@@ -665,8 +678,9 @@ def _birder_network(path: Path, names: Any) -> str | None:
     return max(hits, key=len) if hits else None
 
 
-def _birder_config(meta: dict[str, str], path: Path) -> dict[str, Any]:
-    """The network's registered config updated by the file's overrides (what birder itself builds)."""
+def _birder_config(meta: dict[str, str], path: Path) -> tuple[dict[str, Any], str | None]:
+    """The network's registered config updated by the file's overrides (what birder itself builds),
+    and the registered network's name (None: the file name names none)."""
     own = _meta_json(meta, "config", path) or {}
     registered = _birder_registry()
     network = _birder_network(path, registered if registered is not None else _BIRDER_SIGLIP_NETS)
@@ -679,9 +693,31 @@ def _birder_config(meta: dict[str, str], path: Path) -> dict[str, Any]:
                 f"name <network>_<epoch>.pt (or <network>_<tag>.pt) so the loader can read them",
                 stacklevel=3,
             )
-        return own
+        return own, None
     base = registered[network] if registered is not None else _BIRDER_SIGLIP_NETS[network]
-    return {**base, **own}
+    return {**base, **own}, network
+
+
+def _birder_heads_doubt(
+    config: dict[str, Any], own: dict[str, Any], network: str | None, cfg: ArchConfig
+) -> str | None:
+    """Why the head count of a birder file is only assumed, or None when the file fixes it.
+
+    birder's ``.pt`` stores only the overrides of its registered network config (often none), so
+    the heads come from the registered network its file name names. Widths read from the tensors
+    that differ from that network's say the file holds another network: its heads are unknown.
+    """
+    if "num_heads" in own or network is None or "num_heads" not in config:
+        return None
+    widths = {"hidden_dim": cfg.embed_dim, "mlp_dim": cfg.mlp_dim, "num_layers": cfg.depth}
+    differ = {k: (v, config[k]) for k, v in widths.items() if k in config and int(config[k]) != v}
+    if not differ:
+        return None
+    shown = ", ".join(f"{k} {mine} (registered {theirs})" for k, (mine, theirs) in differ.items())
+    return (
+        f"its tensors are not birder's registered {network} ({shown}) and the file stores no "
+        f"network config: its head count {int(config['num_heads'])} (the registered network's) is assumed"
+    )
 
 
 def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> LoadedCheckpoint:
@@ -690,7 +726,7 @@ def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> Loa
     Keys from birder's ``ViT`` (net/vit.py); exact GELU unless its config names another activation;
     the position table is resampled as birder's ``_get_pos_embed`` does (bicubic, no antialias).
     """
-    config = _birder_config(meta, path)
+    config, network = _birder_config(meta, path)
     odd = {k: config[k] for k, v in _BIRDER_DEFAULTS.items() if k in config and config[k] != v}
     rule = (
         config.get("pos_embed_interpolation_mode", "bicubic"),
@@ -742,7 +778,12 @@ def _from_birder(sd: dict[str, Tensor], meta: dict[str, str], path: Path) -> Loa
         raise CheckpointError(f"{path}: birder checkpoint without conv_proj.weight: {_first(sd)}")
     cfg, guessed = _timm_arch(out, path, hints)
     cfg.pos_resample = _BIRDER_POS_RULES[rule]
-    return LoadedCheckpoint(out, cfg, "birder", path, dropped, guessed)
+    loaded = LoadedCheckpoint(out, cfg, "birder", path, dropped, guessed)
+    doubt = _birder_heads_doubt(config, _meta_json(meta, "config", path) or {}, network, cfg)
+    if doubt is not None:
+        loaded.guessed.add("num_heads")
+        loaded.doubtful["num_heads"] = doubt
+    return loaded
 
 
 def _naflex_npz_as_fixed(path: Path, prefix: str, patch: int, channels: int) -> io.BytesIO:
@@ -1039,12 +1080,19 @@ def load_into_vit(vit: torch.nn.Module, loaded: LoadedCheckpoint, strict: bool =
         new_sd[k] = v
         report.loaded.append(k)
     report.missing = [k for k in target if k not in new_sd]
-    if strict and (report.missing or report.mismatched):
-        raise CheckpointError(
-            f"{loaded.path} ({loaded.source_format}) does not fit the model: "
-            f"missing {len(report.missing)} [{_first(report.missing)}], "
-            f"shape mismatches {len(report.mismatched)} [{_first(report.mismatched)}]"
+    if report.missing or report.mismatched:
+        left = key_groups([*report.missing, *(m.split(" ")[0] for m in report.mismatched)])
+        what = (
+            f"{loaded.path} ({loaded.source_format}) does not fit the model: {_first(left, 8)} would stay "
+            f"random (missing {len(report.missing)} tensors, shape mismatches {len(report.mismatched)} "
+            f"[{_first(report.mismatched)}])"
         )
+        if strict:
+            raise CheckpointError(
+                f"{what}. Use a checkpoint with the whole backbone, or allow a partly random backbone "
+                "with strict=False (train.py: +backbone.strict=false)"
+            )
+        warnings.warn(f"{what} (strict=False: kept random)", stacklevel=2)
     vit.load_state_dict(new_sd, strict=False)
     return report
 
@@ -1082,6 +1130,7 @@ __all__ = [
     "LoadedCheckpoint",
     "check_arch_matches",
     "hf_cache_dir",
+    "key_groups",
     "load_into_vit",
     "read_checkpoint",
     "recorded_arch",

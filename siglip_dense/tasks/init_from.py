@@ -2,17 +2,21 @@
 
 Each component this model asks for (backbone, neck, heads) is found in the source under whatever
 key prefix it has there (a Lightning checkpoint of any task, a multi-task checkpoint, an export),
-copied where shapes agree (position tables resampled by the caller's rule) and reported.
+copied where shapes agree (position tables resampled by the caller's rule) and reported. Parts the
+file does not hold stay as built (a new task's heads); the backbone must come whole unless allowed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from siglip_dense.models.weights import key_groups
 
 INIT_FILTERS = ("backbone", "backbone+neck", "all")
 
@@ -48,6 +52,37 @@ class InitReport:
         if self.skipped:
             lines.append(f"  skipped from checkpoint {len(self.skipped)}: {head(self.skipped)}")
         return "\n".join(lines)
+
+
+class IncompleteInitError(ValueError):
+    """init_from would leave part of the backbone random (the message names the file and the keys)."""
+
+
+def check_complete(
+    report: InitReport, prefixes: tuple[str, ...], filter_name: str, allow: bool = False
+) -> None:
+    """Raise (``allow``: warn) when tensors under ``prefixes`` were not loaded (absent from the file,
+    or re-initialised because their shape differs); their blocks are named, as is the way out."""
+    if not prefixes:
+        return
+    mismatched = [m.split(" ")[0] for m in report.mismatched]
+    left = [k for k in report.missing + mismatched if k.startswith(prefixes)]
+    if not left:
+        return
+    prefix = next(p for p in prefixes if left[0].startswith(p))
+    groups = key_groups(k[len(prefix) :] for k in left if k.startswith(prefix))
+    shown = ", ".join(groups[:8]) + (f", ... (+{len(groups) - 8})" if len(groups) > 8 else "")
+    what = (
+        f"init_from {report.source} (init_from_filter={filter_name}) does not hold {len(left)} tensors of "
+        f"this model's backbone under '{prefix}' ({shown})"
+    )
+    if allow:
+        warnings.warn(f"{what}: kept random (backbone.strict=false)", stacklevel=3)
+        return
+    raise IncompleteInitError(
+        f"{what}: they would stay random. Start from a checkpoint with the whole backbone, or allow a "
+        "partly random backbone with +backbone.strict=false"
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -140,6 +175,8 @@ def init_from_checkpoint(
     filter_name: str = "all",
     components: dict[str, nn.Module] | None = None,
     resample: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+    complete: Sequence[str] = (),
+    allow_incomplete: bool = False,
 ) -> InitReport:
     """Copy the tensors ``filter_name`` selects from ``path`` into ``module``: mapped, checked, reported.
 
@@ -147,9 +184,13 @@ def init_from_checkpoint(
     filter asks for; each is found in the source under whatever prefix it has there (a Lightning
     checkpoint, an export, another task's layout). ``None``: the whole module, as named. ``resample``
     (name, source tensor) may fit a tensor of another shape (a position table); None re-initialises it.
+    ``complete``: key prefixes (the backbone's) whose tensors must all load: a part that would stay
+    partly random is an error, not a line of the report (a warning with ``allow_incomplete``).
 
     Raises:
         ValueError: nothing the filter asks for is in the file (naming it and the prefixes).
+        IncompleteInitError: tensors under a ``complete`` prefix absent from the file or of another
+            shape (naming the file, the blocks and the option that allows it).
     """
     src = read_state_dict(path)
     components = components if components is not None else {"": module}
@@ -184,6 +225,7 @@ def init_from_checkpoint(
                 used.add(key)
     report.loaded = sorted(to_load)
     report.skipped = sorted(k for k in src if k not in used)
+    check_complete(report, tuple(complete), filter_name, allow_incomplete)
     if not to_load:
         raise ValueError(
             f"init_from {path} (init_from_filter={filter_name}) matches no tensor of this model: looked for "
@@ -191,3 +233,17 @@ def init_from_checkpoint(
         )
     module.load_state_dict(to_load, strict=False)
     return report
+
+
+__all__ = [
+    "INIT_FILTERS",
+    "IncompleteInitError",
+    "InitReport",
+    "check_complete",
+    "filter_prefixes",
+    "find_source_prefix",
+    "init_from_checkpoint",
+    "read_state_dict",
+    "source_layout",
+    "split_components",
+]

@@ -216,6 +216,8 @@ class DenseModule(L.LightningModule):
                 init_from_filter,
                 self.init_components(init_from_filter),
                 resample=self.backbone.init_pos_resampler(init_from),
+                complete=(f"model.{self.backbone_prefix}",),  # a partly random backbone: an error
+                allow_incomplete=not self.backbone_cfg.get("strict", True),
             )
             print(report)
             self.init_report = report

@@ -2,8 +2,9 @@
 
 The detectors are torchvision's own; this module only adapts them to a plain ViT (ViTDet, Li et al.
 2022): the backbone is SigLIP2Backbone + SimpleFeaturePyramid, anchors and RoI poolers are derived
-from the pyramid's levels (never hard-coded), torchvision's internal transform neither normalises a
-second time nor resizes against our LSJ pipeline, and padding follows what the neck needs.
+from the pyramid's strides (never hard-coded, never inferred from the images seen), torchvision's
+internal transform neither normalises a second time nor resizes against our LSJ pipeline, and
+padding follows what the neck needs.
 
 Conventions:
 - inputs are already normalised with the backbone's mean/std (our data pipeline), so torchvision's
@@ -45,6 +46,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
 
 from siglip_dense.evaluation.deferred import eval_checks_deferred
 from siglip_dense.models.necks import pyramid_size_divisibility
@@ -147,7 +149,8 @@ class NominalStrideAnchorGenerator(AnchorGenerator):
 
     torchvision infers a level's stride as ``padded_size // grid``, which is wrong whenever the padded
     size is not a multiple of the stride (patch-14 backbones: a 518 input has a 130-cell p2 grid, and
-    518 // 130 = 3, not 4). The neck guarantees the nominal strides, so use them.
+    518 // 130 = 3, not 4). The neck guarantees the nominal strides, so use them. Anchors are fp32
+    (fp64 for fp64 features) whatever the features' dtype (bf16 under autocast).
     """
 
     def __init__(
@@ -167,7 +170,10 @@ class NominalStrideAnchorGenerator(AnchorGenerator):
                 f"anchor generator built for {len(self.strides)} levels got {len(feature_maps)} feature maps"
             )
         grid_sizes = [fm.shape[-2:] for fm in feature_maps]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        # fp32 (or wider) whatever the features' dtype: bf16 anchors would round coordinates to 2-4 px
+        # above 256 px, and set_cell_anchors keeps the dtype it is given for every later call
+        dtype = torch.promote_types(feature_maps[0].dtype, torch.float32)
+        device = feature_maps[0].device
         strides = [
             [
                 torch.tensor(s, dtype=torch.int64, device=device),
@@ -179,6 +185,55 @@ class NominalStrideAnchorGenerator(AnchorGenerator):
         per_level = self.grid_anchors(grid_sizes, strides)
         flat = torch.cat(per_level)
         return [flat for _ in range(len(image_list.image_sizes))]
+
+
+class NominalStrideRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign with its scales fixed by the pyramid's nominal strides.
+
+    torchvision infers ``scales`` (and the FPN level mapper) from the first call's feature and image
+    sizes and keeps them (they are not in the state dict): with the ViTDet square pad, a landscape
+    first image gives scales 2× (or more) off for the model's lifetime. Here they are ``1 / stride`` from
+    construction and restored before every call, never read from data. The level mapper is FPN's
+    eq. 1 (canonical box 224 px at level 4), as torchvision's and detectron2's ``ROIPooler``.
+
+    Raises:
+        ValueError: strides that are not powers of two doubling from one level to the next (the
+            level mapper indexes levels by ``log2(stride)``, so a gap would pool from no level).
+    """
+
+    def __init__(
+        self,
+        featmap_names: Sequence[str],
+        strides: Sequence[int],
+        output_size: int,
+        sampling_ratio: int,
+    ) -> None:
+        super().__init__(list(featmap_names), output_size, sampling_ratio)
+        strides = [int(s) for s in strides]
+        if len(strides) != len(featmap_names):
+            raise ValueError(f"{len(featmap_names)} RoI levels {list(featmap_names)} for strides {strides}")
+        log2 = [math.log2(s) if s > 0 else math.nan for s in strides]
+        if any(not v.is_integer() for v in log2) or any(b - a != 1 for a, b in zip(log2, log2[1:])):
+            raise ValueError(
+                f"roi_levels {list(featmap_names)} have strides {strides}: RoI pooling needs consecutive "
+                "pyramid levels (strides doubling, e.g. p2..p5); set task.detector.roi_levels accordingly"
+            )
+        self.strides = strides
+        self._nominal_scales = [1.0 / s for s in strides]
+        self._nominal_mapper = initLevelMapper(int(log2[0]), int(log2[-1]))
+        self.scales, self.map_levels = list(self._nominal_scales), self._nominal_mapper
+
+    def forward(
+        self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        missing = [n for n in self.featmap_names if n not in x]
+        if missing:
+            raise ValueError(f"RoI pooling needs pyramid levels {missing}, the features have {list(x)}")
+        self.scales, self.map_levels = list(self._nominal_scales), self._nominal_mapper
+        return super().forward(x, boxes, image_shapes)
+
+    def extra_repr(self) -> str:
+        return f"strides={self.strides}"
 
 
 def square_pad_size(image_size: int | Sequence[int], size_divisibility: int) -> int:
@@ -426,7 +481,9 @@ def build_detector(
     bad = [lv for lv in roi_levels if lv not in names]
     if bad or not roi_levels:
         raise ValueError(f"roi_levels {roi_levels} must be a non-empty subset of the detector levels {names}")
-    box_pool = MultiScaleRoIAlign(featmap_names=roi_levels, output_size=7, sampling_ratio=sampling_ratio)
+    roi_levels = sorted(roi_levels, key=lambda n: backbone.strides[n])  # the order the features come in
+    roi_strides = [backbone.strides[n] for n in roi_levels]
+    box_pool = NominalStrideRoIAlign(roi_levels, roi_strides, output_size=7, sampling_ratio=sampling_ratio)
     nl = norm_layer(head_norm)
     if box_head == "4conv1fc":
         head_module: nn.Module = FastRCNNConvFCHead(
@@ -448,8 +505,8 @@ def build_detector(
         model = FasterRCNN(backbone, None, box_predictor=predictor, **rpn_kwargs, **common, **detector_kwargs)
         model.has_masks = False
     else:
-        mask_pool = MultiScaleRoIAlign(
-            featmap_names=roi_levels, output_size=14, sampling_ratio=sampling_ratio
+        mask_pool = NominalStrideRoIAlign(
+            roi_levels, roi_strides, output_size=14, sampling_ratio=sampling_ratio
         )
         mask_head = MaskRCNNHeads(ch, [mask_head_channels] * 4, 1, norm_layer=nl)
         mask_predictor = MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1)
@@ -496,6 +553,7 @@ __all__ = [
     "TEST_PROTOCOLS",
     "DetectorTransform",
     "NominalStrideAnchorGenerator",
+    "NominalStrideRoIAlign",
     "PyramidBackbone",
     "anchor_sizes_for",
     "build_anchor_generator",
