@@ -209,10 +209,11 @@ def class_names(classes: Any, text_encoder: TextEncoder | None = None) -> list[s
     except ValueError as err:
         raise OpenVocabError(str(err)) from None
     if text_encoder is not None:
+        synonyms = [class_synonyms(name) for name in names]
+        rows = iter(text_encoder.tokenize([s for syns in synonyms for s in syns])["input_ids"].tolist())
         keys: dict[tuple, str] = {}
-        for name in names:
-            ids = text_encoder.tokenize(class_synonyms(name))["input_ids"]
-            key = tuple(tuple(row.tolist()) for row in ids)
+        for name, syns in zip(names, synonyms, strict=True):
+            key = tuple(tuple(next(rows)) for _ in syns)
             if key in keys:
                 raise OpenVocabError(
                     f"classes {keys[key]!r} and {name!r} are the same text for this model (the same tokens "
