@@ -108,9 +108,7 @@ def test_dense_logits_match_two_towers(full_checkpoint, method):
     tokens = last if method == "maskclip" else hf_clearclip_last_layer(model, before_last)
     with torch.no_grad():
         dense = F.normalize(hf_head_value_path(model, tokens), dim=-1)  # B×N×D
-        text = F.normalize(
-            reference_features(kind, model, tok, [f"a photo of a {c}." for c in CLASSES]), dim=-1
-        )
+        text = F.normalize(reference_features(model, tok, [f"a photo of a {c}." for c in CLASSES]), dim=-1)
         ref = dense @ text.T * model.logit_scale.exp() + model.logit_bias
     ref = ref.transpose(1, 2).reshape(2, len(CLASSES), 4, 4)
     assert max_abs_diff(ours, ref) <= PEER_TOL

@@ -1,6 +1,7 @@
 """The benchmarks' class names are CAT-Seg's files byte for byte, and zero-shot evaluation reads the
-prepared layouts (16-bit TIFF maps of ADE-847 / PC-459 with their ignore values) with the mIoU of a
-numpy confusion matrix."""
+prepared layouts (16-bit TIFF maps of ADE-847 / PC-459 with their ignore values) and scores them as
+detectron2's ``SemSegEvaluator`` (re-typed in tests/helpers/peer_rules.py), as CAT-Seg does; the data
+config picks the metric protocol of the trained task too."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from siglip_dense.data.io import DataError
 from siglip_dense.openvocab import load_model
 from siglip_dense.openvocab.benchmarks import CLASSNAMES_DIR, SemSegBenchmarkData, benchmark_classes
 from tests.conftest import REPO
+from tests.helpers.peer_rules import detectron2_sem_seg
 from tests.test_openvocab import _save_checkpoint
 
 # git blob hashes of datasets/<file> in KU-CVLAB/CAT-Seg at 6d3a188af95165147fe2f34a8237fa7d2633e784
@@ -80,6 +82,7 @@ def test_eval_configs_compose(data, tmp_path, hydra_cleanup):
     ev = compose_cfg("eval", ["zero_shot=true", "ckpt_path=/c", f"data={data}", "data.root=/x"], tmp_path)
     dm = instantiate(OmegaConf.to_container(ev.data, resolve=True))
     assert dm.num_classes == len(set(dm.class_names)) == EVAL_CONFIGS[data]
+    assert dm.metric_protocol == "detectron2"  # CAT-Seg / the SigLIP 2 paper: detectron2's evaluator
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +133,11 @@ def test_zero_shot_on_16bit_tree(bench, checkpoint, tmp_path):
     with pytest.warns(UserWarning, match="1 of 4 images"):
         metrics = run_zero_shot_eval(cfg)
 
-    # independent: files read with PIL, the model's own logits, a numpy confusion matrix
+    # independent: files read with PIL, the model's own logits, detectron2's evaluator re-typed
     names = benchmark_classes(bench)
     k = len(names)
     model = load_model(checkpoint, templates="photo")
-    conf = np.zeros((k, k), dtype=np.int64)
+    preds, gts = [], []
     for gt in sorted((root / gt_dir).glob("*.tif")):
         image = np.asarray(Image.open(root / img_dir / f"{gt.stem}.jpg").convert("RGB"))
         ann = np.asarray(Image.open(gt)).astype(np.int64)
@@ -144,14 +147,19 @@ def test_zero_shot_on_16bit_tree(bench, checkpoint, tmp_path):
         x = resize_image(x, eval_resize_scale(h, w, 32, 128))
         with torch.no_grad():
             logits = F.interpolate(model.segment(x, names), size=(h, w), mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)[0].numpy()
-        valid = ann != ignore
-        conf += np.bincount(ann[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
-    inter = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - inter
-    assert conf.sum(1)[300] > 0  # a label above 255 is scored, not folded into uint8
-    assert metrics["mIoU"] == pytest.approx(np.mean(inter[union > 0] / union[union > 0]), abs=1e-6)
+        preds.append(logits.argmax(1)[0].numpy())
+        gts.append(ann)
+    ref = detectron2_sem_seg(preds, gts, k, ignore)
+    assert not np.isnan(ref["IoU"][300])  # a label above 255 is scored, not folded into uint8
+    predicted = set(np.unique(np.concatenate([p.ravel() for p in preds]))) - {0, 7, 300, k - 1}
+    assert predicted  # classes absent from the ground truth are predicted: where the two rules differ
+    assert metrics["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)
+    for ours, theirs in (("fwIoU", "fwIoU"), ("mAcc", "mACC"), ("aAcc", "pACC")):
+        assert metrics[ours] == pytest.approx(ref[theirs], abs=1e-6), ours
+    assert metrics["metric_protocol"] == "detectron2"
     assert list(metrics["per_class_IoU"]) == names
+    per_class = np.array([np.nan if v is None else v for v in metrics["per_class_IoU"].values()])
+    np.testing.assert_allclose(per_class, ref["IoU"], atol=1e-6)
 
 
 def test_bad_label_value_names_the_file(tmp_path):
@@ -168,3 +176,37 @@ def test_bad_label_value_names_the_file(tmp_path):
         dm.val_dataset[1]
     with pytest.raises(DataError, match="no ground-truth maps"):
         SemSegBenchmarkData(root, "pc459", "JPEGImages", "nowhere", 459).setup()
+
+
+def test_the_data_config_picks_the_metric_protocol(toy_data_root, tmp_path, hydra_cleanup):
+    """Training on the open-vocabulary training set (COCO-Stuff config) scores validation as detectron2;
+    the toy / ADE20K-style data as MMSeg; evaluating on other data adopts that data's rule."""
+    from hydra.utils import instantiate
+
+    from siglip_dense.cli import data_error_message
+    from siglip_dense.train import build_task
+    from tests.conftest import compose_train_cfg
+
+    def task_and_data(*overrides: str):
+        cfg = compose_train_cfg(
+            ["experiment=toy_seg", f"data.root={toy_data_root}", "data.num_workers=0", *overrides],
+            tmp_path / str(len(overrides)),
+        )
+        dm = instantiate(cfg.data, _convert_="all")
+        return build_task(cfg, dm), dm
+
+    closed, closed_dm = task_and_data()
+    assert closed_dm.metric_protocol == "mmseg"
+    assert closed.components["segmentation"].metric_protocol == "mmseg"
+    assert "fwIoU" not in closed.valid_monitors()
+    coco, _ = task_and_data("data=openvocab_cocostuff171")
+    seg = coco.components["segmentation"]
+    assert seg.metric_protocol == "detectron2" and seg.val_metric.protocol == "detectron2"
+    assert "val/fwIoU" in coco.valid_monitors()
+    # tools/eval.py on other data: that data's rule (the COCO-Stuff config on the toy tree's names)
+    _, toy_as_openvocab = task_and_data("data=openvocab_cocostuff171", "data.classes=null")
+    closed.bind_data(toy_as_openvocab)
+    assert closed.components["segmentation"].metric_protocol == "detectron2"
+    with pytest.raises(Exception) as err:  # noqa: PT011 - Hydra wraps it; the CLI prints the DataError
+        task_and_data("+data.metric_protocol=miou")
+    assert "data.metric_protocol" in data_error_message(err.value) and "'miou'" in str(err.value)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from siglip_dense.models.heads.catseg import CATSegHead
 from tests.conftest import PEER_TOL, REPO, max_abs_diff
+from tests.helpers.peer_rules import catseg_class_embeddings
 from tests.test_openvocab import siglip_checkpoint  # noqa: F401 - module fixture
 from tests.test_text import reference_features
 
@@ -42,12 +43,32 @@ def test_class_embeddings_are_the_text_towers(siglip_checkpoint):  # noqa: F811
     head = make_head(path)
     temps = head.templates
     for i, name in enumerate(NAMES):
-        ref = F.normalize(reference_features(kind, model, tok, [t.format(name) for t in temps]), dim=-1)
+        ref = F.normalize(reference_features(model, tok, [t.format(name) for t in temps]), dim=-1)
         assert max_abs_diff(head.class_embeddings[i], ref) <= PEER_TOL
     assert (
         json.loads(bytes(head.state_dict()["class_names_utf8"].tolist())) == NAMES
     )  # stored with embeddings
     assert not any("text_model" in k for k in head.state_dict())  # the frozen tower is not saved
+
+
+def test_synonym_names_are_embedded_as_catseg(siglip_checkpoint):  # noqa: F811
+    """Training names and names switched to later (set_classes) with ", "-separated synonyms: each
+    synonym in each template, averaged per template (CAT-Seg's class_embeddings)."""
+    _, path, model, tok = siglip_checkpoint
+    train = ["wall", "building, edifice", "floor, flooring", "Sofa_Bed"]
+    head = make_head(path, names=train)
+
+    def reference(names: list[str]) -> torch.Tensor:
+        return catseg_class_embeddings(
+            names, head.templates, lambda texts: reference_features(model, tok, texts)
+        )
+
+    assert max_abs_diff(head.class_embeddings, reference(train)) <= PEER_TOL
+    other = ["tree", "car, auto, automobile, machine, motorcar", "sky"]
+    head.set_classes(other)
+    assert max_abs_diff(head.current_embeddings, reference(other)) <= PEER_TOL
+    with torch.no_grad():
+        assert head(features()).shape[1] == len(other)
 
 
 def test_equivariant_to_class_order_and_count(siglip_checkpoint):  # noqa: F811

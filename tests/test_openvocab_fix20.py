@@ -121,6 +121,7 @@ def test_readme_classes_strings_parse(hydra_cleanup):
             cfg = compose("predict", overrides=args)
         seen.append(_classes(cfg.classes))
     assert ["cat", "sofa", "window"] in seen
+    assert ["sofa, couch", "window", "tv, television"] in seen  # a quoted list item keeps its synonyms
     assert any(any(not n.isascii() for n in names) for names in seen)
 
 

@@ -1,4 +1,5 @@
-"""SegmentationMetric against an independent numpy computation; DDP-style state merging; the table."""
+"""SegmentationMetric against an independent numpy computation (MMSeg's rule) and detectron2's
+``SemSegEvaluator`` re-typed (the open-vocabulary rule); DDP-style state merging; the table."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from siglip_dense.evaluation.seg_metrics import SegmentationMetric, format_seg_table
+from tests.helpers.peer_rules import detectron2_sem_seg
 
 K = 7  # classes 5 and 6 never appear in pred or target
 IGNORE = 255
@@ -100,12 +102,13 @@ def test_out_of_range_values_raise_and_name_them() -> None:
     assert int(metric.confmat.sum()) == 0  # nothing half-added
 
 
-def test_states_sum_like_ddp() -> None:
-    batches = _batches(seed=3)
-    whole = SegmentationMetric(K)
+@pytest.mark.parametrize("protocol", ["mmseg", "detectron2"])
+def test_states_sum_like_ddp(protocol: str) -> None:
+    batches = _batches_predicting_absent_classes(seed=3) if protocol == "detectron2" else _batches(seed=3)
+    whole = SegmentationMetric(K, protocol=protocol)
     for pred, target in batches:
         whole.update(pred, target)
-    rank0, rank1 = SegmentationMetric(K), SegmentationMetric(K)
+    rank0, rank1 = SegmentationMetric(K, protocol=protocol), SegmentationMetric(K, protocol=protocol)
     for i, (pred, target) in enumerate(batches):
         (rank0 if i % 2 == 0 else rank1).update(pred, target)
     # what the DDP all-reduce does with dist_reduce_fx="sum"
@@ -151,3 +154,61 @@ def test_format_seg_table_reads_metrics_json_nulls() -> None:
     table = format_seg_table(stored, names)
     assert any(line.startswith("sky") and line.rstrip().endswith("-") for line in table.splitlines())
     assert "mIoU: 58.33" in table
+
+
+# -- detectron2's rule (open-vocabulary benchmarks) -------------------------------------------------
+
+
+def _batches_predicting_absent_classes(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Ground truth in classes 0..4 (ignore mixed in); predictions also use 5, absent from the ground
+    truth (the open-vocabulary case: most of ADE-847's names are absent from a split); 6 never occurs."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for pred, target in _batches(seed):
+        pred = torch.where(torch.rand(pred.shape, generator=g) < 0.15, torch.full_like(pred, 5), pred)
+        out.append((pred, target))
+    return out
+
+
+def test_detectron2_rule_on_the_two_class_example() -> None:
+    """Two classes in the ground truth, one predicted right, one predicted as a class absent from the
+    ground truth: detectron2 averages over the two ground-truth classes (0.5), MMSeg over three (1/3)."""
+    pred, target = torch.tensor([0, 0, 2, 2]), torch.tensor([0, 0, 1, 1])
+    ref = detectron2_sem_seg([pred.numpy()], [target.numpy()], 3, IGNORE)
+    d2 = SegmentationMetric(3, protocol="detectron2")
+    d2.update(pred, target)
+    assert float(d2.compute()["mIoU"]) == pytest.approx(ref["mIoU"]) == pytest.approx(0.5)
+    mm = SegmentationMetric(3)  # MMSeg's rule stays the default: closed-set numbers unchanged
+    mm.update(pred, target)
+    assert float(mm.compute()["mIoU"]) == pytest.approx(_numpy_reference([(pred, target)], 3)["mIoU"])
+    assert float(mm.compute()["mIoU"]) == pytest.approx(1 / 3)
+
+
+def test_detectron2_rule_matches_sem_seg_evaluator() -> None:
+    batches = _batches_predicting_absent_classes()
+    metric = SegmentationMetric(K, ignore_index=IGNORE, protocol="detectron2")
+    for pred, target in batches:
+        metric.update(pred, target)
+    ref = detectron2_sem_seg([p.numpy() for p, _ in batches], [t.numpy() for _, t in batches], K, IGNORE)
+    res = metric.compute()
+    assert set(res) == {"mIoU", "fwIoU", "aAcc", "mAcc", "per_class_IoU"}
+    for ours, theirs in (("mIoU", "mIoU"), ("fwIoU", "fwIoU"), ("mAcc", "mACC"), ("aAcc", "pACC")):
+        assert float(res[ours]) == pytest.approx(ref[theirs], abs=1e-6), ours
+    # class 5 is predicted but absent from the ground truth: no IoU (MMSeg would give it 0)
+    np.testing.assert_allclose(res["per_class_IoU"].numpy(), ref["IoU"], atol=1e-6)
+    assert math.isnan(float(res["per_class_IoU"][5]))
+    mmseg = _numpy_reference(batches, K)
+    assert mmseg["per_class_IoU"][5] == 0.0 and mmseg["mIoU"] < ref["mIoU"] - 0.05
+
+
+def test_unknown_protocol_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"metric_protocol must be one of \['mmseg', 'detectron2'\].*'d2'"):
+        SegmentationMetric(3, protocol="d2")
+
+
+def test_format_seg_table_names_the_protocol_and_fwiou() -> None:
+    metric = SegmentationMetric(3, protocol="detectron2")
+    metric.update(torch.tensor([0, 0, 2, 2]), torch.tensor([0, 0, 1, 1]))
+    res = dict(metric.compute(), metric_protocol="detectron2")
+    table = format_seg_table(res, ["wall", "building", "sky"])
+    assert "mIoU: 50.00" in table and "fwIoU: 50.00" in table and "(detectron2 protocol)" in table

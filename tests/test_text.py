@@ -1,5 +1,7 @@
 """Text tower: embeddings equal transformers' ``get_text_features`` for tiny random SigLIP / SigLIP 2
-checkpoints saved locally, with tokenizers trained locally in the checkpoint's own tokenizer class."""
+checkpoints saved locally, with tokenizers trained locally in the checkpoint's own tokenizer class; text
+preprocessing is big_vision's for every source, class names with synonyms CAT-Seg's (both re-typed
+in tests/helpers/peer_rules.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import pytest
 import torch
 
 from siglip_dense.models import build_text_encoder
-from siglip_dense.models.text import TEMPLATES, parse_classes, resolve_templates
+from siglip_dense.models.text import TEMPLATES, canonicalize_text, parse_classes, resolve_templates
 from siglip_dense.models.weights import CheckpointError
 from tests.conftest import PEER_TOL, max_abs_diff
+from tests.helpers.peer_rules import big_vision_canonicalize, big_vision_sticky_eos, catseg_class_embeddings
 
 CORPUS = [
     "a photo of a cat",
@@ -28,8 +31,10 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
-def gemma_tokenizer(path: Path):
-    """A byte-fallback BPE trained here with ``tokenizers``, wrapped as SigLIP 2's GemmaTokenizer."""
+def gemma_tokenizer(path: Path, hub_config: bool = True):
+    """A byte-fallback BPE trained here with ``tokenizers``, wrapped as SigLIP 2's GemmaTokenizer: with
+    the ``google/siglip2-*`` repos' special-token settings (no BOS, EOS appended), or (``hub_config=False``)
+    transformers' GemmaTokenizer defaults, neither BOS nor EOS (a Gemma language model's tokenizer dir)."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -39,7 +44,8 @@ def gemma_tokenizer(path: Path):
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=special))
-    wrapped = transformers.GemmaTokenizer(tokenizer_object=tok)
+    special_tokens = dict(add_bos_token=False, add_eos_token=True) if hub_config else {}
+    wrapped = transformers.GemmaTokenizer(tokenizer_object=tok, **special_tokens)
     wrapped.save_pretrained(path)
     return wrapped
 
@@ -102,14 +108,20 @@ def text_checkpoint(request, tmp_path_factory) -> tuple[str, Path, torch.nn.Modu
     return kind, path, model, saved_tokenizer(path)
 
 
-def reference_features(kind: str, model, tok, texts: list[str]) -> torch.Tensor:
-    """transformers' get_text_features on the source's preprocessing: SigLIP 2 lower-cased, right-padded
-    to 64, input ids only (big_vision attends to the pads)."""
-    if kind == "siglip2":
-        texts = [t.lower() for t in texts]
-    ids = tok(texts, padding="max_length", padding_side="right", max_length=64, truncation=True)["input_ids"]
+def big_vision_ids(tok, texts: list[str], length: int = 64) -> torch.Tensor:
+    """big_vision's text pipeline: canonicalised text, the tokenizer's pieces (no special tokens), EOS
+    appended and kept when cut to ``length`` ("sticky"), padded on the right with the pad token."""
+    pieces = tok([big_vision_canonicalize(t) for t in texts], add_special_tokens=False)["input_ids"]
+    return torch.tensor(
+        [big_vision_sticky_eos(p, length, tok.eos_token_id, tok.pad_token_id) for p in pieces]
+    )
+
+
+def reference_features(model, tok, texts: list[str]) -> torch.Tensor:
+    """transformers' get_text_features on big_vision's token ids (input ids only: big_vision attends to
+    the pads)."""
     with torch.no_grad():
-        out = model.get_text_features(input_ids=torch.tensor(ids))
+        out = model.get_text_features(input_ids=big_vision_ids(tok, texts))
     return getattr(out, "pooler_output", out)
 
 
@@ -117,7 +129,7 @@ def test_encode_matches_get_text_features(text_checkpoint):
     kind, path, model, tok = text_checkpoint
     enc = build_text_encoder(path)
     ours = enc.encode(TEXTS)
-    ref = reference_features(kind, model, tok, TEXTS)
+    ref = reference_features(model, tok, TEXTS)
     assert ours.shape == (len(TEXTS), 32)
     assert max_abs_diff(ours, ref) <= PEER_TOL
     assert enc.logit_scale.item() == pytest.approx(2.3) and enc.logit_bias.item() == pytest.approx(-4.1)
@@ -125,14 +137,6 @@ def test_encode_matches_get_text_features(text_checkpoint):
     ids = enc.tokenize(TEXTS)["input_ids"]
     assert ids.shape == (len(TEXTS), 64)
     assert (ids[1, -1] == tok.pad_token_id).item()
-
-
-def test_siglip2_lowercases(text_checkpoint):
-    kind, path, *_ = text_checkpoint
-    enc = build_text_encoder(path)
-    same = torch.equal(enc.encode(["A Photo of a CAT"]), enc.encode(["a photo of a cat"]))
-    # SigLIP 2: we lower-case; SigLIP: its SentencePiece tokenizer lower-cases (do_lower_case) itself
-    assert same
 
 
 def test_class_ensemble_is_mean_of_normalised_templates(text_checkpoint):
@@ -143,7 +147,7 @@ def test_class_ensemble_is_mean_of_normalised_templates(text_checkpoint):
     temps = TEMPLATES["imagenet7"]
     ref = []
     for name in classes:
-        feats = reference_features(kind, model, tok, [t.format(name) for t in temps])
+        feats = reference_features(model, tok, [t.format(name) for t in temps])
         mean = torch.nn.functional.normalize(feats, dim=-1).mean(0)
         ref.append(mean / mean.norm())
     assert max_abs_diff(emb, torch.stack(ref)) <= PEER_TOL
@@ -169,21 +173,18 @@ def test_text_encoder_errors(tmp_path, text_checkpoint):
         build_text_encoder(path, tokenizer=tmp_path / "vision")
 
 
-@pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_open_clip_text_tower(tmp_path, approximate):
-    """An open_clip SigLIP text tower (its own TextTransformer and config, saved as the timm/ hub repos
-    ship it) encodes as open_clip does: its HFTokenizer with clean=canonicalize, then the tower."""
+def save_open_clip_tower(path: Path, vocab_size: int, approximate: str = "tanh") -> torch.nn.Module:
+    """open_clip's own SigLIP TextTransformer (seed 0), saved with its config as the timm/ hub repos ship
+    it (open_clip_config.json + open_clip_model.safetensors) into ``path``."""
     import json
     from functools import partial
 
-    from open_clip.tokenizer import HFTokenizer
     from open_clip.transformer import TextTransformer
     from safetensors.torch import save_file
 
-    tok = gemma_tokenizer(tmp_path)
     text_cfg = {
         "context_length": 64,
-        "vocab_size": len(tok),
+        "vocab_size": vocab_size,
         "width": 32,
         "heads": 2,
         "layers": 2,
@@ -198,7 +199,7 @@ def test_open_clip_text_tower(tmp_path, approximate):
     torch.manual_seed(0)
     tower = TextTransformer(
         context_length=64,
-        vocab_size=len(tok),
+        vocab_size=vocab_size,
         width=32,
         heads=2,
         layers=2,
@@ -211,10 +212,21 @@ def test_open_clip_text_tower(tmp_path, approximate):
     ).eval()
     sd = {f"text.{k}": v.contiguous() for k, v in tower.state_dict().items()}
     sd["logit_scale"], sd["logit_bias"] = torch.tensor([2.3]), torch.tensor([-4.1])
-    save_file(sd, str(tmp_path / "open_clip_model.safetensors"))
+    save_file(sd, str(path / "open_clip_model.safetensors"))
     config = {"model_cfg": {"embed_dim": 24, "text_cfg": text_cfg}}
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    return tower
 
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_open_clip_text_tower(tmp_path, approximate):
+    """An open_clip SigLIP text tower (its own TextTransformer and config, saved as the timm/ hub repos
+    ship it, with the hub's tokenizer files) encodes as open_clip does: its HFTokenizer with
+    clean=canonicalize, then the tower."""
+    from open_clip.tokenizer import HFTokenizer
+
+    tok = gemma_tokenizer(tmp_path)
+    tower = save_open_clip_tower(tmp_path, len(tok), approximate)
     enc = build_text_encoder(tmp_path)
     texts = [*TEXTS, "A_Photo, of the CAT!"]
     # right padding as big_vision trained (a Gemma tokenizer's own default is left)
@@ -281,12 +293,123 @@ def test_big_vision_text_tower(text_checkpoint, tmp_path, scan):
     npz = tmp_path / "siglip.npz"
     np.savez(npz, **arrays)
     enc = build_text_encoder(npz, tokenizer=path)
-    assert max_abs_diff(enc.encode(TEXTS), reference_features(kind, model, tok, TEXTS)) <= PEER_TOL
+    assert max_abs_diff(enc.encode(TEXTS), reference_features(model, tok, TEXTS)) <= PEER_TOL
     assert enc.logit_scale.item() == pytest.approx(2.3) and enc.logit_bias.item() == pytest.approx(-4.1)
-    assert enc.lowercase == (kind == "siglip2")
     with pytest.raises(CheckpointError, match="tokenizer=DIR"):
         build_text_encoder(npz)
     del arrays["params/b"]
     np.savez(tmp_path / "nob.npz", **arrays)
     with pytest.raises(CheckpointError, match="params/b"):
         build_text_encoder(tmp_path / "nob.npz", tokenizer=path)
+
+
+# -- one text preprocessing for every source: big_vision's ----------------------------------------------
+
+LONG = "The_Cat, " * 40 + "END."  # > 64 tokens: cut, with the final EOS kept
+CANON_TEXTS = ["Sofa_Bed", "sofa bed", "A Photo, of the CAT!", "itap of a  window.", LONG]
+SOURCES = ["siglip", "siglip2", "open_clip", "big_vision_siglip", "big_vision_siglip2"]
+
+
+def _hf_checkpoint(kind: str, path: Path) -> tuple[torch.nn.Module, object]:
+    tok = sentencepiece_tokenizer(path) if kind == "siglip" else gemma_tokenizer(path)
+    return save_full_model(path, kind, vocab_size=len(tok), image_size=32, patch_size=8), saved_tokenizer(
+        path
+    )
+
+
+@pytest.fixture(scope="module", params=SOURCES)
+def text_source(request, tmp_path_factory):
+    """(our encoder, the tokenizer its source reads, the source's own tower: ids -> features) for a
+    transformers SigLIP / SigLIP 2 directory, an open_clip directory and a big_vision .npz. The open_clip
+    and big_vision ones get their tokenizer apart (tokenizer=DIR), a Gemma language model's files (no
+    EOS of their own): big_vision appends and keeps the EOS itself."""
+    source = request.param
+    root = tmp_path_factory.mktemp(source)
+    if source in ("siglip", "siglip2"):
+        model, tok = _hf_checkpoint(source, root)
+        return build_text_encoder(root), tok, lambda ids: model.get_text_features(input_ids=ids)
+    if source == "open_clip":
+        gemma_tokenizer(root / "tok", hub_config=False)
+        tok = saved_tokenizer(root / "tok")
+        tower = save_open_clip_tower(root, len(tok))
+        return build_text_encoder(root, tokenizer=root / "tok"), tok, tower
+    kind = source.removeprefix("big_vision_")
+    if kind == "siglip":
+        model, tok = _hf_checkpoint(kind, root / "hf")
+        tok_dir = root / "hf"
+    else:
+        model, _ = _hf_checkpoint(kind, root / "hf")
+        gemma_tokenizer(root / "tok", hub_config=False)
+        tok_dir, tok = root / "tok", saved_tokenizer(root / "tok")
+    arrays = text_to_big_vision(model.text_model, scan=False)
+    arrays["params/t"] = model.logit_scale.detach().numpy().reshape(1)
+    arrays["params/b"] = model.logit_bias.detach().numpy().reshape(1)
+    np.savez(root / "siglip.npz", **arrays)
+    return build_text_encoder(root / "siglip.npz", tokenizer=tok_dir), tok, model.text_model
+
+
+def test_canonicalize_text_is_big_vision_rule():
+    texts = ["Sofa_Bed", "A  Photo, of the CAT!", " x\t_y ", "l'été d'un chat", "{}-shaped {}.", "c p u "]
+    for text in texts:
+        assert canonicalize_text(text) == big_vision_canonicalize(text)
+        assert canonicalize_text(text, keep="{}") == big_vision_canonicalize(
+            text, keep_punctuation_exact_string="{}"
+        )
+
+
+def test_text_is_canonicalised_as_big_vision_for_every_source(text_source):
+    """An underscore is a space (transformers' SiglipTokenizer deletes it), punctuation removed and lower-cased for
+    SigLIP 2 too, EOS appended and kept in a text longer than 64 tokens, no BOS: token ids and
+    embeddings equal big_vision's pipeline run through the source's own tower."""
+    enc, tok, tower = text_source
+    assert len(tok(big_vision_canonicalize(LONG), add_special_tokens=False)["input_ids"]) > 64
+    ids = enc.tokenize(CANON_TEXTS)["input_ids"]
+    ref = big_vision_ids(tok, CANON_TEXTS)
+    assert torch.equal(ids, ref)
+    assert torch.equal(ids[0], ids[1]) and not torch.equal(ids[0], enc.tokenize(["sofabed"])["input_ids"][0])
+    assert ids[-1, -1] == tok.eos_token_id
+    with torch.no_grad():
+        out = tower(ref)
+    out = getattr(out, "pooler_output", out)
+    assert max_abs_diff(enc.encode(CANON_TEXTS), out) <= PEER_TOL
+
+
+# -- class names with synonyms: CAT-Seg's rule ---------------------------------------------------------
+
+SYNONYM_NAMES = ["building, edifice", "sky", "c p u , central processor", "Sofa_Bed", "door, double door"]
+
+
+@pytest.mark.parametrize("templates", ["imagenet7", "none"])
+def test_synonyms_are_averaged_per_template_as_catseg(text_checkpoint, templates):
+    """Names with ", " are split into synonyms, each synonym embedded in each template, averaged per
+    template and normalised (CAT-Seg); names without commas are one text per template. The template
+    ensemble (training-free) averages those over the templates."""
+    _, path, model, tok = text_checkpoint
+    enc = build_text_encoder(path)
+    temps = TEMPLATES[templates]
+    ref = catseg_class_embeddings(SYNONYM_NAMES, temps, lambda texts: reference_features(model, tok, texts))
+    ensemble = torch.nn.functional.normalize(ref.mean(1), dim=-1)
+    assert max_abs_diff(enc.encode_classes(SYNONYM_NAMES, templates), ensemble) <= PEER_TOL
+    per_template = enc.encode_prompts(SYNONYM_NAMES, templates)  # CAT-Seg's head reads these
+    assert per_template.shape == (len(SYNONYM_NAMES), len(temps), 32)
+    assert max_abs_diff(per_template, ref) <= PEER_TOL
+    # a comma without a space separates synonyms too (canonicalisation would glue "catkitten")
+    assert torch.equal(
+        enc.encode_prompts(["cat,kitten"], templates), enc.encode_prompts(["cat, kitten"], templates)
+    )
+
+
+def test_class_lists_and_synonyms_parse():
+    assert parse_classes("cat, sofa,window") == ["cat", "sofa", "window"]  # a string: one class per comma
+    assert parse_classes(["building, edifice", "sky"]) == [
+        "building, edifice",
+        "sky",
+    ]  # a list item: synonyms
+    with pytest.raises(ValueError, match="'Cat' and 'cat' are the same text"):
+        parse_classes(["Cat", "cat"])
+    with pytest.raises(ValueError, match="'sofa bed' and 'Sofa_Bed' are the same text"):
+        parse_classes(["sofa bed", "Sofa_Bed"])
+    with pytest.raises(ValueError, match="class 'door, ,gate': a synonym is empty"):
+        parse_classes(["door, ,gate"])
+    with pytest.raises(ValueError, match="class '!!': a synonym is empty or only punctuation"):
+        parse_classes(["cat", "!!"])

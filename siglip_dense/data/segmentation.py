@@ -21,7 +21,9 @@ class SegDataModule(DenseDataModule):
     """ADE20K layout; class names resolved at construction (the task is sized from them before setup).
 
     ``mean``/``std`` are plain attributes: train.py sets them to the backbone's before ``fit``, and the
-    transforms are built in :meth:`setup`.
+    transforms are built in :meth:`setup`. ``metric_protocol`` is the benchmark's mIoU rule (``mmseg``
+    for ADE20K / VOC, ``detectron2`` for the open-vocabulary benchmarks; see
+    :mod:`siglip_dense.evaluation.seg_metrics`), passed to the task.
     """
 
     collate_train = staticmethod(collate_seg_train)
@@ -49,6 +51,7 @@ class SegDataModule(DenseDataModule):
         std: Sequence[float] = (0.5, 0.5, 0.5),
         seed: int | None = None,
         scan: bool = True,
+        metric_protocol: str = "mmseg",
     ) -> None:
         super().__init__()
         if dataset not in ("ade20k", "folder"):
@@ -69,6 +72,7 @@ class SegDataModule(DenseDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed = seed
         self.class_names: list[str] = load_class_names(self.root, dataset, classes)
+        self.metric_protocol = str(metric_protocol)  # checked by the task's metric
         self.train_dataset: SegFolderDataset | None = None
         self.val_dataset: SegFolderDataset | None = None
 
@@ -78,7 +82,11 @@ class SegDataModule(DenseDataModule):
 
     def task_kwargs(self) -> dict[str, Any]:
         """What the task must know about the data to size itself (train.py passes it on)."""
-        return {"num_classes": self.num_classes, "class_names": list(self.class_names)}
+        return {
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "metric_protocol": self.metric_protocol,
+        }
 
     def _dataset(self, split: str, transform: Any) -> SegFolderDataset:
         return SegFolderDataset(

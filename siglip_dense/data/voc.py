@@ -144,6 +144,7 @@ class VOCDataModule(SegDataModule):
         std: Sequence[float] = (0.5, 0.5, 0.5),
         seed: int | None = None,
         scan: bool = True,
+        metric_protocol: str = "mmseg",
     ) -> None:
         root_path = resolve_root(root, "voc", toy, toy_root, num_train=toy_num_train, num_val=toy_num_val)
         super().__init__(
@@ -166,6 +167,7 @@ class VOCDataModule(SegDataModule):
             std=std,
             seed=seed,
             scan=scan,
+            metric_protocol=metric_protocol,
         )
         self.toy = toy
         self.image_dir, self.label_dir = image_dir, label_dir

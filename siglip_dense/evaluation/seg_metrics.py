@@ -1,8 +1,18 @@
-"""Dataset-level segmentation metrics (ADE20K / mmseg convention) from a confusion matrix.
+"""Dataset-level segmentation metrics from a confusion matrix, by a named protocol.
 
-mIoU here is per class Σ intersection / Σ union over the whole set, then the mean over classes that
-occur (union > 0) — not the per-image average of torchmetrics' ``MeanIoU``. The state is one
-int64 confusion matrix summed across processes, so DDP evaluation equals single-process evaluation.
+IoU is per class Σ intersection / Σ union over the whole set (not the per-image average of
+torchmetrics' ``MeanIoU``). Which classes enter the mean is the protocol (:data:`METRIC_PROTOCOLS`):
+
+``"mmseg"`` (MMSegmentation's ``IoUMetric``; ADE20K / VOC closed-set papers): the mean over classes
+    whose union is non-empty (in the ground truth or predicted).
+``"detectron2"`` (detectron2's ``SemSegEvaluator.evaluate``; CAT-Seg and the SigLIP 2 paper's
+    open-vocabulary table): the mean over classes with ground-truth pixels only — a class that is
+    predicted but absent from the ground truth has no IoU; adds ``fwIoU`` (IoU weighted by the
+    classes' ground-truth pixel share).
+
+Both: ``mAcc`` is the mean per-class accuracy over classes with ground-truth pixels, ``aAcc`` the pixel
+accuracy (detectron2's ``pACC``). The state is one int64 confusion matrix summed across processes, so
+DDP evaluation equals single-process evaluation whatever the protocol.
 """
 
 from __future__ import annotations
@@ -14,18 +24,38 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from siglip_dense.data.io import DataError
+
+METRIC_PROTOCOLS = ("mmseg", "detectron2")
+
+
+def check_metric_protocol(protocol: str, setting: str = "metric_protocol") -> str:
+    """``protocol`` if it is one of :data:`METRIC_PROTOCOLS`; otherwise a DataError (a ValueError the
+    CLI reports in one line) naming ``setting``."""
+    if protocol not in METRIC_PROTOCOLS:
+        raise DataError(
+            f"{setting} must be one of {list(METRIC_PROTOCOLS)} (mmseg: classes with union > 0, as "
+            f"ADE20K / VOC papers; detectron2: classes with ground truth, as open-vocabulary papers), "
+            f"got {protocol!r}"
+        )
+    return protocol
+
 
 class SegmentationMetric(Metric):
-    """Confusion-matrix mIoU / aAcc / mAcc; rows are ground truth, columns predictions."""
+    """Confusion-matrix mIoU / aAcc / mAcc (+ fwIoU for detectron2); rows are ground truth, columns
+    predictions. ``protocol`` picks the classes averaged (module docstring); it is no state."""
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs: Any) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int = 255, protocol: str = "mmseg", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
+        self.protocol = check_metric_protocol(protocol)
         k = self.num_classes
         self.add_state("confmat", default=torch.zeros(k, k, dtype=torch.int64), dist_reduce_fx="sum")
 
@@ -66,21 +96,28 @@ class SegmentationMetric(Metric):
         self.confmat += torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``mIoU``, ``aAcc``, ``mAcc`` (fractions) and ``per_class_IoU`` (NaN where union == 0)."""
+        """``mIoU``, ``aAcc``, ``mAcc`` (fractions), ``per_class_IoU`` (NaN for a class outside the
+        protocol's mean: union == 0 for mmseg, no ground-truth pixel for detectron2) and, for
+        detectron2, ``fwIoU``."""
         cm = self.confmat.detach().cpu().double()
         inter = cm.diag()
         gt = cm.sum(dim=1)
         union = gt + cm.sum(dim=0) - inter
-        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, math.nan))
+        valid = (union > 0) & (gt > 0) if self.protocol == "detectron2" else union > 0
+        iou = torch.where(valid, inter / union.clamp_min(1), torch.full_like(inter, math.nan))
         acc = torch.where(gt > 0, inter / gt.clamp_min(1), torch.full_like(inter, math.nan))
         total = cm.sum()
-        a_acc = inter.sum() / total if total > 0 else torch.tensor(math.nan, dtype=torch.float64)
-        return {
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        a_acc = inter.sum() / total if total > 0 else nan
+        out = {
             "mIoU": _nanmean(iou).float(),
             "aAcc": a_acc.float(),
             "mAcc": _nanmean(acc).float(),
             "per_class_IoU": iou.float(),
         }
+        if self.protocol == "detectron2":  # Σ over valid classes of IoU · (class pixels / all pixels)
+            out["fwIoU"] = ((iou[valid] * gt[valid]).sum() / total if total > 0 else nan).float()
+        return out
 
 
 def _nanmean(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +155,13 @@ def format_seg_table(metrics: Mapping[str, Any], class_names: Sequence[str]) -> 
     width = max([len("Class"), *(len(str(n)) for n in class_names)])
     lines = [f"{'Class':<{width}} | {'IoU (%)':>8}", f"{'-' * width}-+-{'-' * 8}"]
     lines += [f"{str(n):<{width}} | {pct(v):>8}" for n, v in zip(class_names, per_class)]
-    summary = [f"{k}: {pct(_as_float(metrics[k]))}" for k in ("mIoU", "mAcc", "aAcc") if k in metrics]
+    keys = ("mIoU", "mAcc", "aAcc", "fwIoU")
+    summary = [f"{k}: {pct(_as_float(metrics[k]))}" for k in keys if k in metrics]
+    if metrics.get("metric_protocol"):
+        summary.append(f"({metrics['metric_protocol']} protocol)")
     lines.append(f"{'-' * width}-+-{'-' * 8}")
     lines.append("  ".join(summary))
     return "\n".join(lines)
 
 
-__all__ = ["SegmentationMetric", "format_seg_table"]
+__all__ = ["METRIC_PROTOCOLS", "SegmentationMetric", "check_metric_protocol", "format_seg_table"]

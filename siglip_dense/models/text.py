@@ -13,16 +13,24 @@ Supported formats: transformers ``SiglipModel`` / ``Siglip2Model`` ``save_pretra
 repos ship them), whose text transformer is mapped onto transformers' keys, and big_vision two-tower
 ``.npz`` archives (``params/txt/...``, ``params/t``, ``params/b``; the tokenizer files given apart).
 
-Preprocessing follows the sources: SigLIP 2 text is lower-cased (the model was trained on
-lower-cased text; transformers' docs and ``Siglip2Tokenizer``), SigLIP's tokenizer canonicalises
-(lower-cases, strips punctuation) itself; open_clip checkpoints canonicalise as their config says
-(``tokenizer_kwargs.clean: canonicalize``, big_vision's rule); both pad on the right to the model's text length (64,
-``padding="max_length"``) and attend to the pads (no attention mask), as big_vision trained them; the
-embedding is the projected last position's state.
+Text preprocessing is big_vision's, one rule for every source (transformers SigLIP / SigLIP 2,
+open_clip, big_vision ``.npz``): :func:`canonicalize_text` (big_vision's ``_canonicalize``: "_" -> " ",
+ASCII punctuation removed, lower-cased, whitespace collapsed; transformers' ``SiglipTokenizer`` would
+delete "_" instead, ``Sofa_Bed`` -> ``sofabed``), then the checkpoint's own tokenizer without its
+special tokens, laid out as big_vision's ``tok(eos="sticky")``: the text's tokens + EOS, cut to the
+model's text length (64) keeping the final EOS, padded on the right with the pad token; no BOS, no
+attention mask (big_vision's text transformer attends to the pads and pools the last position).
+
+Class names follow CAT-Seg (``CATSegPredictor.class_embeddings``): a name with commas holds synonyms
+("building, edifice"); each synonym is put in each prompt template, and the unit embeddings are
+averaged over the synonyms per template, then normalised (:meth:`TextEncoder.encode_prompts`). CAT-Seg
+splits at ", "; splitting at every comma is the same on every benchmark list and keeps "a,b" from
+becoming "ab" (canonicalisation deletes the comma).
 """
 
 from __future__ import annotations
 
+import re
 import string
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -77,14 +85,25 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def canonicalize_text(text: str) -> str:
-    """big_vision's (and open_clip's ``clean="canonicalize"``) text rule: "_" -> " ", ASCII punctuation
-    removed, lower-cased, whitespace collapsed."""
-    return " ".join(text.replace("_", " ").translate(_NO_PUNCTUATION).lower().split())
+def canonicalize_text(text: str, keep: str | None = None) -> str:
+    """big_vision's ``_canonicalize`` (evaluators/proj/image_text/prompt_engineering.py; open_clip's
+    ``clean="canonicalize"``): "_" -> " ", ASCII punctuation removed except the exact string ``keep``
+    (``"{}"`` for templates), lower-cased, whitespace collapsed and stripped."""
+    text = text.replace("_", " ")
+    parts = text.split(keep) if keep else [text]
+    text = (keep or "").join(part.translate(_NO_PUNCTUATION) for part in parts)
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+def class_synonyms(name: str) -> list[str]:
+    """``"building, edifice"`` -> ``["building", "edifice"]`` (CAT-Seg's synonyms; stripped)."""
+    return [part.strip() for part in name.split(",")]
 
 
 def parse_classes(classes: str | Sequence[str]) -> list[str]:
-    """``"cat, sofa,window"`` or a list -> stripped names; an empty or duplicated name is an error."""
+    """``"cat, sofa,window"`` (one class per comma) or a list (an item may hold comma-separated
+    synonyms) -> stripped names. ValueError for an empty name or synonym, one that canonicalisation
+    empties, and names that are the same text after it (``Cat`` / ``cat``)."""
     names = classes.split(",") if isinstance(classes, str) else [str(c) for c in classes]
     names = [n.strip() for n in names]
     if not names or any(not n for n in names):
@@ -92,14 +111,30 @@ def parse_classes(classes: str | Sequence[str]) -> list[str]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"classes has duplicated names: {dup}")
+    seen: dict[tuple[str, ...], str] = {}
+    for name in names:
+        key = tuple(canonicalize_text(s) for s in class_synonyms(name))
+        if not all(key):
+            raise ValueError(
+                f"class {name!r}: a synonym is empty or only punctuation (canonicalised: {list(key)}); "
+                "commas in a name separate synonyms"
+            )
+        if key in seen:
+            raise ValueError(
+                f"classes {seen[key]!r} and {name!r} are the same text for this model (after big_vision's "
+                f"canonicalisation: {', '.join(key)!r})"
+            )
+        seen[key] = name
     return names
 
 
 class TextEncoder(nn.Module):
     """transformers' SigLIP (2) text model + tokenizer + the contrastive ``logit_scale`` / ``logit_bias``.
 
-    ``encode(texts)`` -> N×D, equal to transformers' ``get_text_features`` (``pooler_output``, not
-    normalised). ``encode_classes(names, templates)`` -> K×D unit vectors (the template ensemble).
+    ``encode(texts)`` -> N×D, transformers' ``get_text_features`` (``pooler_output``, not normalised) of
+    the canonicalised texts in big_vision's token layout (module docstring).
+    ``encode_prompts(names, templates)`` -> K×P×D unit vectors (CAT-Seg's per-template synonym mean);
+    ``encode_classes(names, templates)`` -> K×D unit vectors (their template ensemble).
     ``logit_scale`` is stored as the log, as in the checkpoint: logits = cos · exp(scale) + bias.
     """
 
@@ -110,9 +145,7 @@ class TextEncoder(nn.Module):
         logit_scale: Tensor,
         logit_bias: Tensor,
         max_length: int,
-        lowercase: bool,
         source: str = "",
-        canonicalize: bool = False,
     ) -> None:
         super().__init__()
         self.text_model = text_model.eval()
@@ -120,9 +153,8 @@ class TextEncoder(nn.Module):
         self.logit_scale = nn.Parameter(logit_scale.detach().reshape(1).float(), requires_grad=False)
         self.logit_bias = nn.Parameter(logit_bias.detach().reshape(1).float(), requires_grad=False)
         self.max_length = int(max_length)
-        self.lowercase = lowercase
-        self.canonicalize = canonicalize
         self.source = source
+        self.eos_id, self.pad_id = _special_ids(tokenizer, source)
         self._class_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
     @property
@@ -130,22 +162,19 @@ class TextEncoder(nn.Module):
         return int(self.text_model.head.out_features)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """Token ids (N×max_length) as the model was trained: lower-cased for SigLIP 2, padded on the
-        right to the text length, no attention mask (big_vision's text transformer attends to the pads
-        and pools the last position; Gemma's tokenizer would pad on the left by default)."""
+        """Token ids (N×max_length) as big_vision trained the model: canonicalised text, the tokens +
+        EOS cut to the text length with the EOS kept ("sticky"), right-padded; no BOS, no attention
+        mask (big_vision's text transformer attends to the pads and pools the last position)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
-        texts = [t.lower() for t in texts] if self.lowercase else list(texts)
-        texts = [canonicalize_text(t) for t in texts] if self.canonicalize else texts
-        batch = self.tokenizer(
-            texts,
-            padding="max_length",
-            padding_side="right",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return {"input_ids": batch["input_ids"]}
+        pieces = self.tokenizer(
+            [canonicalize_text(t) for t in texts], add_special_tokens=False, verbose=False
+        )["input_ids"]
+        ids = torch.full((len(pieces), self.max_length), self.pad_id, dtype=torch.long)
+        for row, tokens in zip(ids, pieces, strict=True):
+            tokens = [*tokens[: self.max_length - 1], self.eos_id]
+            row[: len(tokens)] = torch.tensor(tokens)
+        return {"input_ids": ids}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """N×L token ids -> N×D text embeddings (the projected last-position state)."""
@@ -165,24 +194,51 @@ class TextEncoder(nn.Module):
         return torch.cat(out)
 
     @torch.no_grad()
-    def encode_classes(
+    def encode_prompts(
         self, classes: str | Sequence[str], templates: str | Sequence[str] = "photo"
     ) -> Tensor:
-        """K class names -> K×D unit embeddings: each name in every template, embeddings L2-normalised,
-        averaged over templates and normalised again (CLIP's ImageNet prompt ensemble). Cached per
-        (classes, templates), a few label sets deep."""
+        """K class names -> K×P×D unit embeddings, one per template (CAT-Seg's ``class_embeddings``):
+        each synonym of a name (:func:`class_synonyms`) in each template, canonicalised as big_vision
+        does (template keeping ``{}``, name apart), unit embeddings averaged over the synonyms and
+        normalised again. Cached per (classes, templates), a few label sets deep."""
         names, temps = tuple(parse_classes(classes)), resolve_templates(templates)
-        key = (names, temps, str(self.logit_scale.device))
+        return self._cached(("prompts", names, temps), lambda: self._encode_prompts(names, temps))
+
+    def _encode_prompts(self, names: tuple[str, ...], temps: tuple[str, ...]) -> Tensor:
+        temps_c = [canonicalize_text(t, keep="{}") for t in temps]
+        synonyms = [[canonicalize_text(s) for s in class_synonyms(n)] for n in names]
+        prompts = [t.format(s) for syns in synonyms for t in temps_c for s in syns]
+        flat = nn.functional.normalize(self.encode(prompts), dim=-1)
+        out, start = [], 0
+        for syns in synonyms:
+            size = len(temps) * len(syns)
+            per_template = flat[start : start + size].view(len(temps), len(syns), -1).mean(1)
+            out.append(nn.functional.normalize(per_template, dim=-1))
+            start += size
+        return torch.stack(out)
+
+    def _cached(self, key: tuple, compute: Any) -> Tensor:
+        """``compute()`` cached per key and device, the last few label sets."""
+        key = (*key, str(self.logit_scale.device))
         if key in self._class_cache:
             self._class_cache.move_to_end(key)
             return self._class_cache[key]
-        prompts = [t.format(n) for n in names for t in temps]
-        emb = nn.functional.normalize(self.encode(prompts), dim=-1).view(len(names), len(temps), -1)
-        emb = nn.functional.normalize(emb.mean(1), dim=-1)
-        self._class_cache[key] = emb
+        value = self._class_cache[key] = compute()
         while len(self._class_cache) > _CACHE_SIZE:
             self._class_cache.popitem(last=False)
-        return emb
+        return value
+
+    @torch.no_grad()
+    def encode_classes(
+        self, classes: str | Sequence[str], templates: str | Sequence[str] = "photo"
+    ) -> Tensor:
+        """K class names -> K×D unit embeddings: :meth:`encode_prompts` averaged over templates and
+        normalised again (CLIP's ImageNet prompt ensemble). Cached as :meth:`encode_prompts`."""
+        names, temps = tuple(parse_classes(classes)), resolve_templates(templates)
+        per_template = self.encode_prompts(names, temps)
+        return self._cached(
+            ("classes", names, temps), lambda: nn.functional.normalize(per_template.mean(1), dim=-1)
+        )
 
 
 def _hf_classes(model_type: str) -> tuple[type, type]:
@@ -194,6 +250,17 @@ def _hf_classes(model_type: str) -> tuple[type, type]:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model")
+
+
+def _special_ids(tokenizer: Any, source: str) -> tuple[int, int]:
+    """(EOS, pad) token ids of big_vision's layout; CheckpointError when the tokenizer lacks one."""
+    eos, pad = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)
+    if eos is None or pad is None:
+        raise CheckpointError(
+            f"{source}: its tokenizer has no {'EOS' if eos is None else 'pad'} token: SigLIP text is "
+            "the tokens + EOS padded with the pad token (the checkpoint's own tokenizer files have both)"
+        )
+    return int(eos), int(pad)
 
 
 def _load_tokenizer(directory: Path, vocab_size: int | None = None) -> Any:
@@ -278,7 +345,6 @@ def build_text_encoder(checkpoint: str | Path, tokenizer: str | Path | None = No
         sd["logit_scale"],
         sd["logit_bias"],
         max_length=int(text_cfg.max_position_embeddings),
-        lowercase=model_type == "siglip2",
         source=str(path),
     ).eval()
 
@@ -362,16 +428,13 @@ def _build_open_clip(path: Path, tokenizer: str | Path | None) -> TextEncoder:
         raise CheckpointError(
             f"{weight_file}: text weights do not fit SiglipTextModel: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
     return TextEncoder(
         model.float(),
         _load_tokenizer(Path(tokenizer) if tokenizer is not None else path, config.vocab_size),
         sd["logit_scale"],
         sd["logit_bias"],
         max_length=config.max_position_embeddings,
-        lowercase=False,
         source=str(path),
-        canonicalize=clean == "canonicalize",
     ).eval()
 
 
@@ -494,7 +557,5 @@ def _build_big_vision(path: Path, tokenizer: str | Path | None) -> TextEncoder:
         torch.from_numpy(np.asarray(arrays[root + "t"], dtype=np.float32)),
         torch.from_numpy(np.asarray(arrays[root + "b"], dtype=np.float32)),
         max_length=config.max_position_embeddings,
-        # SigLIP 2's tokenizer (Gemma's; transformers' Siglip2Tokenizer wraps it): lower-cased text
-        lowercase=any(name in type(tok).__name__.lower() for name in ("gemma", "siglip2")),
         source=str(path),
     ).eval()

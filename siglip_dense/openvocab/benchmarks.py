@@ -141,7 +141,9 @@ class SemSegBenchmarkData:
     ``root`` is the benchmark's folder (e.g. ``$DETECTRON2_DATASETS/ADE20K_2021_17_01``); ``image_dir``
     and ``gt_dir`` are relative to it. ``classes`` is a benchmark name (:data:`BENCHMARK_FILES`) or a
     list. ``ignore_index`` is the benchmark's ignore value (CAT-Seg's register files: 65535 for
-    ADE-847's uint16 maps, 459 for PC-459, 255 otherwise).
+    ADE-847's uint16 maps, 459 for PC-459, 255 otherwise). ``metric_protocol`` is the mIoU rule:
+    ``detectron2`` (classes with ground-truth pixels, detectron2's ``SemSegEvaluator``), as CAT-Seg and
+    the SigLIP 2 paper score these benchmarks; see :mod:`siglip_dense.evaluation.seg_metrics`.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class SemSegBenchmarkData:
         val_batch_size: int | None = None,
         skip_bad: bool | None = None,
         datamodules: Any = None,
+        metric_protocol: str = "detectron2",
     ) -> None:
         # num_workers .. datamodules: the keys configs/eval.yaml sets for every data config; evaluation
         # here reads one image at a time in-process, so they have no effect
@@ -164,6 +167,7 @@ class SemSegBenchmarkData:
         self.class_names = _class_names(classes)
         self.image_dir, self.gt_dir = self.root / image_dir, self.root / gt_dir
         self.ignore_index = int(ignore_index)
+        self.metric_protocol = str(metric_protocol)  # checked by the metric
         self.image_ext, self.gt_ext = image_ext.lstrip("."), gt_ext.lstrip(".")
         self.mean: tuple[float, ...] = (0.5, 0.5, 0.5)
         self.std: tuple[float, ...] = (0.5, 0.5, 0.5)

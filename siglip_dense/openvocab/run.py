@@ -28,6 +28,8 @@ from siglip_dense.openvocab.zeroshot import (
     load_model,
 )
 
+# what each metric protocol averages (siglip_dense.evaluation.seg_metrics), for the console line
+PROTOCOL_RULES = {"mmseg": "classes with union > 0", "detectron2": "classes with ground-truth pixels"}
 OPTION_KEYS = ("method", "templates", "slide", "short_side", "classes", "held_out")
 
 
@@ -134,7 +136,6 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
     original size (the labels' size). Writes ``metrics.json`` to ``output_dir``."""
     from hydra.utils import instantiate
 
-    from siglip_dense.evaluation.seg_metrics import SegmentationMetric
     from siglip_dense.evaluation.sliding_window import eval_resize_scale, resize_image
 
     opts = open_vocab_options(cfg.get("open_vocab"))
@@ -151,7 +152,7 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
     model = _model(cfg.ckpt_path, device, opts)
     datamodule.mean, datamodule.std = model.mean, model.std
     datamodule.setup("validate")
-    metric = SegmentationMetric(len(names), ignore_index=getattr(datamodule, "ignore_index", 255))
+    metric = _metric(datamodule, len(names))
     side = int(opts.get("short_side") or min(model.backbone.img_size))
     dataset = datamodule.val_dataset
     for index in range(len(dataset)):  # (iterating would wrap around: __getitem__ takes any index)
@@ -164,34 +165,57 @@ def run_zero_shot_eval(cfg: DictConfig) -> dict[str, Any]:
     return _write_metrics(cfg, metric, names, model.method, opts.get("held_out"))
 
 
+def _metric(datamodule: Any, num_classes: int) -> Any:
+    """The data's confusion-matrix metric: its ignore value and its benchmark's mIoU rule
+    (``metric_protocol``: detectron2's for the open-vocabulary benchmark configs, mmseg's otherwise)."""
+    from siglip_dense.evaluation.seg_metrics import SegmentationMetric, check_metric_protocol
+
+    protocol = check_metric_protocol(getattr(datamodule, "metric_protocol", "mmseg"), "data.metric_protocol")
+    return SegmentationMetric(
+        num_classes, ignore_index=getattr(datamodule, "ignore_index", 255), protocol=protocol
+    )
+
+
 def _write_metrics(
     cfg: DictConfig, metric: Any, names: list[str], method: str, held_out: Any = None
 ) -> dict[str, Any]:
-    """metrics.json (the segmentation keys; with ``open_vocab.held_out`` also mIoU_seen, mIoU_unseen
-    and hIoU, see :func:`~siglip_dense.openvocab.heldout.seen_unseen_miou`) into ``output_dir``."""
+    """metrics.json (the segmentation keys, ``fwIoU`` under detectron2's rule, and ``metric_protocol``
+    naming the rule; with ``open_vocab.held_out`` also mIoU_seen, mIoU_unseen and hIoU, see
+    :func:`~siglip_dense.openvocab.heldout.seen_unseen_miou`) into ``output_dir``."""
     from siglip_dense.openvocab.heldout import seen_unseen_miou
     from siglip_dense.train import output_dir_of
 
     result = metric.compute()
-    metrics = {
-        "mIoU": float(result["mIoU"]),
-        "aAcc": float(result["aAcc"]),
-        "per_class_IoU": {
-            n: (None if v != v else float(v))
-            for n, v in zip(names, result["per_class_IoU"].tolist(), strict=True)
-        },
+    # NaN (no class in the protocol's mean) is null in metrics.json
+    metrics: dict[str, Any] = {
+        k: _or_null(result[k]) for k in ("mIoU", "aAcc", "mAcc", "fwIoU") if k in result
     }
+    per_class = result["per_class_IoU"].tolist()
+    metrics["per_class_IoU"] = {n: _or_null(v) for n, v in zip(names, per_class, strict=True)}
+    metrics["metric_protocol"] = metric.protocol
     if held_out:
         split = seen_unseen_miou(metrics["per_class_IoU"], _classes(held_out))
         metrics |= {k: None if v != v else v for k, v in split.items()}
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    print(f"zero-shot ({method}) mIoU {metrics['mIoU']:.4f} aAcc {metrics['aAcc']:.4f}")
+    print(
+        f"zero-shot ({method}) mIoU {_fmt(metrics['mIoU'])} aAcc {_fmt(metrics['aAcc'])} "
+        f"({metric.protocol} protocol: {PROTOCOL_RULES[metric.protocol]})"
+    )
     if held_out:
         print("seen mIoU {mIoU_seen}, unseen mIoU {mIoU_unseen}, hIoU {hIoU}".format(**metrics))
     print(f"metrics -> {out_dir / 'metrics.json'}")
     return metrics
+
+
+def _or_null(value: Any) -> float | None:
+    value = float(value)
+    return None if value != value else value
+
+
+def _fmt(value: float | None) -> str:
+    return "null" if value is None else f"{value:.4f}"
 
 
 def _is_trained_checkpoint(path: str | Path) -> bool:
@@ -207,7 +231,6 @@ def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
 
     from siglip_dense.checkpoints import load_task
     from siglip_dense.evaluate import eval_data_config
-    from siglip_dense.evaluation.seg_metrics import SegmentationMetric
     from siglip_dense.evaluation.sliding_window import eval_resize_scale, resize_image, slide_inference
 
     device = str(cfg.get("device", "cpu") or "cpu")
@@ -230,7 +253,7 @@ def _eval_trained(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
     datamodule.setup("validate")
     ev = task.eval_cfg
-    metric = SegmentationMetric(len(names), ignore_index=getattr(datamodule, "ignore_index", 255))
+    metric = _metric(datamodule, len(names))
     dataset = datamodule.val_dataset
     for index in range(len(dataset)):
         sample = dataset[index]

@@ -34,7 +34,13 @@ from torch import Tensor, nn
 from siglip_dense.data.io import DataError
 from siglip_dense.evaluation.sliding_window import check_window_coverage, slide_inference, whole_inference
 from siglip_dense.models.backbone import SigLIP2Backbone, build_backbone
-from siglip_dense.models.text import TEXT_MODEL_TYPES, TextEncoder, build_text_encoder, parse_classes
+from siglip_dense.models.text import (
+    TEXT_MODEL_TYPES,
+    TextEncoder,
+    build_text_encoder,
+    class_synonyms,
+    parse_classes,
+)
 from siglip_dense.models.weights import CheckpointError, _json
 
 METHODS = ("maskclip", "clearclip")
@@ -195,22 +201,25 @@ class OpenVocabError(DataError):
 
 
 def class_names(classes: Any, text_encoder: TextEncoder | None = None) -> list[str]:
-    """``"a,b"`` / ``[a, b]`` -> names; with the text tower, names that the model's own text
-    normalisation (SigLIP 2 lower-cases, SigLIP canonicalises) makes identical are refused too."""
+    """``"a,b"`` / ``[a, b]`` -> names (a list item may hold comma-separated synonyms); names that
+    big_vision's canonicalisation makes identical are refused, and with the text tower also names
+    whose synonyms tokenize alike (e.g. both only unknown characters)."""
     try:
         names = parse_classes(classes)
     except ValueError as err:
         raise OpenVocabError(str(err)) from None
     if text_encoder is not None:
-        ids = text_encoder.tokenize(names)["input_ids"]
-        same = [
-            (names[i], names[j]) for i in range(len(names)) for j in range(i) if torch.equal(ids[i], ids[j])
-        ]
-        if same:
-            raise OpenVocabError(
-                f"classes {same[0][1]!r} and {same[0][0]!r} are the same text for this model "
-                f"(after its normalisation: {'lower-cased' if text_encoder.lowercase else 'canonicalised'})"
-            )
+        synonyms = [class_synonyms(name) for name in names]
+        rows = iter(text_encoder.tokenize([s for syns in synonyms for s in syns])["input_ids"].tolist())
+        keys: dict[tuple, str] = {}
+        for name, syns in zip(names, synonyms, strict=True):
+            key = tuple(tuple(next(rows)) for _ in syns)
+            if key in keys:
+                raise OpenVocabError(
+                    f"classes {keys[key]!r} and {name!r} are the same text for this model (the same tokens "
+                    "after big_vision's canonicalisation)"
+                )
+            keys[key] = name
     return names
 
 

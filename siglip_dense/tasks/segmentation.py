@@ -13,7 +13,7 @@ from hydra.utils import get_class, instantiate
 from siglip_dense.config_check import check_option_keys
 from siglip_dense.evaluation.deferred import eval_checks_deferred
 from siglip_dense.evaluation.naflex import check_naflex_eval, naflex_inference
-from siglip_dense.evaluation.seg_metrics import SegmentationMetric, format_seg_table
+from siglip_dense.evaluation.seg_metrics import SegmentationMetric, check_metric_protocol, format_seg_table
 from siglip_dense.evaluation.sliding_window import (
     check_window_coverage,
     inference_with_tta,
@@ -57,6 +57,9 @@ class SegmentationComponent(TaskComponent):
     """Cross-entropy (ignore 255) training; dataset-level mIoU with the ADE20K test protocol.
 
     ``model`` is a :class:`~siglip_dense.models.segmentor.Segmentor` (backbone → neck → head, aux head).
+    ``metric_protocol`` (``mmseg`` | ``detectron2``, see :mod:`siglip_dense.evaluation.seg_metrics`):
+    which classes enter mIoU; the data decides it (``task_kwargs`` in training, :meth:`bind_data` when
+    evaluating on other data).
     """
 
     kind = "segmentation"
@@ -69,6 +72,7 @@ class SegmentationComponent(TaskComponent):
         aux_weight: float = 0.4,
         ignore_index: int = 255,
         eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
+        metric_protocol: str = "mmseg",
     ) -> None:
         super().__init__(model)
         check_option_keys(eval, DEFAULT_EVAL, "eval", "SegmentationTask")
@@ -85,7 +89,11 @@ class SegmentationComponent(TaskComponent):
         if self.eval_cfg["mode"] == "slide" and not eval_checks_deferred():  # else checked at inference
             check_window_coverage(self.eval_cfg["crop_size"], self.eval_cfg["stride"])
         check_naflex_eval(self.eval_cfg, self.backbone.window_size)
-        self.val_metric = SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
+        self.val_metric = SegmentationMetric(
+            self.num_classes,
+            ignore_index=self.ignore_index,
+            protocol=check_metric_protocol(metric_protocol, "data.metric_protocol (or task.metric_protocol)"),
+        )
         # added to class indices when predictions are written (1 for reduce_zero_label datasets)
         self.label_offset = 0
 
@@ -102,6 +110,7 @@ class SegmentationComponent(TaskComponent):
         ignore_index: int = 255,
         eval: dict[str, Any] | None = None,  # noqa: A002
         out_keys: list[str] | None = None,
+        metric_protocol: str = "mmseg",
     ) -> SegmentationComponent:
         """Neck and heads from their configs on ``backbone`` (whose maps ``out_keys`` this task reads)."""
         keys = list(out_keys) if out_keys is not None else list(backbone.out_keys)
@@ -133,7 +142,7 @@ class SegmentationComponent(TaskComponent):
                 _convert_="all",
             )
         model = Segmentor(backbone, neck_module, head_module, aux)
-        return cls(model, num_classes, class_names, aux_weight, ignore_index, eval)
+        return cls(model, num_classes, class_names, aux_weight, ignore_index, eval, metric_protocol)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)["logits"]
@@ -237,18 +246,24 @@ class SegmentationComponent(TaskComponent):
             out.append(SegmentationPrediction(labels, list(self.class_names)))
         return out
 
+    @property
+    def metric_protocol(self) -> str:
+        return self.val_metric.protocol
+
     def metric_names(self) -> list[str]:
-        return ["mIoU", "aAcc", "mAcc"]  # SegmentationMetric.compute() without per_class_IoU
+        # SegmentationMetric.compute() without per_class_IoU
+        return ["mIoU", "aAcc", "mAcc", *(["fwIoU"] if self.metric_protocol == "detectron2" else [])]
 
     def eval_epoch_end(self, context: EvalContext) -> dict[str, float]:
         metrics = self.val_metric.compute()
         self.val_metric.reset()
         per_class = metrics.pop("per_class_IoU")
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
-        # classes absent from both prediction and ground truth have no IoU: null in metrics.json
+        # classes outside the protocol's mean (no union / no ground truth) have no IoU: null in metrics.json
         self.last_metrics["per_class_IoU"] = {
             name: (None if math.isnan(v) else v) for name, v in zip(self.class_names, per_class.tolist())
         }
+        self.last_metrics["metric_protocol"] = self.metric_protocol
         return dict(metrics)
 
     @torch.no_grad()
@@ -279,6 +294,9 @@ class SegmentationComponent(TaskComponent):
                 f"at {getattr(datamodule, 'root', '?')} has {len(names)} ({names[:3]}...)"
             )
         self.label_offset = int(bool(getattr(datamodule, "reduce_zero_label", False)))
+        protocol = getattr(datamodule, "metric_protocol", None)
+        if protocol is not None:  # the evaluated benchmark's rule, not the training data's
+            self.val_metric.protocol = check_metric_protocol(protocol, "data.metric_protocol")
 
     def set_tta(self, tta: str | dict[str, Any]) -> None:
         """``ms_flip`` = mmseg's aug test (scales 0.5-1.75, flip); a dict overrides eval keys."""
@@ -344,6 +362,7 @@ class SegmentationTask(DenseModule):
         eval: dict[str, Any] | None = None,  # noqa: A002 - the config key users write
         init_from: str | None = None,
         init_from_filter: str = "all",
+        metric_protocol: str = "mmseg",
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, layer_decay, freeze_backbone)
         self.save_hyperparameters()
@@ -357,6 +376,7 @@ class SegmentationTask(DenseModule):
             aux_weight,
             ignore_index,
             eval,
+            metric_protocol=metric_protocol,
         )
         self.attach({self.task_name: component})
         self.finish_init(freeze_backbone, init_from, init_from_filter)

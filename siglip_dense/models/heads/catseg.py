@@ -152,11 +152,9 @@ class CATSegHead(nn.Module):
 
     @torch.no_grad()
     def _embed(self, names: Sequence[str]) -> Tensor:
-        """K names -> K×P×D unit embeddings, one per template (CAT-Seg keeps templates apart)."""
-        enc = self.text_encoder
-        prompts = [t.format(n) for n in names for t in self.templates]
-        emb = F.normalize(enc.encode(prompts), dim=-1)
-        return emb.view(len(names), len(self.templates), -1)
+        """K names -> K×P×D unit embeddings, one per template (CAT-Seg keeps templates apart; a name's
+        comma-separated synonyms are averaged per template, as CAT-Seg's ``class_embeddings``)."""
+        return self.text_encoder.encode_prompts(list(names), self.templates).clone()
 
     @property
     def current_embeddings(self) -> Tensor:
