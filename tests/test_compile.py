@@ -94,7 +94,7 @@ def test_compiled_training_at_sizes_changing_h_and_w_matches_eager(
     tmp_path: Path, toy_data_root: Path, hydra_cleanup: None
 ) -> None:
     """compile=true (inductor, dynamic=null): every training size gives eager's loss and gradients;
-    the backbone compiles once for all of them, the neck once per size."""
+    the backbone compiles once for all of them, the neck at most once per size."""
     cfg = compose_train_cfg(SMALL_TOY_SEG, tmp_path / "run", data_dir=toy_data_root.parent)
     torch.manual_seed(0)
     task = build_task(cfg, instantiate(cfg.data, _convert_="all"))
@@ -112,11 +112,16 @@ def test_compiled_training_at_sizes_changing_h_and_w_matches_eager(
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
     assert _entries(SigLIP2Backbone._encode) == 1
-    assert _entries(MultiLevelNeck.forward) == len(TRAIN_SIZES)
-    # evaluation (no_grad) at new sizes: one more backbone graph for all of them, one for a batch of one
+    # at most one per size: inductor specialises sizes in convolution backward (fewer when its cache
+    # already holds a graph for this neck)
+    neck_graphs = _entries(MultiLevelNeck.forward)
+    assert 1 <= neck_graphs <= len(TRAIN_SIZES)
+    # evaluation (no_grad) at new sizes: one more graph for all of them, one more for a batch of one;
+    # also for the neck, whose sizes are dynamic by then (torch's automatic dynamic shapes saw them change)
     task.eval(), eager.eval()
     with torch.no_grad():
         for b, h, w in [(2, 128, 64), (2, 64, 160), (1, 96, 96)]:
             x = torch.randn(b, 3, h, w)
             torch.testing.assert_close(task(x), eager(x), rtol=1e-4, atol=1e-5)
     assert _entries(SigLIP2Backbone._encode) == 3
+    assert _entries(MultiLevelNeck.forward) == neck_graphs + 2
