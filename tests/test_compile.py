@@ -2,6 +2,8 @@
 
 ``aot_eager`` runs the same AOT-autograd tracing as inductor without needing a C++ compiler, and
 fails where inductor fails on untraceable ops (timm's antialiased bicubic position-table resample).
+Inductor itself (what ``compile=true`` uses) is tested on the training path: its code generation
+(layouts, strides, size specialisation) fails where ``aot_eager`` passes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from siglip_dense.models import SigLIP2Backbone, build_backbone
+from siglip_dense.models.compile_options import compile_kwargs
 from siglip_dense.models.necks import MultiLevelNeck
 from siglip_dense.train import build_task
 from tests.conftest import compose_train_cfg
@@ -50,6 +53,19 @@ def test_compiled_backbone_trains_at_new_sizes_like_eager(window_size: int | Non
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+@pytest.mark.parametrize("mode", [None, "max-autotune"])
+def test_compile_kwargs_turn_off_layout_optimisation_and_keep_the_mode(mode: str | None) -> None:
+    """Inductor gets layout_optimization=False; a mode becomes its options (torch.compile refuses
+    mode and options together), as torch._inductor.list_mode_options spells them."""
+    from torch._inductor import list_mode_options
+
+    kwargs = compile_kwargs({"backend": "inductor", "mode": mode, "dynamic": None})
+    assert "mode" not in kwargs
+    assert kwargs["options"] == {**list_mode_options(mode or "default"), "layout_optimization": False}
+    torch.compile(torch.nn.Linear(2, 2), **kwargs)  # accepted (compiling happens at the first call)
+    assert compile_kwargs({"backend": "aot_eager", "mode": mode}) == {"backend": "aot_eager", "mode": mode}
 
 
 # -- the training path (DenseModule.compile_backbone) with inductor, the backend compile=true uses -------------
