@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from siglip_dense.models.backbone import SigLIP2Backbone, build_backbone
+from siglip_dense.models.heads.depth import LinearBinsHead
+from siglip_dense.models.heads.normals import LinearNormalsHead
 from siglip_dense.models.heads.segmentation import FCNHead, LinearHead, UPerHead
 from siglip_dense.models.necks import MultiLevelNeck, SimpleFeaturePyramid, to_stride16_grid
 from siglip_dense.models.segmentor import Segmentor
+from siglip_dense.train import run_train
+from tests.conftest import compose_train_cfg
 
 KEYS = ["blocks.1", "blocks.2", "blocks.3", "blocks.5"]
 LEVELS = ["p2", "p3", "p4", "p5"]
@@ -199,6 +205,93 @@ def test_uper_head_trains() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def _torch_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose BatchNorm2d layers are torch's own class, with the same state."""
+    ref = copy.deepcopy(module)
+    for parent in list(ref.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and type(child) is not nn.BatchNorm2d:
+                plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain.train(child.training))
+    return ref
+
+
+def _outputs_grads_state(head: nn.Module, inputs: dict[str, torch.Tensor], cotangent: torch.Tensor) -> tuple:
+    head.zero_grad(set_to_none=True)
+    out = head(inputs)
+    (out * cotangent).sum().backward()
+    grads = {n: p.grad.clone() for n, p in head.named_parameters()}
+    return out.detach(), grads, {k: v.clone() for k, v in head.state_dict().items()}
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_uper_head_trains_at_batch_one_and_two_as_torch_batchnorm(batch: int) -> None:
+    """Batch 2: exactly torch's BatchNorm2d (outputs, gradients, running statistics). Batch 1: the 1×1
+    pyramid-pooling branch (one value per channel) is normalised as torch's BatchNorm2d in eval mode
+    (running statistics, left unchanged); every other BN still uses the batch's statistics."""
+    torch.manual_seed(0)
+    head = UPerHead(in_channels=8, num_classes=3, channels=8, dropout=0.0)
+    with torch.no_grad():  # running statistics other than the initial 0 / 1
+        for m in head.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    pyramid = {k: torch.randn(batch, 8, 16 // 2**i, 24 // 2**i) for i, k in enumerate(LEVELS)}
+    ref = _torch_batchnorm(head)
+    if batch == 1:
+        ref.psp_modules[0][1][1].eval()  # pool scale 1 → Sequential(pool, ConvBNReLU(conv, bn, relu))
+    cotangent = torch.randn(batch, 3, 16, 24)
+    out, grads, state = _outputs_grads_state(head, pyramid, cotangent)
+    out_ref, grads_ref, state_ref = _outputs_grads_state(ref, pyramid, cotangent)
+    torch.testing.assert_close(out, out_ref)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], msg=name)
+    assert state.keys() == state_ref.keys()
+    for key in state_ref:
+        torch.testing.assert_close(state[key], state_ref[key], msg=key)
+
+
+@pytest.mark.parametrize("head_class", [LinearHead, LinearBinsHead, LinearNormalsHead])
+def test_linear_probe_bn_keeps_pooled_channels_at_batch_one(head_class: type[nn.Module]) -> None:
+    """concat_pooled at batch 1: the pooled channels hold one value per channel (broadcast over the
+    map), so they are normalised as torch's BatchNorm2d in eval mode and keep their running
+    statistics; the patch-feature channels are torch's training-mode BatchNorm2d."""
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 3} if head_class is LinearHead else {}
+    head = head_class(in_channels=4, in_keys=["a", "b"], concat_pooled=True, **kwargs)
+    bn = head.bn
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    x = head._transform_inputs({"a": torch.randn(1, 4, 4, 6), "b": torch.randn(1, 4, 2, 3)})
+    pooled = torch.tensor([False] * 4 + [True] * 4 + [False] * 4 + [True] * 4)  # a, mean(a), b, mean(b)
+    parts = {}
+    for is_pooled in (False, True):
+        idx = pooled.eq(is_pooled).nonzero().squeeze(1)
+        ref = nn.BatchNorm2d(len(idx), bn.eps, bn.momentum).train(not is_pooled)
+        ref.load_state_dict({k: v[idx] for k, v in bn.state_dict().items() if v.ndim == 1}, strict=False)
+        parts[is_pooled] = (idx, ref(x[:, idx]), ref)
+    expected = torch.empty_like(x)
+    for idx, out, _ in parts.values():
+        expected[:, idx] = out
+    torch.testing.assert_close(bn(x), expected)
+    for idx, _, ref in parts.values():
+        torch.testing.assert_close(bn.running_mean[idx], ref.running_mean)
+        torch.testing.assert_close(bn.running_var[idx], ref.running_var)
+
+
+@pytest.mark.slow
+def test_toy_seg_trains_with_one_image_per_batch(
+    tmp_path: Path, toy_data_root: Path, hydra_cleanup: None
+) -> None:
+    """data.batch_size=1 (a single-GPU So400m/g run at 512 px): UPerNet + FCN train a step."""
+    overrides = ["experiment=toy_seg", "debug=fdr", "data.num_workers=0", "data.batch_size=1"]
+    cfg = compose_train_cfg(overrides, tmp_path / "run", data_dir=toy_data_root.parent)
+    logged: dict[str, float] = {}
+    run_train(cfg, logged)
+    assert math.isfinite(logged["train/loss"])
 
 
 def _uper_segmentor(backbone: SigLIP2Backbone, k: int) -> Segmentor:

@@ -33,6 +33,7 @@ from siglip_dense.models.arch import (
     match_timm_arch,
     resolve_arch,
 )
+from siglip_dense.models.compile_options import compile_kwargs, mark_dynamic
 from siglip_dense.models.pos_embed import POS_RESAMPLE, PosResample, resample_pos_embed
 
 PATCH_REMAINDERS = ("pad", "drop")
@@ -182,6 +183,17 @@ def resolve_global_blocks(depth: int, global_blocks: Sequence[int] | None) -> tu
     return tuple(sorted(out))
 
 
+def _mark_sizes_dynamic(
+    grid: torch.Tensor, key_mask: torch.Tensor | None, valid: torch.Tensor | None
+) -> None:
+    """Batch and grid sizes of the compiled transformer's inputs are dynamic from the first call."""
+    mark_dynamic(grid, (0, 1, 2))
+    if grid._base is not None:  # a view (in eval mode): dynamo also guards on its base's sizes
+        mark_dynamic(grid._base, tuple(range(grid._base.ndim - 1)))
+    mark_dynamic(key_mask, (0, 3))  # B×1×1×N
+    mark_dynamic(valid, (0, 1))  # B×N×1
+
+
 class SigLIP2Backbone(nn.Module):
     """A SigLIP (2) ViT that returns NCHW feature maps of chosen blocks.
 
@@ -281,14 +293,28 @@ class SigLIP2Backbone(nn.Module):
         with window attention.
         """
         x, hw, key_mask, valid = self._embed(x, grid_sizes)
-        _, taken = self._run_blocks(x, hw, key_mask, max(self.out_indices), self.out_indices)
+        grid = x.unflatten(1, hw)  # B×h×w×C: the grid travels in the shape (dynamic under compile)
+        encode = self.__dict__.get("_compiled_encode")
+        if encode is None or torch.compiler.is_compiling():
+            return self._encode(grid, key_mask, valid)
+        if self.__dict__.get("_compile_dynamic") is not False:
+            _mark_sizes_dynamic(grid, key_mask, valid)
+        return encode(self, grid, key_mask, valid)
+
+    def _encode(
+        self, grid: torch.Tensor, key_mask: torch.Tensor | None, valid: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Blocks → ``{"blocks.<i>": B×C×h×w}`` from embedded tokens on their B×h×w×C grid."""
+        B, h, w, C = grid.shape
+        _, taken = self._run_blocks(
+            grid.flatten(1, 2), (h, w), key_mask, max(self.out_indices), self.out_indices
+        )
         maps = {}
         for i in self.out_indices:
             tokens = self.vit.norm(taken[i]) if self.norm_intermediates else taken[i]
             if valid is not None:
                 tokens = tokens * valid
-            B, _, C = tokens.shape
-            maps[f"blocks.{i}"] = tokens.reshape(B, hw[0], hw[1], C).permute(0, 3, 1, 2)
+            maps[f"blocks.{i}"] = tokens.reshape(B, h, w, C).permute(0, 3, 1, 2)
         return maps
 
     def forward_features(self, x: torch.Tensor, grid_sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -454,19 +480,22 @@ class SigLIP2Backbone(nn.Module):
         """Set the input size without touching the position table (kept at ``self.pos_grid``)."""
         self.vit.patch_embed.set_input_size(img_size=img_size)
 
-    def compile(self, *args: Any, **kwargs: Any) -> None:
-        """``nn.Module.compile`` with the position-table resample left eager (a graph break).
+    def compile(self, **options: Any) -> None:
+        """``torch.compile`` the transformer (blocks → maps) once for every input size, in place.
 
-        timm's bicubic antialiased backward has no dynamic-shape kernel in torch ("Expected IntList
-        but got GenericList"): training a compiled model at a second input size, or with
-        ``dynamic=True``, would fail inside torch. The resample is one small op before the blocks.
+        Patch and position embedding stay eager: the position table's resample (bicubic,
+        antialiased) has no dynamic-shape backward in torch ("Expected IntList but got
+        GenericList"), and a graph break inside the compiled region would leave the blocks in a
+        frame whose sizes are static until each of H and W has changed once. Before every call the
+        batch, grid height and width (and a NaFlex batch's masks) are marked dynamic, so the first
+        call already compiles for all sizes: one graph for training, one under no_grad
+        (evaluation), one more for a batch of one (torch specialises sizes 0 and 1).
+        ``dynamic=False`` compiles one static graph per size instead. Options are
+        ``torch.compile``'s, with :func:`~siglip_dense.models.compile_options.compile_kwargs`'
+        inductor fixes. State-dict keys are unchanged; compiling again replaces the compiled graph.
         """
-        if "_resample_pos_eager" not in vars(self):  # once: compiling again keeps the eager wrapper
-            self._resample_pos_eager = True
-            self._resample_pos = torch.compiler.disable(resample_pos_embed)
-            vit = self.vit
-            vit._pos_embed = torch.compiler.disable(vit._pos_embed)
-        super().compile(*args, **kwargs)
+        self.__dict__["_compile_dynamic"] = options.get("dynamic")
+        self.__dict__["_compiled_encode"] = torch.compile(type(self)._encode, **compile_kwargs(options))
 
     # ---- window attention ------------------------------------------------------------------
     def set_window_attention(

@@ -46,6 +46,7 @@ from torch import nn
 from siglip_dense.checkpoints import check_same_backbone, read_meta
 from siglip_dense.legacy import upgrade_config
 from siglip_dense.models.backbone import SigLIP2Backbone
+from siglip_dense.models.compile_options import compile_kwargs
 from siglip_dense.tasks.component import EvalContext, TaskComponent
 from siglip_dense.tasks.init_from import filter_prefixes, init_from_checkpoint, split_components
 from siglip_dense.tasks.optim import param_groups_layer_decay
@@ -293,8 +294,11 @@ class DenseModule(L.LightningModule):
         """``torch.compile`` the backbone and neck in place (state-dict keys unchanged).
 
         Only these run the same shapes every step; heads and detector post-processing (NMS, variable
-        box counts) stay eager, where compiling would mostly recompile.
+        box counts) stay eager, where compiling would mostly recompile. The backbone compiles once
+        for every input size (:meth:`SigLIP2Backbone.compile`); the neck once per training input
+        size, since torch's inductor specialises sizes in convolution backward (torch 2.14).
         """
+        options = compile_kwargs(options)
         compiled = []
         for prefix in (self.backbone_prefix, self.neck_prefix):
             try:

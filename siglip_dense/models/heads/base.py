@@ -20,7 +20,7 @@ order. What the base does for every head:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,51 @@ def resize_concat(
         if concat_pooled:
             parts.append(m.mean(dim=(2, 3), keepdim=True).expand_as(m))
     return torch.cat(parts, dim=1)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that also trains where a batch holds one value per channel (a batch of one).
+
+    Batch statistics need several values per channel. A 1×1 map of a single image (UPerNet's
+    pyramid pooling at scale 1) has one: torch raises "Expected more than 1 value per channel when
+    training". Channels that carry one value per image broadcast over the map (``pooled_channels``:
+    the linear probes' ``concat_pooled`` averages) have one per image: at batch 1 their variance is
+    0, so training erases them and drives their running variance to 0. Those channels are normalised
+    per sample with the running statistics, which they leave unchanged (as in evaluation; the rule
+    of detectron2's ``FrozenBatchNorm2d``); every other case is ``nn.BatchNorm2d``'s, with the same
+    outputs, running-statistic updates and state-dict keys. ``trainer.sync_batchnorm`` (several
+    devices) replaces it with torch's ``SyncBatchNorm``, whose statistics span the devices.
+    """
+
+    def __init__(
+        self, num_features: int, pooled_channels: Sequence[bool] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(num_features, **kwargs)
+        pooled = [False] * num_features if pooled_channels is None else [bool(p) for p in pooled_channels]
+        if len(pooled) != num_features:
+            raise ValueError(f"pooled_channels has {len(pooled)} entries for {num_features} channels")
+        self.has_pooled = any(pooled)
+        # not persistent: the state-dict keys stay nn.BatchNorm2d's
+        self.register_buffer("pooled_channels", torch.tensor(pooled, dtype=torch.bool), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats) or x.ndim != 4:
+            return super().forward(x)
+        b, _, h, w = x.shape
+        if b * h * w == 1:
+            return self._per_sample(x, self.running_mean, self.running_var)
+        if b != 1 or not self.has_pooled:
+            return super().forward(x)
+        running = (self.running_mean.clone(), self.running_var.clone())
+        out = super().forward(x)
+        pooled = self.pooled_channels
+        with torch.no_grad():  # the pooled channels' statistics stay as they were
+            self.running_mean.copy_(torch.where(pooled, running[0], self.running_mean))
+            self.running_var.copy_(torch.where(pooled, running[1], self.running_var))
+        return torch.where(pooled.view(1, -1, 1, 1), self._per_sample(x, *running), out)
+
+    def _per_sample(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 def init_classifier(conv: nn.Conv2d, std: float = 0.01) -> None:
@@ -158,6 +203,17 @@ class BaseDecodeHead(nn.Module):
     @property
     def num_levels(self) -> int:
         return len(self.level_channels)
+
+    def pooled_channel_mask(self) -> list[bool]:
+        """Per channel of the transformed input: True where it is a map's broadcast average
+        (``concat_pooled``: each level's channels, then their averages)."""
+        if not self.concat_pooled:
+            return [False] * sum(self.level_channels)
+        return [p for c in self.level_channels for p in [False] * c + [True] * c]
+
+    def input_batch_norm(self) -> BatchNorm2d:
+        """BatchNorm over the ``resize_concat`` input (the linear probes'), batch-1 safe (:class:`BatchNorm2d`)."""
+        return BatchNorm2d(self.channels, pooled_channels=self.pooled_channel_mask())
 
     def select_inputs(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The maps this head reads, checked against the level count and widths it was built for."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from siglip_dense.models.dense_model import DenseModel
-from siglip_dense.models.heads.base import BaseDecodeHead
+from siglip_dense.models.heads.base import BaseDecodeHead, BatchNorm2d
 from siglip_dense.models.necks import to_stride16_grid
 
 DEPTH_ACTIVATIONS = ("sigmoid", "softplus", "relu")
@@ -44,8 +44,8 @@ class ResidualConvUnit(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=not use_bn)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=not use_bn)
-        self.bn1 = nn.BatchNorm2d(channels) if use_bn else nn.Identity()
-        self.bn2 = nn.BatchNorm2d(channels) if use_bn else nn.Identity()
+        self.bn1 = BatchNorm2d(channels) if use_bn else nn.Identity()
+        self.bn2 = BatchNorm2d(channels) if use_bn else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn1(self.conv1(F.relu(x)))
@@ -209,7 +209,7 @@ class LinearBinsHead(BaseDecodeHead):
         self.norm = norm
         self.upsample = int(upsample)
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
-        self.bn = nn.BatchNorm2d(self.channels) if use_bn else nn.Identity()
+        self.bn = self.input_batch_norm() if use_bn else nn.Identity()
         self.register_buffer(
             "bins", torch.linspace(self.min_depth, self.max_depth, int(num_bins)), persistent=False
         )

@@ -50,7 +50,7 @@ class LinearNormalsHead(BaseDecodeHead):
             dropout_ratio=dropout,
             concat_pooled=concat_pooled,
         )
-        self.bn = nn.BatchNorm2d(self.channels) if use_bn else nn.Identity()
+        self.bn = self.input_batch_norm() if use_bn else nn.Identity()
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Named block maps → B×3×h×w raw normal vectors at the first map's grid."""

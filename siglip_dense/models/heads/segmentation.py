@@ -14,16 +14,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from siglip_dense.models.heads.base import BaseDecodeHead, resize
+from siglip_dense.models.heads.base import BaseDecodeHead, BatchNorm2d, resize
 
 
 class ConvBNReLU(nn.Sequential):
-    """mmcv's ``ConvModule`` with BN + ReLU (bias-free conv, as mmseg builds it)."""
+    """mmcv's ``ConvModule`` with BN + ReLU (bias-free conv, as mmseg builds it); the BN trains at
+    batch 1 too (:class:`~siglip_dense.models.heads.base.BatchNorm2d`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False),
-            nn.BatchNorm2d(out_channels),
+            BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -59,7 +60,7 @@ class LinearHead(BaseDecodeHead):
             align_corners=align_corners,
             concat_pooled=concat_pooled,
         )
-        self.bn = nn.BatchNorm2d(self.channels) if use_bn else nn.Identity()
+        self.bn = self.input_batch_norm() if use_bn else nn.Identity()
 
     @property
     def feat_channels(self) -> int:
