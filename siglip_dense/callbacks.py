@@ -26,6 +26,12 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loops.progress import (
+    _BatchProgress,
+    _OptimizationProgress,
+    _Progress,
+    _SchedulerProgress,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -84,21 +90,82 @@ class LastCheckpoint(ModelCheckpoint):
             self.last_model_path = state_dict.get("last_model_path", self.last_model_path)
 
 
+def at_epoch_boundary(fit_loop: dict[str, Any]) -> bool:
+    """Whether a saved fit-loop state lies between two epochs: the epoch's last batch trained and its
+    end reached (a checkpoint written in ``on_train_epoch_end``, or by a stop right after it)."""
+    epochs = fit_loop.get("epoch_progress", {}).get("current", {})
+    ready, started, processed = (int(epochs.get(k, 0)) for k in ("ready", "started", "processed"))
+    last_batch = bool(fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch", False))
+    return last_batch and 0 < processed == started == ready
+
+
+def start_next_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Rewrite a checkpoint saved between two epochs as the start of the next one; True if it was.
+
+    Lightning 2.6 restores such a state (``on_train_epoch_end``: epoch processed, not yet completed)
+    as "restarted on epoch end" when training by ``max_steps``: it runs one more batch in the
+    finished epoch, then counts that epoch a second time, so the next epoch's sampler gets epoch
+    ``e + 2`` and every later batch holds other images. The state is rewritten as Lightning's own
+    counters stand when a new epoch begins (``_TrainingEpochLoop.reset`` outside a restart): the
+    epoch completed, the batch, scheduler and optimizer counters of the epoch and the validation
+    batch total reset. The loader positions are dropped: they are spent, and the next epoch starts
+    a fresh pass (:class:`RestoreLoaderStates` gives the samplers its number).
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(fit, dict) or not at_epoch_boundary(fit):
+        return False
+    epochs = _Progress()
+    epochs.load_state_dict(fit["epoch_progress"])
+    epochs.total.completed, epochs.current.completed = epochs.total.processed, epochs.current.processed
+    fit["epoch_progress"] = epochs.state_dict()
+    fresh: dict[str, Any] = {
+        "epoch_loop.batch_progress": _BatchProgress(),
+        "epoch_loop.scheduler_progress": _SchedulerProgress(),
+        "epoch_loop.automatic_optimization.optim_progress": _OptimizationProgress(),
+    }
+    for key, progress in fresh.items():
+        if key in fit:
+            progress.load_state_dict(fit[key])
+            progress.reset_on_run()
+            fit[key] = progress.state_dict()
+    if "epoch_loop.val_loop.batch_progress" in fit:
+        val = _BatchProgress()
+        val.load_state_dict(fit["epoch_loop.val_loop.batch_progress"])
+        val.total.reset()
+        fit["epoch_loop.val_loop.batch_progress"] = val.state_dict()
+    if isinstance(fit.get("state_dict"), dict):
+        fit["state_dict"].pop("combined_loader", None)
+    return True
+
+
 class RestoreLoaderStates(L.Callback):
-    """Puts the training loaders where a resumed fit must start; Lightning misses it in two cases.
+    """Puts the training loaders where a resumed fit must start; Lightning misses it in three cases.
 
     1. A task whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (our
        schedules do) makes Lightning build and iterate the train loader before the checkpoint is
        restored; its later ``setup_data`` returns early, so the stateful loaders' states in the
        checkpoint are never loaded (Lightning issue #20550) and a mid-epoch resume would restart the
        epoch's data. Here the pending states are loaded.
-    2. Resuming from a checkpoint written at ``on_train_epoch_end`` (no validation at that epoch's
-       end), Lightning loads no loader state and keeps that early iterator, whose workers already
-       drew indices with the sampler's initial epoch. Here the samplers get the epoch about to run.
+    2. A checkpoint written between two epochs is resumed as the start of the next epoch
+       (:func:`start_next_epoch`, applied when the checkpoint is loaded): the samplers get that
+       epoch's number. Lightning's own restore of that state repeats a batch and skips an epoch.
+    3. Lightning loads no loader state when the saved epoch had finished (early stopping), and
+       keeps the iterator it built before the restore, whose workers drew indices with the
+       sampler's initial epoch: here the samplers get the epoch about to run.
 
-    In both cases the batch iterator is then re-created, at ``on_train_start`` (after the restore,
+    In each case the batch iterator is then re-created, at ``on_train_start`` (after the restore,
     before the first batch), as Lightning's own resume path does. Fresh runs: nothing to do.
     """
+
+    def __init__(self) -> None:
+        self._loader_states = False  # whether the checkpoint being resumed holds loader positions
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        start_next_epoch(checkpoint)  # before Lightning restores the loops from it
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._loader_states = bool(fit.get("state_dict", {}).get("combined_loader"))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop
@@ -106,11 +173,11 @@ class RestoreLoaderStates(L.Callback):
             return
         if loop.restarting and loop._combined_loader_states_to_load:
             loop._load_combined_loader_states()
-        elif not loop.restarting:
+        elif loop.restarting and self._loader_states:
+            return  # Lightning loaded the positions before building the iterator
+        else:
             for loader in loop._combined_loader.flattened:
                 _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
-        else:
-            return
         iter(loop._data_fetcher)
 
 
@@ -334,5 +401,7 @@ __all__ = [
     "ProgressLog",
     "RestoreLoaderStates",
     "SkippedSamples",
+    "at_epoch_boundary",
     "batch_metas",
+    "start_next_epoch",
 ]
