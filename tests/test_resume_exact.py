@@ -58,7 +58,8 @@ def base_overrides(root: Path, workers: int = 0) -> list[str]:
 
 
 class RecordBatches(L.Callback):
-    """Appends each training step's image stems and a hash of each augmented crop to a per-rank file."""
+    """Appends each training step's image stems and a hash of each augmented crop to a per-rank file,
+    with the step's epoch, batch index and logging step (what loggers write the step's values at)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -71,7 +72,8 @@ class RecordBatches(L.Callback):
             for meta, img in zip(batch["meta"], batch["image"])
         ]
         with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "samples": samples}) + "\n")
+            where = [trainer.current_epoch, batch_idx, trainer.fit_loop.epoch_loop._batches_that_stepped]
+            f.write(json.dumps({"step": trainer.global_step, "samples": samples, "at": where}) + "\n")
 
 
 class KillAt(L.Callback):
@@ -128,9 +130,12 @@ def record(path: Path) -> list[str]:
     return [f"+callbacks.record._target_={__name__}.RecordBatches", f"+callbacks.record.path={path}"]
 
 
+def rows_seen(path: Path, rank: int = 0) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(f"{path}.rank{rank}").read_text().splitlines()]
+
+
 def steps_seen(path: Path, rank: int = 0) -> dict[int, list[list[str]]]:
-    rows = [json.loads(line) for line in Path(f"{path}.rank{rank}").read_text().splitlines()]
-    return {r["step"]: r["samples"] for r in rows}
+    return {r["step"]: r["samples"] for r in rows_seen(path, rank)}
 
 
 def load(ckpt: Path) -> dict[str, Any]:
@@ -235,6 +240,33 @@ def test_resume_from_an_epoch_end_without_validation_with_workers(toy_root: Path
     train([*overrides, f"ckpt_path={last}", *record(tmp_path / "resumed_batches")], tmp_path / "resumed")
     reference, after = steps_seen(tmp_path / "straight_batches"), steps_seen(tmp_path / "resumed_batches")
     assert after == {s: reference[s] for s in range(2, 6)}
+    assert_same_weights(
+        tmp_path / "straight" / "checkpoints" / "last.ckpt",
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt",
+    )
+
+
+@pytest.mark.slow
+def test_resume_from_the_best_checkpoint_of_a_max_steps_run_validated_per_epoch(
+    toy_root: Path, tmp_path: Path
+) -> None:
+    """Training by max_steps with a validation at each epoch end, Lightning's best-k callback saves in
+    on_train_epoch_end: its epoch_000.ckpt lies between two epochs, after a validation. Resumed, every
+    later step has the uninterrupted run's images, epoch, batch index and logging step, and the final
+    weights are bit-identical."""
+    overrides = [o for o in base_overrides(toy_root) if "val_check_interval" not in o]
+    overrides = [
+        *[o for o in overrides if "check_val_every_n_epoch" not in o],
+        "trainer.check_val_every_n_epoch=1",
+    ]
+    train([*overrides, *record(tmp_path / "straight_batches")], tmp_path / "straight")
+    best = tmp_path / "straight" / "checkpoints" / "epoch_000.ckpt"
+    assert load(best)["global_step"] == 6  # 6 steps per epoch; the only "improvement" of monitor=step
+    train([*overrides, f"ckpt_path={best}", *record(tmp_path / "resumed_batches")], tmp_path / "resumed")
+    reference = {r["step"]: r for r in rows_seen(tmp_path / "straight_batches")}
+    rows = rows_seen(tmp_path / "resumed_batches")
+    assert [r["step"] for r in rows] == list(range(6, MAX_STEPS))
+    assert [r for r in rows if r != reference[r["step"]]] == []
     assert_same_weights(
         tmp_path / "straight" / "checkpoints" / "last.ckpt",
         tmp_path / "resumed" / "checkpoints" / "last.ckpt",
@@ -372,17 +404,17 @@ def test_stops_at_epoch_edges_and_after_validation_resume_bit_identical(
         assert stopped.value.code == 128 + signum
         saved.append(load(last)["global_step"])
         if calls is not None:  # the state the requeued job resumes from is last.ckpt's
-            hpc = run / f"hpc_ckpt_{attempt + 1}.ckpt"
-            assert load(hpc)["global_step"] == saved[-1]
-            assert_same_weights(hpc, last)
+            assert (run / f"hpc_ckpt_{attempt + 1}.ckpt").read_bytes() == last.read_bytes()
     assert saved == CHAIN_STOPS
     train([*args, *resume], run)
 
-    rows = [json.loads(line) for line in Path(f"{tmp_path / 'batches'}.rank0").read_text().splitlines()]
+    rows = rows_seen(tmp_path / "batches")
     assert [r["step"] for r in rows] == list(range(MAX_STEPS))  # no step repeated or skipped
-    reference = steps_seen(straight.parent / "batches")
-    different = [r["step"] for r in rows if r["samples"] != reference[r["step"]]]
+    reference = {r["step"]: r for r in rows_seen(straight.parent / "batches")}
+    different = [r["step"] for r in rows if r["samples"] != reference[r["step"]]["samples"]]
     assert not different, f"steps {different} saw other images or crops than the uninterrupted run"
+    elsewhere = [(r["step"], r["at"]) for r in rows if r["at"] != reference[r["step"]]["at"]]
+    assert not elsewhere, f"(step, [epoch, batch, logging step]) unlike the uninterrupted run: {elsewhere}"
     assert load(last)["global_step"] == MAX_STEPS
     assert_same_weights(straight / "checkpoints" / "last.ckpt", last)
     if calls is not None:
@@ -481,3 +513,35 @@ def test_a_spent_sampler_pass_resumes_with_the_next_pass_on_any_world_size() -> 
     same = ResumableDistributedSampler(data, seed=3)
     same.load_state_dict(inside)
     assert [s.index for s in same] == first[4:]
+
+
+def test_positions_saved_after_an_epochs_last_batch_are_not_resumed() -> None:
+    """A checkpoint written after an epoch's last batch (here in its validation, the epoch cut short by
+    limit_train_batches, so the sampler had samples left) holds no data position to continue: loading it
+    drops the loader states (the next epoch starts a fresh pass, on any number of processes), while a
+    mid-epoch checkpoint keeps them. Progress counters as Lightning writes them in on_validation_end."""
+    from lightning.pytorch.loops.progress import _BatchProgress, _Progress
+
+    from siglip_dense.callbacks import RestoreLoaderStates
+    from siglip_dense.data.samplers import ResumableDistributedSampler
+
+    sampler = ResumableDistributedSampler(list(range(24)), seed=0)
+    drawn = iter(sampler)
+    for _ in range(8):  # 2 batches of 4 of 6: limit_train_batches=2
+        next(drawn)
+    loader_state = {"_sampler_iter_state": {"sampler_state": sampler.state_dict()}}
+
+    def checkpoint(last_batch: bool) -> dict[str, Any]:
+        epochs, batches = _Progress(), _BatchProgress()
+        epochs.increment_ready()  # epoch 0 under way
+        epochs.increment_started()
+        batches.increment_by(2 if last_batch else 1)  # batches ready, started, processed, completed
+        batches.is_last_batch = last_batch
+        fit = {"state_dict": {"combined_loader": [loader_state]}, "epoch_progress": epochs.state_dict()}
+        return {"loops": {"fit_loop": {**fit, "epoch_loop.batch_progress": batches.state_dict()}}}
+
+    for last_batch in (True, False):
+        ckpt = checkpoint(last_batch)
+        RestoreLoaderStates().on_load_checkpoint(None, None, ckpt)  # type: ignore[arg-type]
+        kept = ckpt["loops"]["fit_loop"]["state_dict"].get("combined_loader")
+        assert kept == (None if last_batch else [loader_state]), last_batch
