@@ -188,13 +188,19 @@ def check_run_mode(cfg: DictConfig) -> None:
     ``init_from_filter=all``: the whole model).
 
     Raises:
-        ValueError: one line naming the keys and the way out, for ``train=false`` with
-            ``validate=false``, with no weights, with both ``ckpt_path`` and ``init_from``, or with an
+        ValueError: one line naming the keys and the way out, for a ``ckpt_path`` that is exported
+            weights (a folder or ``.safetensors``), and for ``train=false`` with ``validate=false``,
+            with no weights, with both ``ckpt_path`` and ``init_from``, or with an
             ``init_from_filter`` that leaves parts of the model untrained.
     """
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and (Path(str(ckpt)).is_dir() or str(ckpt).endswith(".safetensors")):
+        raise ValueError(
+            f"ckpt_path={ckpt} is exported weights, not a training checkpoint (.ckpt): ckpt_path resumes "
+            f"or validates a run's checkpoint; use init_from={ckpt} to start from or validate these weights"
+        )
     if cfg.get("train", True):
         return
-    ckpt = cfg.get("ckpt_path")
     init = OmegaConf.select(cfg, "task.init_from", default=None)
     init_filter = OmegaConf.select(cfg, "task.init_from_filter", default="all")
     if not cfg.get("validate", True):

@@ -163,3 +163,8 @@ def test_every_train_validate_ckpt_init_combination_runs_or_stops_with_one_line(
         cfg.task.init_from, cfg.task.init_from_filter = str(tmp_path / "y.ckpt"), "backbone"
     with pytest.raises(ValueError, match="init_from_filter=backbone.*init_from_filter=all"):
         check_run_mode(cfg)
+    for exported in (tmp_path, tmp_path / "model.safetensors"):  # tools/export.py's folder or its file
+        with open_dict(cfg):
+            cfg.train, cfg.ckpt_path, cfg.task.init_from = True, str(exported), None
+        with pytest.raises(ValueError, match=f"ckpt_path={exported} is exported.*init_from={exported}"):
+            check_run_mode(cfg)
