@@ -14,7 +14,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,8 +28,16 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loops.progress import (
+    _BatchProgress,
+    _OptimizationProgress,
+    _Progress,
+    _SchedulerProgress,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("siglip_dense")
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -84,33 +94,114 @@ class LastCheckpoint(ModelCheckpoint):
             self.last_model_path = state_dict.get("last_model_path", self.last_model_path)
 
 
+def at_epoch_boundary(fit_loop: dict[str, Any]) -> bool:
+    """Whether a saved fit-loop state lies between two epochs: the epoch's last batch trained and its
+    end reached (a checkpoint written in ``on_train_epoch_end``, or by a stop right after it)."""
+    epochs = fit_loop.get("epoch_progress", {}).get("current", {})
+    ready, started, processed = (int(epochs.get(k, 0)) for k in ("ready", "started", "processed"))
+    last_batch = bool(fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch", False))
+    return last_batch and 0 < processed == started == ready
+
+
+def start_next_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Rewrite a checkpoint saved between two epochs as the start of the next one; True if it was.
+
+    Lightning 2.6 restores such a state (``on_train_epoch_end``: epoch processed, not yet completed)
+    as "restarted on epoch end" when training by ``max_steps``: it runs one more batch in the
+    finished epoch, then counts that epoch a second time, so the next epoch's sampler gets epoch
+    ``e + 2`` and every later batch holds other images. The state is rewritten as Lightning's own
+    counters stand when a new epoch begins (``_TrainingEpochLoop.reset`` outside a restart): the
+    epoch completed, the batch, scheduler and optimizer counters of the epoch and the validation
+    batch total reset. The next epoch starts a fresh pass (:class:`RestoreLoaderStates` drops the
+    spent loader positions and gives the samplers the epoch's number).
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(fit, dict) or not at_epoch_boundary(fit):
+        return False
+    epochs = _Progress()
+    epochs.load_state_dict(fit["epoch_progress"])
+    epochs.total.completed, epochs.current.completed = epochs.total.processed, epochs.current.processed
+    fit["epoch_progress"] = epochs.state_dict()
+    fresh: dict[str, Any] = {
+        "epoch_loop.batch_progress": _BatchProgress(),
+        "epoch_loop.scheduler_progress": _SchedulerProgress(),
+        "epoch_loop.automatic_optimization.optim_progress": _OptimizationProgress(),
+    }
+    for key, progress in fresh.items():
+        if key in fit:
+            progress.load_state_dict(fit[key])
+            progress.reset_on_run()
+            fit[key] = progress.state_dict()
+    if "epoch_loop.val_loop.batch_progress" in fit:
+        val = _BatchProgress()
+        val.load_state_dict(fit["epoch_loop.val_loop.batch_progress"])
+        val.total.reset()
+        fit["epoch_loop.val_loop.batch_progress"] = val.state_dict()
+    return True
+
+
+def drop_spent_loader_states(checkpoint: dict[str, Any]) -> bool:
+    """Remove the loader positions of a checkpoint written after its epoch's last batch; True if so.
+
+    Nothing of that epoch's data is left to continue (also when ``limit_train_batches`` ended the
+    epoch before the loader did), so the next batches come from a fresh pass of the next epoch, on
+    any number of processes.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(fit, dict) or not fit.get("epoch_loop.batch_progress", {}).get("is_last_batch"):
+        return False
+    states = fit.get("state_dict")
+    return isinstance(states, dict) and states.pop("combined_loader", None) is not None
+
+
 class RestoreLoaderStates(L.Callback):
-    """Puts the training loaders where a resumed fit must start; Lightning misses it in two cases.
+    """Puts the training loaders where a resumed fit must start; Lightning misses it in three cases.
 
     1. A task whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (our
        schedules do) makes Lightning build and iterate the train loader before the checkpoint is
        restored; its later ``setup_data`` returns early, so the stateful loaders' states in the
        checkpoint are never loaded (Lightning issue #20550) and a mid-epoch resume would restart the
        epoch's data. Here the pending states are loaded.
-    2. Resuming from a checkpoint written at ``on_train_epoch_end`` (no validation at that epoch's
-       end), Lightning loads no loader state and keeps that early iterator, whose workers already
-       drew indices with the sampler's initial epoch. Here the samplers get the epoch about to run.
+    2. A checkpoint written after an epoch's last batch holds spent loader positions, dropped when
+       it is loaded (:func:`drop_spent_loader_states`; one written between two epochs is also
+       resumed as the next epoch's start, :func:`start_next_epoch`, since Lightning's own restore of
+       it repeats a batch and skips an epoch): the samplers get the number of the epoch to run.
+    3. Lightning loads no loader state when the saved epoch had finished (early stopping), and
+       keeps the iterator it built before the restore, whose workers drew indices with the
+       sampler's initial epoch: here the samplers get the epoch about to run.
 
-    In both cases the batch iterator is then re-created, at ``on_train_start`` (after the restore,
+    In each case the batch iterator is then re-created, at ``on_train_start`` (after the restore,
     before the first batch), as Lightning's own resume path does. Fresh runs: nothing to do.
     """
+
+    def __init__(self) -> None:
+        self._loader_states = False  # whether the checkpoint being resumed holds loader positions
+        self._epoch_start = False  # whether it was rewritten as the start of an epoch
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        drop_spent_loader_states(checkpoint)  # before Lightning restores the loops from it
+        self._epoch_start = start_next_epoch(checkpoint)
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._loader_states = bool(fit.get("state_dict", {}).get("combined_loader"))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop
         if not loop.is_resuming or loop._data_fetcher is None or loop._combined_loader is None:
             return
+        if self._epoch_start:
+            # nothing of this epoch ran: its loop starts as in an uninterrupted run (training by
+            # max_steps Lightning restarts it, and a restarted epoch loop after an epoch-end
+            # validation runs an empty first iteration that shifts the logging step by one)
+            loop.epoch_loop.restarting = False
         if loop.restarting and loop._combined_loader_states_to_load:
             loop._load_combined_loader_states()
-        elif not loop.restarting:
+        elif loop.restarting and self._loader_states:
+            return  # Lightning loaded the positions before building the iterator
+        else:
             for loader in loop._combined_loader.flattened:
                 _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
-        else:
-            return
         iter(loop._data_fetcher)
 
 
@@ -121,10 +212,13 @@ class GracefulRequeue(L.Callback):
     requeue signal (SIGUSR1 unless configured, ``#SBATCH --signal=SIGUSR1@90``) makes Lightning save
     ``hpc_ckpt_<n>.ckpt`` in the run directory and ``scontrol requeue`` the job, from inside the
     signal handler, i.e. mid-step. This callback replaces that handler (at ``on_train_start``, after
-    Lightning installed it) with one that only asks the loop to stop, the way SIGTERM does; at the
-    batch boundary (``on_exception`` with ``SIGTERMException``) it runs Lightning's handler, so the
-    HPC checkpoint (which a requeued job in the same run directory resumes from by itself) and
-    ``last.ckpt`` hold the same exactly resumable state. :attr:`signum` records the signal.
+    Lightning installed it) with one that only asks the loop to stop, the way SIGTERM does. At the
+    batch boundary (``on_exception`` with ``SIGTERMException``) it brings ``last.ckpt`` up to date
+    (:class:`LastCheckpoint`), copies it as ``hpc_ckpt_<n>.ckpt`` (which a requeued job in the same
+    run directory resumes from by itself) and requeues the job as Lightning's handler does. A state
+    Lightning would dump there after a validation restores with the logging step one ahead (it reads
+    as written in ``on_validation_end``); ``last.ckpt`` holds that validation's own state. Without a
+    local ``last.ckpt``, Lightning's handler runs. :attr:`signum` records the signal.
     """
 
     def __init__(self) -> None:
@@ -150,11 +244,35 @@ class GracefulRequeue(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if self.signum is not None and isinstance(exception, SIGTERMException) and callable(self._requeue):
-            self._requeue(self.signum, None)  # Lightning: hpc_ckpt_<n>.ckpt + scontrol requeue
+        if self.signum is None or not isinstance(exception, SIGTERMException) or not callable(self._requeue):
+            return
+        last = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, LastCheckpoint)), None)
+        if last is not None:
+            last.save_now(trainer)  # every rank takes part; nothing new if this step is saved already
+        source = str(last.last_model_path) if last is not None else ""
+        if not source or "://" in source:
+            self._requeue(self.signum, None)  # Lightning: its own hpc_ckpt_<n>.ckpt + scontrol requeue
+            return
+        if trainer.is_global_zero:
+            hpc = Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+            partial = hpc.parent / f".requeue-{os.getpid()}.partial"
+            shutil.copyfile(source, partial)
+            os.replace(partial, hpc)
+            log.info(f"saved {hpc} (= {source})")
+            requeue_slurm_job()
 
 
-log = logging.getLogger("siglip_dense")
+def requeue_slurm_job() -> int:
+    """``scontrol requeue <job>`` for this SLURM job (an array task as ``<array job>_<task>``), as
+    Lightning's requeue handler does; returns scontrol's exit status (a failure is logged)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    status = subprocess.call(["scontrol", "requeue", job])
+    if status == 0:
+        log.info(f"requeued SLURM job {job}")
+    else:
+        log.warning(f"scontrol requeue {job} failed with exit status {status}")
+    return status
 
 
 def batch_metas(batch: Any) -> Iterator[dict[str, Any]]:
@@ -334,5 +452,9 @@ __all__ = [
     "ProgressLog",
     "RestoreLoaderStates",
     "SkippedSamples",
+    "at_epoch_boundary",
     "batch_metas",
+    "drop_spent_loader_states",
+    "requeue_slurm_job",
+    "start_next_epoch",
 ]

@@ -77,8 +77,15 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
 
 
 def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
-    """The task's model sizes (classes) come from the data unless the config fixes them."""
+    """The task's model sizes (classes) come from the data unless the config fixes them.
+
+    A resumed fit (``train=true ckpt_path=...``) does not read ``init_from``: the checkpoint's weights
+    replace it (the run it continues started from it), and the file need not exist any more.
+    """
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    if cfg.get("train", True) and cfg.get("ckpt_path") and task_cfg.get("init_from"):
+        rank_zero_info(f"init_from={task_cfg['init_from']} not read: resuming from ckpt_path={cfg.ckpt_path}")
+        task_cfg["init_from"] = None
     from_data = datamodule.task_kwargs() if hasattr(datamodule, "task_kwargs") else {}
     # what the config fixes wins; everything else the task needs to know about the data comes from it
     extra = {k: v for k, v in from_data.items() if task_cfg.get(k) is None}
@@ -171,6 +178,53 @@ def check_task_data_config(cfg: DictConfig) -> None:
     )
 
 
+def check_run_mode(cfg: DictConfig) -> None:
+    """``train``, ``validate``, ``ckpt_path`` and ``init_from`` together must name one thing to do
+    with one set of weights.
+
+    Training starts from the config's weights (``init_from`` if set) or, with ``ckpt_path``, resumes
+    that checkpoint (whose weights replace ``init_from``'s). ``train=false`` validates the weights
+    named by exactly one of ``ckpt_path`` (a training checkpoint, as saved) or ``init_from`` (with
+    ``init_from_filter=all``: the whole model).
+
+    Raises:
+        ValueError: one line naming the keys and the way out, for a ``ckpt_path`` that is exported
+            weights (a folder or ``.safetensors``), and for ``train=false`` with ``validate=false``,
+            with no weights, with both ``ckpt_path`` and ``init_from``, or with an
+            ``init_from_filter`` that leaves parts of the model untrained.
+    """
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and (Path(str(ckpt)).is_dir() or str(ckpt).endswith(".safetensors")):
+        raise ValueError(
+            f"ckpt_path={ckpt} is exported weights, not a training checkpoint (.ckpt): ckpt_path resumes "
+            f"or validates a run's checkpoint; use init_from={ckpt} to start from or validate these weights"
+        )
+    if cfg.get("train", True):
+        return
+    init = OmegaConf.select(cfg, "task.init_from", default=None)
+    init_filter = OmegaConf.select(cfg, "task.init_from_filter", default="all")
+    if not cfg.get("validate", True):
+        raise ValueError(
+            "train=false validate=false: nothing to do. Set train=true to train, or validate=true "
+            "ckpt_path=<checkpoint> to evaluate one (or tools/eval.py ckpt_path=<checkpoint>)"
+        )
+    if ckpt and init:
+        raise ValueError(
+            f"train=false with ckpt_path={ckpt} and init_from={init}: name the weights to validate "
+            "once (drop init_from= or ckpt_path=)"
+        )
+    if not ckpt and not init:
+        raise ValueError(
+            "train=false validate=true names no trained weights (the model would be validated as "
+            "initialised): set ckpt_path=<checkpoint> (or tools/eval.py ckpt_path=<checkpoint>)"
+        )
+    if init and init_filter != "all":
+        raise ValueError(
+            f"train=false validates init_from={init}, but init_from_filter={init_filter} leaves the "
+            "rest of the model untrained: set init_from_filter=all, or ckpt_path=<checkpoint>"
+        )
+
+
 def run_train(cfg: DictConfig, logged: dict[str, float] | None = None) -> dict[str, Any]:
     """Train (and validate) as the config says; returns the final validation metrics.
 
@@ -180,6 +234,7 @@ def run_train(cfg: DictConfig, logged: dict[str, float] | None = None) -> dict[s
     """
     check_task_data_config(cfg)  # before anything resolves ${data.datamodules.<task>...}
     check_train_config(cfg)
+    check_run_mode(cfg)
     out_dir = output_dir_of(cfg)
     launch_env = {k: os.environ.get(k) for k in LAUNCH_ENV_KEYS}
     if cfg.get("seed") is not None:
@@ -225,9 +280,9 @@ def run_train(cfg: DictConfig, logged: dict[str, float] | None = None) -> dict[s
 
     metrics: dict[str, Any] = {}
     if cfg.get("validate", True) and not trainer.fast_dev_run:
-        # the best-k callback's file (by path: "best" warns that there are two ModelCheckpoints)
-        ckpt = trainer.checkpoint_callback.best_model_path if _has_best(trainer) else None
-        trainer.validate(task, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+        trainer.validate(
+            task, datamodule=datamodule, ckpt_path=weights_to_validate(cfg, trainer), verbose=False
+        )
         metrics = dict(task.last_metrics)
         _record_logged(trainer, logged)
         if trainer.is_global_zero:
@@ -276,6 +331,15 @@ def stopped_by_signal(trainer: L.Trainer, out_dir: Path, signum: int | None = No
         f"python train.py <same arguments> ckpt_path={last}"
     )
     return 128 + signum
+
+
+def weights_to_validate(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """The checkpoint the final validation loads: after training the best-k callback's file (by
+    path: ``"best"`` warns that there are two ModelCheckpoints), else the weights in memory; without
+    training ``ckpt_path`` (:func:`check_run_mode`: else ``init_from``'s weights, in memory)."""
+    if not cfg.get("train", True):
+        return cfg.get("ckpt_path") or None
+    return trainer.checkpoint_callback.best_model_path if _has_best(trainer) else None
 
 
 def _has_best(trainer: L.Trainer) -> bool:

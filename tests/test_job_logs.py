@@ -1,6 +1,7 @@
 """What a batch job's logs say: progress lines in train.log, one total of skipped samples per split
 (across loader workers and DDP ranks), no Lightning sync warnings under DDP, and data errors as one
-clear line naming the file (the full traceback only with HYDRA_FULL_ERROR=1). COCO's skip_bad."""
+clear line naming the file (the full traceback only with HYDRA_FULL_ERROR=1). COCO's skip_bad. A
+warmup as long as the run, before its first step."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -24,6 +26,7 @@ from siglip_dense.data.seg_folder import SegFolderDataset
 from siglip_dense.data.segmentation import collate_seg_eval
 from siglip_dense.data.toy import ensure_toy_data
 from siglip_dense.data.transforms import build_det_eval_transform
+from siglip_dense.tasks.optim import warmup_schedule
 from tests.conftest import REPO
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -168,3 +171,30 @@ def test_one_skip_total_over_two_workers_and_progress_lines(
     assert totals == [f"skipped 2 of 8 samples in train (epoch 1; files: {', '.join(bad_files(bad_root))})"]
     progress = [line for line in lines if PROGRESS.search(line)]
     assert [line.split(" loss")[0] for line in progress] == [f"epoch 1/1 step {s}/4" for s in range(1, 5)]
+
+
+@pytest.mark.parametrize(
+    ("total", "warmup", "ratio", "warned"),
+    [
+        (30, 30, None, True),
+        (30, 45, None, True),
+        (20, None, 1.0, True),
+        (31, 30, None, False),
+        (30, 0, None, False),
+    ],
+)
+def test_warmup_as_long_as_the_run_is_warned_naming_both_numbers(
+    total: int, warmup: int | None, ratio: float | None, warned: bool, recwarn: pytest.WarningsRecorder
+) -> None:
+    """toy_det on a 30-step run with warmup_steps=30 raised the learning rate for the whole run, silently.
+    The schedule is built in configure_optimizers, before step 1: the warning names both step counts."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    kwargs = {"warmup_steps": warmup} if ratio is None else {"warmup_ratio": ratio}
+    warmup_schedule(optimizer, total_steps=total, **kwargs)
+    messages = [str(w.message) for w in recwarn if "warmup" in str(w.message)]
+    if not warned:
+        assert not messages
+        return
+    steps = warmup if ratio is None else int(ratio * total)
+    assert len(messages) == 1 and f"warmup of {steps} steps" in messages[0], messages
+    assert f"run's {total} optimizer steps" in messages[0]

@@ -58,7 +58,8 @@ def base_overrides(root: Path, workers: int = 0) -> list[str]:
 
 
 class RecordBatches(L.Callback):
-    """Appends each training step's image stems and a hash of each augmented crop to a per-rank file."""
+    """Appends each training step's image stems and a hash of each augmented crop to a per-rank file,
+    with the step's epoch, batch index and logging step (what loggers write the step's values at)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -71,7 +72,8 @@ class RecordBatches(L.Callback):
             for meta, img in zip(batch["meta"], batch["image"])
         ]
         with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "samples": samples}) + "\n")
+            where = [trainer.current_epoch, batch_idx, trainer.fit_loop.epoch_loop._batches_that_stepped]
+            f.write(json.dumps({"step": trainer.global_step, "samples": samples, "at": where}) + "\n")
 
 
 class KillAt(L.Callback):
@@ -102,13 +104,38 @@ class PauseAt(L.Callback):
             time.sleep(0.05)
 
 
+class SignalAt(L.Callback):
+    """Sends this process ``signum`` (through the handlers Lightning installed, as a scheduler would) at
+    the first of its points a run reaches, at most once per run: when the validation after step ``s``
+    starts (``val_steps``) or when the batch at ``global_step == s`` starts (``batch_steps``)."""
+
+    def __init__(self, signum: int, val_steps: list[int] = (), batch_steps: list[int] = ()) -> None:  # type: ignore[assignment]
+        self.signum, self.val_steps, self.batch_steps = int(signum), list(val_steps), list(batch_steps)
+        self.sent = False
+
+    def _send(self, steps: list[int], trainer: L.Trainer) -> None:
+        if not self.sent and trainer.global_step in steps:
+            self.sent = True
+            signal.raise_signal(self.signum)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._send(self.val_steps, trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._send(self.batch_steps, trainer)
+
+
 def record(path: Path) -> list[str]:
     return [f"+callbacks.record._target_={__name__}.RecordBatches", f"+callbacks.record.path={path}"]
 
 
+def rows_seen(path: Path, rank: int = 0) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(f"{path}.rank{rank}").read_text().splitlines()]
+
+
 def steps_seen(path: Path, rank: int = 0) -> dict[int, list[list[str]]]:
-    rows = [json.loads(line) for line in Path(f"{path}.rank{rank}").read_text().splitlines()]
-    return {r["step"]: r["samples"] for r in rows}
+    return {r["step"]: r["samples"] for r in rows_seen(path, rank)}
 
 
 def load(ckpt: Path) -> dict[str, Any]:
@@ -219,6 +246,33 @@ def test_resume_from_an_epoch_end_without_validation_with_workers(toy_root: Path
     )
 
 
+@pytest.mark.slow
+def test_resume_from_the_best_checkpoint_of_a_max_steps_run_validated_per_epoch(
+    toy_root: Path, tmp_path: Path
+) -> None:
+    """Training by max_steps with a validation at each epoch end, Lightning's best-k callback saves in
+    on_train_epoch_end: its epoch_000.ckpt lies between two epochs, after a validation. Resumed, every
+    later step has the uninterrupted run's images, epoch, batch index and logging step, and the final
+    weights are bit-identical."""
+    overrides = [o for o in base_overrides(toy_root) if "val_check_interval" not in o]
+    overrides = [
+        *[o for o in overrides if "check_val_every_n_epoch" not in o],
+        "trainer.check_val_every_n_epoch=1",
+    ]
+    train([*overrides, *record(tmp_path / "straight_batches")], tmp_path / "straight")
+    best = tmp_path / "straight" / "checkpoints" / "epoch_000.ckpt"
+    assert load(best)["global_step"] == 6  # 6 steps per epoch; the only "improvement" of monitor=step
+    train([*overrides, f"ckpt_path={best}", *record(tmp_path / "resumed_batches")], tmp_path / "resumed")
+    reference = {r["step"]: r for r in rows_seen(tmp_path / "straight_batches")}
+    rows = rows_seen(tmp_path / "resumed_batches")
+    assert [r["step"] for r in rows] == list(range(6, MAX_STEPS))
+    assert [r for r in rows if r != reference[r["step"]]] == []
+    assert_same_weights(
+        tmp_path / "straight" / "checkpoints" / "last.ckpt",
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt",
+    )
+
+
 def train_py(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "train.py", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
@@ -299,6 +353,74 @@ def test_sigterm_saves_exits_nonzero_and_resumes_in_the_same_run_dir(
     assert_same_weights(straight / "checkpoints" / "last.ckpt", last)
 
 
+def fake_slurm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Lightning's SLURMEnvironment (auto-requeue) for runs in this process, with an ``scontrol`` (SLURM's
+    command-line client) that records what it is asked in the returned file."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    slurm |= {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+# where the chain below stops: right after the validation at step 4 (saved at step 4), in epoch 0's
+# last batch (step 5: saved between the epochs, at step 6) and in epoch 1's first batch (saved at 7)
+CHAIN_STOPS = [4, 6, 7]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stops_at_epoch_edges_and_after_validation_resume_bit_identical(
+    straight: Path,
+    toy_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+    signum: int,
+) -> None:
+    """One run stopped by a signal three times and resumed with the same arguments each time: right after
+    a validation, in an epoch's last batch and in the next epoch's first batch. SIGTERM resumes from
+    last.ckpt (``ckpt_path=``); SIGUSR1 under SLURM requeues, and the requeued job (same run directory,
+    no ``ckpt_path``) resumes from Lightning's hpc checkpoint by itself. Every step sees the uninterrupted
+    run's images and crops (with 0 or 2 loader workers) and the final weights are bit-identical."""
+    calls = fake_slurm(monkeypatch, tmp_path) if signum == signal.SIGUSR1 else None
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    stop = [f"+callbacks.stop._target_={__name__}.SignalAt", f"+callbacks.stop.signum={int(signum)}"]
+    stop += ["+callbacks.stop.val_steps=[4]", "+callbacks.stop.batch_steps=[5,6]"]
+    args = [*base_overrides(toy_root, workers), *stop, *record(tmp_path / "batches")]
+    resume = [f"ckpt_path={last}"] if signum == signal.SIGTERM else []
+    saved = []
+    for attempt in range(len(CHAIN_STOPS)):
+        with pytest.raises(SystemExit) as stopped:
+            train([*args, *(resume if attempt else [])], run)
+        assert stopped.value.code == 128 + signum
+        saved.append(load(last)["global_step"])
+        if calls is not None:  # the state the requeued job resumes from is last.ckpt's
+            assert (run / f"hpc_ckpt_{attempt + 1}.ckpt").read_bytes() == last.read_bytes()
+    assert saved == CHAIN_STOPS
+    train([*args, *resume], run)
+
+    rows = rows_seen(tmp_path / "batches")
+    assert [r["step"] for r in rows] == list(range(MAX_STEPS))  # no step repeated or skipped
+    reference = {r["step"]: r for r in rows_seen(straight.parent / "batches")}
+    different = [r["step"] for r in rows if r["samples"] != reference[r["step"]]["samples"]]
+    assert not different, f"steps {different} saw other images or crops than the uninterrupted run"
+    elsewhere = [(r["step"], r["at"]) for r in rows if r["at"] != reference[r["step"]]["at"]]
+    assert not elsewhere, f"(step, [epoch, batch, logging step]) unlike the uninterrupted run: {elsewhere}"
+    assert load(last)["global_step"] == MAX_STEPS
+    assert_same_weights(straight / "checkpoints" / "last.ckpt", last)
+    if calls is not None:
+        assert calls.read_text().split() == ["requeue", "4242"] * len(CHAIN_STOPS)
+
+
 @pytest.mark.slow
 def test_slurm_requeue_signal_saves_at_a_batch_boundary_and_requeues(toy_root: Path, tmp_path: Path) -> None:
     """Under SLURM (Lightning's SLURMEnvironment, auto-requeue): SIGUSR1 after step 5 gives Lightning's
@@ -370,3 +492,56 @@ def test_per_rank_random_states_refuse_another_world_size_mid_epoch() -> None:
         rng_states_for_rank(two, mid_epoch=True)
     assert rng_states_for_rank(two, mid_epoch=False) is two["ranks"][0]
     assert rng_states_for_rank(saved["ranks"][0], mid_epoch=True) is saved["ranks"][0]  # older layout
+
+
+def test_a_spent_sampler_pass_resumes_with_the_next_pass_on_any_world_size() -> None:
+    """A position saved after the last sample of a pass (an epoch-end validation's checkpoint) leaves
+    nothing of that pass to continue: loading it, also with another number of processes, starts the
+    next pass (its own order), while a position inside a pass still needs the same world size."""
+    from siglip_dense.data.samplers import ResumableDistributedSampler
+
+    data = list(range(10))
+    one = ResumableDistributedSampler(data, seed=3)
+    first = [s.index for s in one]
+    spent = {**one.state_dict(), "passes": 0, "yielded": len(first)}  # as the loader snapshots it
+    two = ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
+    two.load_state_dict(spent)
+    assert [s.index for s in two] == two.order(0, 1) and two.order(0, 1) != two.order(0, 0)
+    inside = {**spent, "yielded": 4}
+    with pytest.raises(ValueError, match="1 process.*10 training samples, this run has 2"):
+        ResumableDistributedSampler(data, num_replicas=2, seed=3).load_state_dict(inside)
+    same = ResumableDistributedSampler(data, seed=3)
+    same.load_state_dict(inside)
+    assert [s.index for s in same] == first[4:]
+
+
+def test_positions_saved_after_an_epochs_last_batch_are_not_resumed() -> None:
+    """A checkpoint written after an epoch's last batch (here in its validation, the epoch cut short by
+    limit_train_batches, so the sampler had samples left) holds no data position to continue: loading it
+    drops the loader states (the next epoch starts a fresh pass, on any number of processes), while a
+    mid-epoch checkpoint keeps them. Progress counters as Lightning writes them in on_validation_end."""
+    from lightning.pytorch.loops.progress import _BatchProgress, _Progress
+
+    from siglip_dense.callbacks import RestoreLoaderStates
+    from siglip_dense.data.samplers import ResumableDistributedSampler
+
+    sampler = ResumableDistributedSampler(list(range(24)), seed=0)
+    drawn = iter(sampler)
+    for _ in range(8):  # 2 batches of 4 of 6: limit_train_batches=2
+        next(drawn)
+    loader_state = {"_sampler_iter_state": {"sampler_state": sampler.state_dict()}}
+
+    def checkpoint(last_batch: bool) -> dict[str, Any]:
+        epochs, batches = _Progress(), _BatchProgress()
+        epochs.increment_ready()  # epoch 0 under way
+        epochs.increment_started()
+        batches.increment_by(2 if last_batch else 1)  # batches ready, started, processed, completed
+        batches.is_last_batch = last_batch
+        fit = {"state_dict": {"combined_loader": [loader_state]}, "epoch_progress": epochs.state_dict()}
+        return {"loops": {"fit_loop": {**fit, "epoch_loop.batch_progress": batches.state_dict()}}}
+
+    for last_batch in (True, False):
+        ckpt = checkpoint(last_batch)
+        RestoreLoaderStates().on_load_checkpoint(None, None, ckpt)  # type: ignore[arg-type]
+        kept = ckpt["loops"]["fit_loop"]["state_dict"].get("combined_loader")
+        assert kept == (None if last_batch else [loader_state]), last_batch

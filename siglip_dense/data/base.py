@@ -71,14 +71,6 @@ class DenseDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.world_size) if trainer is not None else 1
 
-    def _resuming_at_epoch_end(self) -> bool:
-        """Whether Lightning is restoring a fit from a checkpoint written after an epoch's last batch."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return False
-        loop = trainer.fit_loop
-        return bool(loop.restarting and loop.epoch_loop.batch_progress.is_last_batch)
-
     def _loader_kwargs(self, rank: int) -> dict[str, Any]:
         return {
             "num_workers": self.num_workers,
@@ -98,7 +90,6 @@ class DenseDataModule(L.LightningDataModule):
             rank=rank,
             seed=self.run_seed,
         )
-        sampler.at_epoch_end = self._resuming_at_epoch_end
         return StatefulDataLoader(
             PerSampleSeeded(dataset),
             batch_size=self.batch_size,

@@ -7,7 +7,7 @@ Every data module's loaders use these (:class:`siglip_dense.data.base.DenseDataM
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Iterator, Sized
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -105,17 +105,15 @@ class ResumableDistributedSampler(DistributedSampler):
 
     The state (epoch, completed passes, samples yielded in the current pass) is read by torchdata's
     ``StatefulDataLoader`` when it snapshots (Lightning stores that in checkpoints). Loading it resumes
-    right after the last sample of the saved position. When Lightning resumes from an epoch-end
-    checkpoint (the datamodule's :attr:`at_epoch_end` probe, asked at load time) the next pass is
-    epoch ``e + 1`` from its start instead, also when the epoch was cut short by
-    ``limit_train_batches``.
+    right after the last sample of the saved position; a saved pass that was spent (every sample of
+    it yielded) resumes with the next pass. A resume at an epoch boundary loads no position: the
+    loop's ``set_epoch`` starts the next epoch (:class:`siglip_dense.callbacks.RestoreLoaderStates`).
     """
 
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
         self.passes = 0  # passes completed in this epoch
         self.yielded = 0  # samples yielded by the pass in progress
-        self.at_epoch_end: Callable[[], bool] = lambda: False
         self._resume_from: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -151,9 +149,11 @@ class ResumableDistributedSampler(DistributedSampler):
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from ``state``; raises ValueError when the data or world size changed mid-epoch."""
-        if self.at_epoch_end():
-            self.epoch, self.passes, self.yielded, self._resume_from = int(state["epoch"]) + 1, 0, 0, None
+        """Continue from ``state``; raises ValueError when the data or world size changed mid-pass."""
+        per_rank = math.ceil(int(state["dataset_len"]) / int(state["num_replicas"]))
+        if int(state["yielded"]) >= per_rank:  # spent: nothing of this pass is left to continue
+            self.epoch, self.passes = int(state["epoch"]), int(state["passes"]) + 1
+            self.yielded, self._resume_from = 0, None
             return
         saved = (int(state["num_replicas"]), int(state["dataset_len"]))
         now = (self.num_replicas, len(self.dataset))  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from siglip_dense.models.backbone import SigLIP2Backbone
@@ -140,7 +141,18 @@ def warmup_schedule(
     warmup_ratio: float = 0.0,
     **schedule: Any,
 ) -> ScaledLambdaLR:
-    """The per-step scheduler the configs name (``_partial_``; total steps known only at fit time)."""
+    """The per-step scheduler the configs name (``_partial_``; total steps known only at fit time).
+
+    A warmup at least as long as the run (``warmup_steps >= total_steps``) is warned about before
+    the first step, naming both numbers: the learning rate would rise for the whole run.
+    """
     if warmup_steps is None:
         warmup_steps = int(float(warmup_ratio) * total_steps)
+    if int(warmup_steps) >= int(total_steps) > 0:
+        rank_zero_warn(
+            f"lr warmup of {int(warmup_steps)} steps (task.scheduler.warmup_steps / warmup_ratio) is not "
+            f"shorter than the run's {int(total_steps)} optimizer steps: the learning rate rises for the "
+            "whole run and never reaches task.optimizer.lr. Shorten the warmup or train longer "
+            "(trainer.max_steps / trainer.max_epochs)"
+        )
     return ScaledLambdaLR(optimizer, lr_lambda(int(total_steps), int(warmup_steps), **schedule))

@@ -74,9 +74,11 @@ def rng_states_for_rank(saved: dict[str, Any], mid_epoch: bool) -> dict[str, Any
 
 
 def checkpoint_is_mid_epoch(checkpoint: dict[str, Any]) -> bool:
-    """Whether a Lightning checkpoint was written before its epoch's last training batch."""
+    """Whether a Lightning checkpoint was written after some but before the last of its epoch's
+    training batches (a state rewritten as the start of an epoch has trained none of it)."""
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    return not bool(progress.get("is_last_batch", True))
+    trained = int(progress.get("current", {}).get("processed", 1))
+    return trained > 0 and not bool(progress.get("is_last_batch", True))
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
