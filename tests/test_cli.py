@@ -168,15 +168,17 @@ def test_installed_console_scripts_train_and_eval_from_another_directory(tmp_pat
 
 
 # -- command-line mistakes: one line naming the argument ---------------------------------------------------
-def _run_entry(entry: str, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str]:
-    """Run a console-script entry point in this process; returns (exit status, stderr)."""
+def _run_entry(
+    entry: str, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys, stream: str = "err"
+) -> tuple[int, str]:
+    """Run a console-script entry point in this process; returns (exit status, stderr or stdout)."""
     import siglip_dense.cli as cli
 
     monkeypatch.setattr(sys, "argv", [f"siglip-dense-{entry}"])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         getattr(cli, entry)(args)
-    return exit_info.value.code, capsys.readouterr().err
+    return exit_info.value.code, getattr(capsys.readouterr(), stream)
 
 
 @pytest.mark.parametrize(
@@ -261,3 +263,33 @@ def test_open_vocab_predict_without_classes_names_the_option(
     assert lines[0].startswith(f"error: ckpt_path={ckpt} is a SigLIP image-text checkpoint")
     assert "classes=[" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "app", "config"),
+    [
+        ("train", "train", "train"),
+        ("evaluate", "eval", "eval"),
+        ("predict", "predict", "predict"),
+        ("export", "export", "export"),
+        ("convert", "convert", "convert"),
+    ],
+)
+def test_help_is_usage_with_examples_that_compose(
+    entry: str, app: str, config: str, monkeypatch: pytest.MonkeyPatch, capsys, hydra_cleanup: None
+) -> None:
+    """``--help``: usage first, then examples, in one screen (the full config is ``--cfg job``); every
+    complete example (no ``...``, no placeholder) is a command line that composes."""
+    import shlex
+
+    status, out = _run_entry(entry, ["--help"], monkeypatch, capsys, stream="out")
+    lines = out.strip().splitlines()
+    assert status == 0 and lines[0].startswith(f"usage: siglip-dense-{app} ")
+    assert len(lines) <= 40 and "--cfg job" in out
+    examples = [line.strip() for line in lines if line.strip().startswith(f"siglip-dense-{app} ")]
+    assert examples
+    for example in examples:
+        args = shlex.split(example.split("#")[0])[1:]
+        if "..." in args or any(a.endswith(("=PATH", "=SIGLIP_DIR")) for a in args):
+            continue
+        compose_config(config, args)
