@@ -174,6 +174,176 @@ def require(cfg: DictConfig, usage: str) -> None:
         sys.exit(2)
 
 
+# -- command-line mistakes: one line naming the argument, not Hydra's advice -----------------------------
+HYDRA_FLAGS_WITHOUT_RUN = (
+    "help",
+    "hydra_help",
+    "shell_completion",
+    "info",
+    "config_path",
+    "experimental_rerun",
+)
+
+
+def command_line_error(config_name: str, args: Sequence[str]) -> str | None:
+    """The one-line message for a command line Hydra refuses for an unknown key or an unreadable value.
+
+    The config is composed as the app is about to compose it (Hydra's search path, ``--config-dir``
+    included; sweeps are not expanded). Two mistakes get their own message:
+
+    - a key the config does not define (``trainer.max_epoch=1``): Hydra's advice is ``+key=...``,
+      which only adds a key no code reads; here it is the nearest valid key (``did you mean``), and the
+      ``+`` form only for a Lightning Trainer argument when nothing is close;
+    - an argument Hydra's override grammar cannot read (non-ASCII letters, parentheses or quotes in a
+      path): the same argument, quoted so that it reads.
+
+    Anything else (a missing config group option, a sweep in a single run, ...) gives None: Hydra
+    reports it as usual.
+    """
+    parsed = _parse_hydra_args(args)
+    if parsed is None or any(getattr(parsed, flag, None) for flag in HYDRA_FLAGS_WITHOUT_RUN):
+        return None
+    overrides = list(parsed.overrides)
+    for i, arg in enumerate(overrides):
+        message = _unreadable_override(arg, overrides[i - 1] if i else None)
+        if message:
+            return message
+    return _unknown_key(parsed.config_name or config_name, overrides, parsed.config_dir)
+
+
+def _parse_hydra_args(args: Sequence[str]) -> Any:
+    """Hydra's own reading of the command line (flags and overrides); None where it would refuse it."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return get_args_parser().parse_args(list(args))
+    except SystemExit:  # a bad flag: Hydra says so itself
+        return None
+
+
+def _unreadable_override(arg: str, previous: str | None = None) -> str | None:
+    """How to quote ``arg`` when Hydra's override grammar cannot read it, else None.
+
+    ``previous`` (the argument before) names the shell's split of an unquoted path with a space:
+    ``data.root=/my data/ADE`` arrives as ``data.root=/my`` and ``data/ADE``.
+    """
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+        return None
+    except OverrideParseException:
+        pass
+    key, sep, value = arg.partition("=")
+    if not sep:
+        if previous is not None and "=" in previous:
+            joined = shlex.quote(f"{previous} {arg}")
+            return (
+                f"cannot read the argument {arg!r}: arguments are key=value. If it is the rest of "
+                f"{previous!r} (a path with a space), quote the whole argument for the shell: {joined}"
+            )
+        return f"cannot read the argument {arg!r}: arguments are key=value (Hydra's override grammar)"
+    quoted = f"{key}={hydra_quote(value)}"
+    shell = f'"{quoted}"' if not any(c in quoted for c in '"$`\\!') else shlex.quote(quoted)
+    return (
+        f"cannot read {arg} on the command line: Hydra needs quotes around a value with non-ASCII letters "
+        f"or any of ( ) [ ] {{ }} ' \" = # ~ in it; write {shell} (the single quotes are for Hydra, "
+        "the outer ones for the shell)"
+    )
+
+
+def _unknown_key(config_name: str, overrides: list[str], config_dir: str | None) -> str | None:
+    """``unknown config key 'trainer.max_epoch' ...; did you mean 'trainer.max_epochs'?`` or None."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from hydra.types import RunMode
+
+    search_path = create_automatic_config_search_path(None, None, CONFIG_PATH)
+    if config_dir is not None:  # as Hydra adds --config-dir
+        if not os.path.isdir(config_dir):
+            return None
+        directory = f"file://{os.path.abspath(config_dir)}"
+        search_path.prepend(
+            provider="command-line", path=directory, anchor=SearchPathQuery(provider="schema")
+        )
+    GlobalHydra.instance().clear()
+    try:
+        app = Hydra.create_main_hydra2(task_name=config_name, config_search_path=search_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            app.compose_config(
+                config_name, list(overrides), run_mode=RunMode.MULTIRUN, validate_sweep_overrides=False
+            )
+    except ConfigCompositionException as exc:
+        return _unknown_key_message(exc)
+    except Exception:  # noqa: BLE001 - anything else: Hydra reports it when the app composes
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def _unknown_key_message(exc: Exception) -> str | None:
+    """The message of Hydra's ``Could not override 'x.y'`` (a missing key), with the nearest valid key.
+
+    Under a ``_target_`` node, an argument of the target that the config does not list is a valid
+    key too, added with a ``+`` (``+trainer.limit_val_batches=4``): offered only when no listed key
+    is close.
+    """
+    import difflib
+
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from siglip_dense.config_check import accepted_keys, unknown_key_message
+
+    cause = exc.__cause__
+    if not str(exc).startswith("Could not override") or not isinstance(
+        cause, ConfigAttributeError | ConfigKeyError
+    ):
+        return None
+    full_key = str(cause.full_key)
+    path, _, key = full_key.rpartition(".")
+    parent = cause.parent_node
+    listed = [str(k) for k in parent if not str(k).startswith("_")] if isinstance(parent, DictConfig) else []
+    message = unknown_key_message(key, path, listed, owner="the config")
+    target = parent.get("_target_") if isinstance(parent, DictConfig) else None
+    if "did you mean" in message or not isinstance(target, str):
+        return message
+    extra = sorted((accepted_keys(target) or set()) - set(listed))
+    close = difflib.get_close_matches(key, extra, n=1, cutoff=0.6)
+    where = f"{path}." if path else ""
+    if close:
+        return (
+            f"unknown config key '{full_key}'; did you mean '+{where}{close[0]}'? ({target} takes it; "
+            "the config does not list it, so it needs a '+')"
+        )
+    return message + f"; nor is it an argument of {target}"
+
+
+def exit_on_command_line_error(config_name: str) -> None:
+    """Exit with status 2 and one ``error:`` line for the mistakes :func:`command_line_error` names.
+
+    ``HYDRA_FULL_ERROR=1`` leaves everything to Hydra (its message and traceback).
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    message = command_line_error(config_name, sys.argv[1:])
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 # -- data errors: the message, not the framework's traceback ---------------------------------------------
 WORKER_MARKER = "Original Traceback"
 
@@ -220,11 +390,35 @@ def report_data_errors(job: Any, cfg: DictConfig) -> Any:
         sys.exit(1)
 
 
+def log_once_to_console() -> None:
+    """Lightning's INFO lines once, through the handlers Hydra gave the root logger (console + log file).
+
+    ``import lightning`` gives its ``lightning`` logger a stderr handler of its own, and the records
+    also propagate to the root logger, which Hydra's job logging prints on stdout and writes to the
+    job's log: every line came out on both streams. Where the root logger has handlers, Lightning's
+    own console handlers go and its loggers propagate.
+    """
+    import logging
+
+    import lightning  # noqa: F401 - its handlers exist from the import on
+
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 # -- train ----------------------------------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     """Train as ``cfg`` says; returns the monitored metric (see :func:`monitored_metric`)."""
     from siglip_dense.train import run_train
+
+    log_once_to_console()
 
     def job(c: DictConfig) -> float | None:
         upgrade_legacy_targets(c)
@@ -242,6 +436,7 @@ def train(argv: Sequence[str] | None = None) -> None:
         sys.argv = [sys.argv[0], *argv]
     sys.argv = argv_for_rank(sys.argv, os.environ)  # torchrun / srun: .hydra/ by rank 0 only
     sys.argv = argv_resuming_in_run_dir(sys.argv)  # ckpt_path=<run>/checkpoints/...: continue in <run>
+    exit_on_command_line_error("train")
     train_app()
 
 
@@ -252,10 +447,17 @@ def eval_app(cfg: DictConfig) -> dict[str, Any]:
     from siglip_dense.evaluate import run_eval
 
     require(cfg, "siglip-dense-eval ckpt_path=PATH [data.root=DIR] [save_predictions=true] [output_dir=DIR]")
+    log_once_to_console()
     if cfg.get("zero_shot"):  # open vocabulary: ckpt_path is a SigLIP (2) image-text checkpoint
+        from siglip_dense.evaluate import check_output_dir
         from siglip_dense.openvocab.run import run_zero_shot_eval
 
-        return report_data_errors(run_zero_shot_eval, cfg)
+        def zero_shot(c: DictConfig) -> dict[str, Any]:
+            if c.get("output_dir"):  # as run_eval: refused before the work, not after it
+                check_output_dir(Path(c.output_dir))
+            return run_zero_shot_eval(c)
+
+        return report_data_errors(zero_shot, cfg)
     upgrade_legacy_targets(cfg)
     return report_data_errors(run_eval, cfg)
 
@@ -267,6 +469,7 @@ def evaluate(argv: Sequence[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     sys.argv = argv_for_rank(sys.argv, os.environ)
+    exit_on_command_line_error("eval")
     eval_app()
 
 
@@ -277,6 +480,7 @@ def predict_app(cfg: DictConfig) -> list[Path]:
     from siglip_dense.predict import run_predict
 
     require(cfg, "siglip-dense-predict ckpt_path=PATH input=IMAGE_OR_DIR output=DIR [device=cuda]")
+    log_once_to_console()
     if cfg.get("classes") is not None:  # open vocabulary: ckpt_path is a SigLIP (2) image-text checkpoint
         from siglip_dense.openvocab.run import run_open_vocab_predict
 
@@ -286,14 +490,41 @@ def predict_app(cfg: DictConfig) -> list[Path]:
             ),
             cfg,
         )
+    message = closed_set_checkpoint_error(str(cfg.ckpt_path))
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     thr = cfg.get("score_threshold")
     return report_data_errors(lambda c: run_predict(c.ckpt_path, c.input, c.output, c.device, thr), cfg)
+
+
+def closed_set_checkpoint_error(ckpt_path: str) -> str | None:
+    """Why ``ckpt_path`` cannot be predicted without ``classes=``, in one line, or None when it can.
+
+    A SigLIP (2) image-text checkpoint (a transformers / open_clip directory, or a hub id in the local
+    cache) segments the class names it is given: without them there is nothing to predict. A path that
+    does not exist is named too (the hub cache looked in included).
+    """
+    from siglip_dense.models.weights import CheckpointError, resolve_source
+    from siglip_dense.openvocab.zeroshot import is_image_text_checkpoint
+
+    try:
+        path = resolve_source(ckpt_path)
+        if path.is_dir() and is_image_text_checkpoint(path):
+            return (
+                f"ckpt_path={ckpt_path} is a SigLIP image-text checkpoint (open vocabulary): name the classes "
+                "to segment, e.g. 'classes=[cat,sofa,window]'"
+            )
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def predict(argv: Sequence[str] | None = None) -> None:
     """``siglip-dense-predict`` / ``python tools/predict.py``."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    exit_on_command_line_error("predict")
     predict_app()
 
 
@@ -313,6 +544,7 @@ def export(argv: Sequence[str] | None = None) -> None:
     """``siglip-dense-export`` / ``python tools/export.py``."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    exit_on_command_line_error("export")
     export_app()
 
 
@@ -372,6 +604,7 @@ def convert(argv: Sequence[str] | None = None) -> None:
     """``siglip-dense-convert src=SRC out=OUT.safetensors [img_size=N]``."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    exit_on_command_line_error("convert")
     convert_app()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,34 @@ from omegaconf import DictConfig, OmegaConf
 
 from siglip_dense.callbacks import SkippedSamples
 from siglip_dense.checkpoints import load_task
+from siglip_dense.data.io import DataError
 from siglip_dense.tasks.module import DenseModule
 from siglip_dense.train import output_dir_of
+
+
+class OutputDirError(DataError):
+    """An output folder the job cannot write, found before the work starts (the CLI prints one line)."""
+
+
+def check_output_dir(path: Path, key: str = "output_dir") -> None:
+    """Create ``path`` and write a file into it, so that an evaluation never runs only to lose its results.
+
+    A real write, not ``os.access``: it also catches a read-only file system, a path under a regular
+    file, and (as root) what permission bits alone would not tell.
+
+    Raises:
+        OutputDirError: naming ``key=path`` and the operating system's reason.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputDirError(
+            f"{key}={path} is not writable ({reason}); nothing was evaluated: pass a folder you can write, "
+            f"{key}=DIR"
+        ) from exc
 
 
 def _data_group_chosen() -> bool:
@@ -125,6 +152,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; writes metrics.json (and predictions) and returns the metrics."""
     check_no_task_overrides(cfg)
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir_of(cfg)
+    check_output_dir(out_dir)  # before the work: results are never computed only to be lost
     task = load_task(cfg.ckpt_path)
     datamodule = instantiate(eval_data_config(cfg, task), _convert_="all")
     datamodule.mean, datamodule.std = tuple(task.mean), tuple(task.std)
@@ -148,11 +176,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     skipped = skips.totals.get("validation", (0, 0, []))
     if skipped[0]:  # only then: metrics.json of clean data keeps its keys
         metrics["skipped"], metrics["skipped_files"] = skipped[0], skipped[2]
-    if trainer.is_global_zero:
-        if cfg.get("save_predictions"):
-            task.finalize_predictions(out_dir)
+    if trainer.is_global_zero:  # printed first: a failing write (disk full) still shows the numbers
+        print(task.summarize({k: v for k, v in metrics.items() if not k.startswith("skipped")}), flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(task.summarize({k: v for k, v in metrics.items() if not k.startswith("skipped")}))
         print(f"metrics -> {out_dir / 'metrics.json'}")
+        if cfg.get("save_predictions"):
+            task.finalize_predictions(out_dir)
     return metrics

@@ -165,3 +165,131 @@ def test_installed_console_scripts_train_and_eval_from_another_directory(tmp_pat
     # one epoch: the best checkpoint train.py validated holds the same weights as last.ckpt
     assert evaluated["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)
     assert evaluated["aAcc"] == pytest.approx(trained["aAcc"], abs=1e-6)
+
+
+# -- command-line mistakes: one line naming the argument ---------------------------------------------------
+def _run_entry(
+    entry: str, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys, stream: str = "err"
+) -> tuple[int, str]:
+    """Run a console-script entry point in this process; returns (exit status, stderr or stdout)."""
+    import siglip_dense.cli as cli
+
+    monkeypatch.setattr(sys, "argv", [f"siglip-dense-{entry}"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(cli, entry)(args)
+    return exit_info.value.code, getattr(capsys.readouterr(), stream)
+
+
+@pytest.mark.parametrize(
+    ("entry", "args", "meant"),
+    [
+        ("train", ["trainer.max_epoch=1"], "'trainer.max_epochs'"),
+        ("train", ["experiment=toy_det", "data.image_sise=64"], "'data.image_size'"),
+        ("train", ["task.optimizer.lrr=1e-3"], "'task.optimizer.lr'"),
+        ("evaluate", ["ckpt_path=x.ckpt", "save_prediction=true"], "'save_predictions'"),
+        ("predict", ["ckpt_path=x", "input=x", "output=x", "score_treshold=0.3"], "'score_threshold'"),
+    ],
+)
+def test_a_misspelt_key_is_one_line_naming_the_nearest_key(
+    entry: str, args: list[str], meant: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Hydra's own advice for a key the config lacks is ``+key=...`` (which would only add a key no code
+    reads); the command line gets one line with the nearest valid key, and exit status 2."""
+    status, err = _run_entry(entry, args, monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: unknown config key") and f"did you mean {meant}?" in lines[0]
+    assert "+" not in lines[0].split("Valid keys")[0]
+
+
+def test_a_trainer_argument_the_config_does_not_list_is_offered_with_a_plus(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Nothing close among the listed keys, but lightning.Trainer takes it: then (only then) the ``+``."""
+    status, err = _run_entry("train", ["trainer.limit_val_batchs=2"], monkeypatch, capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "did you mean '+trainer.limit_val_batches'?" in err
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/data/données/ADE", "/data/ADE (copy)", "/data/it's/ADE", "/data/a=b", "/data/ü $HOME"],
+)
+def test_a_path_hydra_cannot_read_gets_the_quoted_form(
+    path: str, monkeypatch: pytest.MonkeyPatch, capsys, hydra_cleanup: None
+) -> None:
+    """Hydra's lexer refuses non-ASCII letters, parentheses, quotes, '=' in an unquoted value: one line
+    that gives the argument to type instead, and what it gives is that path, unchanged."""
+    import shlex
+
+    status, err = _run_entry("train", [f"data.root={path}"], monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, err
+    typed = lines[0].split("; write ", 1)[1].rsplit(" (the single quotes", 1)[0]
+    (arg,) = shlex.split(typed)  # what the shell hands over
+    assert compose_config("train", [arg]).data.root == path
+
+
+def test_a_path_the_shell_split_at_a_space_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys, hydra_cleanup: None
+) -> None:
+    """``data.root=/my data/ADE`` unquoted arrives as two arguments: the line says to quote the whole."""
+    import shlex
+
+    status, err = _run_entry("train", ["data.root=/my", "data/ADE"], monkeypatch, capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    (arg,) = shlex.split(err.split("for the shell: ", 1)[1])
+    assert compose_config("train", [arg]).data.root == "/my data/ADE"
+
+
+def test_open_vocab_predict_without_classes_names_the_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A SigLIP image-text checkpoint segments the names it is given: without ``classes=`` one line
+    says so (not a KeyError from reading its config.json as ours)."""
+    from PIL import Image
+
+    from tests.test_text import save_full_model
+
+    ckpt = tmp_path / "siglip"
+    save_full_model(ckpt, "siglip", vocab_size=64, image_size=32, patch_size=8)
+    Image.new("RGB", (40, 32)).save(tmp_path / "room.png")
+    args = [f"ckpt_path={ckpt}", f"input={tmp_path / 'room.png'}", f"output={tmp_path / 'out'}"]
+    capsys.readouterr()  # transformers' notes while saving the tiny model
+    status, err = _run_entry("predict", args, monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: ckpt_path={ckpt} is a SigLIP image-text checkpoint")
+    assert "classes=[" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "app", "config"),
+    [
+        ("train", "train", "train"),
+        ("evaluate", "eval", "eval"),
+        ("predict", "predict", "predict"),
+        ("export", "export", "export"),
+        ("convert", "convert", "convert"),
+    ],
+)
+def test_help_is_usage_with_examples_that_compose(
+    entry: str, app: str, config: str, monkeypatch: pytest.MonkeyPatch, capsys, hydra_cleanup: None
+) -> None:
+    """``--help``: usage first, then examples, in one screen (the full config is ``--cfg job``); every
+    complete example (no ``...``, no placeholder) is a command line that composes."""
+    import shlex
+
+    status, out = _run_entry(entry, ["--help"], monkeypatch, capsys, stream="out")
+    lines = out.strip().splitlines()
+    assert status == 0 and lines[0].startswith(f"usage: siglip-dense-{app} ")
+    assert len(lines) <= 40 and "--cfg job" in out
+    examples = [line.strip() for line in lines if line.strip().startswith(f"siglip-dense-{app} ")]
+    assert examples
+    for example in examples:
+        args = shlex.split(example.split("#")[0])[1:]
+        if "..." in args or any(a.endswith(("=PATH", "=SIGLIP_DIR")) for a in args):
+            continue
+        compose_config(config, args)

@@ -165,6 +165,73 @@ def test_bad_annotation_files_are_clear_errors(tmp_path: Path) -> None:
         CocoDetection(img_dir, ann)
 
 
+def _two_photos(tmp_path: Path, images: list[dict], anns: list[dict], cats: list[dict] | None = None) -> Path:
+    """A COCO layout with two different photos (black a.jpg, white b.jpg) and the given records."""
+    img_dir, _ = _tiny_coco(tmp_path, [])
+    data = {"images": images, "annotations": anns, "categories": cats or [{"id": 4, "name": "x"}]}
+    _write(tmp_path / "annotations" / "instances_train2017.json", data)
+    _write(tmp_path / "annotations" / "instances_val2017.json", data)
+    (tmp_path / "train2017").symlink_to(img_dir)
+    (tmp_path / "val2017").symlink_to(img_dir)
+    return tmp_path
+
+
+def _box(ann_id: int, image_id: int, cat: int = 4) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": [5, 5, 10, 10], "iscrowd": 0}
+
+
+A, B = (
+    {"id": 1, "file_name": "a.jpg", "height": 40, "width": 60},
+    {"file_name": "b.jpg", "height": 40, "width": 60},
+)
+
+
+@pytest.mark.parametrize(
+    ("images", "anns", "cats", "match"),
+    [
+        (  # two photos under one image id: pycocotools would keep b.jpg only, with both boxes
+            [A, {**B, "id": 1}],
+            [_box(1, 1), _box(2, 1)],
+            None,
+            r"instances_train2017\.json: repeated ids in 'images': id 1 \(2 records, file_name 'a\.jpg', 'b\.jpg'\)",
+        ),
+        (
+            [A, {**B, "id": 2}],
+            [_box(5, 1), _box(5, 2)],
+            None,
+            r"instances_train2017\.json: repeated ids in 'annotations': id 5 \(2 records, image_id 1, 2\)",
+        ),
+        (
+            [A, {**B, "id": 2}],
+            [_box(1, 1)],
+            [{"id": 4, "name": "x"}, {"id": 4, "name": "y"}, {"id": 6, "name": "z"}],
+            r"instances_train2017\.json: repeated ids in 'categories': id 4 \(2 records, name 'x', 'y'\)",
+        ),
+    ],
+    ids=["images", "annotations", "categories"],
+)
+def test_repeated_ids_are_an_error_naming_them_and_the_file(
+    tmp_path: Path, images: list[dict], anns: list[dict], cats: list[dict] | None, match: str
+) -> None:
+    """COCO indexes records by id: a repeated image, annotation or category id is refused, naming the
+    ids and their records, by the data module a training run builds (not only by the json reader)."""
+    root = _two_photos(tmp_path, images, anns, cats)
+    with pytest.raises(DataError, match=match):
+        DetDataModule(root=root, num_workers=0).setup("fit")
+
+
+def test_a_file_listed_under_two_ids_is_a_warning_naming_both(tmp_path: Path) -> None:
+    """Same photo, two ids: both records are samples (as COCO reads them); the warning names the file
+    and the ids, and each id keeps its own boxes."""
+    root = _two_photos(tmp_path, [A, {**A, "id": 7}], [_box(1, 1), _box(2, 7), _box(3, 7)])
+    with pytest.warns(
+        UserWarning, match=r"image files listed more than once in 'images': 'a\.jpg' \(ids 1, 7\)"
+    ):
+        ds = CocoDetection(root / "train2017", root / "annotations" / "instances_train2017.json")
+    assert ds.image_ids == [1, 7]
+    assert [len(ds.load(i)[1]) for i in range(2)] == [1, 2]
+
+
 def test_missing_and_corrupt_image_files_name_the_file(tmp_path: Path) -> None:
     anns = [{"id": 1, "image_id": 10, "category_id": 4, "bbox": [5, 5, 10, 10], "iscrowd": 0}]
     img_dir, ann = _tiny_coco(tmp_path, anns)

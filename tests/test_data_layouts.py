@@ -202,3 +202,28 @@ def test_depth_folder_warns_when_the_crop_is_larger_than_the_images(tmp_path: Pa
         warnings.filterwarnings("ignore", message=".*(set_vital|zero pixels).*")
         fits.setup("fit")
     assert not math.isnan(float(fits.train_dataset[0]["depth"].mean()))
+
+
+def test_depth_folder_under_a_recipe_with_short_side_still_warns(tmp_path: Path, hydra_cleanup: None) -> None:
+    """``experiment=toy_depth data=depth_folder``: the recipe resizes to a short side of 128, the folder's
+    default crop is 256: crops are mostly padding, and the warning names the size that fits."""
+    from hydra.utils import instantiate
+
+    build_depth_folder(tmp_path / "d")  # 64×80 images → 128×160 after the resize
+    cfg = compose_train_cfg(
+        ["experiment=toy_depth", "data=depth_folder", f"data.root={tmp_path / 'd'}"], tmp_path
+    )
+    assert (cfg.data.short_side, list(cfg.data.crop_size)) == (128, [256, 256])
+    dm = instantiate(cfg.data, num_workers=0, scan=False)
+    match = (
+        r"crop_size \[256, 256\].*resized to data.short_side=128 \(smallest 128x160.*crop_size=\[128,160\]"
+    )
+    with pytest.warns(UserWarning, match=match):
+        dm.setup("fit")
+    fits = instantiate(cfg.data, num_workers=0, scan=False, crop_size=[128, 160])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(set_vital|zero pixels).*")
+        fits.setup("fit")

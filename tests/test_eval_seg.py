@@ -7,6 +7,7 @@ the predictions on disk, not just the logged numbers, carry the reported mIoU.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from PIL import Image
 
 from siglip_dense import load_model
 from siglip_dense.checkpoints import CheckpointFormatError, export, load_task, read_meta
+from siglip_dense.data.io import DataError
 from siglip_dense.evaluate import run_eval
 from siglip_dense.tasks.segmentation import SegmentationTask
 from siglip_dense.train import run_train
@@ -146,6 +148,45 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, bad)
     with pytest.raises(CheckpointFormatError, match="random.ckpt"):
         load_task(bad)
+
+
+@pytest.mark.parametrize("kind", ["under a file", "no permission"])
+def test_eval_refuses_an_unwritable_output_dir_before_evaluating(
+    seg_run: Path, tmp_path: Path, hydra_cleanup: None, kind: str
+) -> None:
+    """An output_dir that cannot be written is refused first, naming it: the data root here does not
+    exist, so an evaluation that started would stop on the data instead (and, with data, would run to
+    the end and then lose its metrics)."""
+    if kind == "under a file":
+        (tmp_path / "notes.txt").write_text("a file, not a folder")
+        out = tmp_path / "notes.txt" / "eval"
+    elif os.geteuid() != 0:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        out = tmp_path / "locked" / "eval"
+    else:  # root writes through permission bits; sysfs refuses new entries to everyone
+        out = Path("/sys/siglip_dense_eval")
+    over = [f"ckpt_path={best_ckpt(seg_run)}", f"output_dir={out}", f"data.root={tmp_path / 'no_data'}"]
+    with pytest.raises(
+        DataError, match=rf"output_dir={re.escape(str(out))} is not writable .*nothing was evaluated"
+    ):
+        run_eval(compose_cfg("eval", over, tmp_path / "h"))
+
+
+def test_eval_prints_the_metrics_before_writing_them(
+    seg_run: Path,
+    toy_data_root: Path,
+    tmp_path: Path,
+    hydra_cleanup: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A write that fails after the evaluation (here metrics.json is taken by a folder) still leaves
+    the numbers on the console."""
+    out = tmp_path / "eval"
+    (out / "metrics.json").mkdir(parents=True)
+    over = [f"ckpt_path={best_ckpt(seg_run)}", f"output_dir={out}", f"data.root={toy_data_root}"]
+    with pytest.raises(IsADirectoryError):
+        run_eval(compose_cfg("eval", [*over, "data.num_workers=0"], tmp_path / "h"))
+    assert re.search(r"mIoU: \d+\.\d\d", capsys.readouterr().out)  # format_seg_table, in percent
 
 
 @pytest.mark.slow

@@ -69,18 +69,20 @@ def validate_coco_dict(data: Any, source: str = "<dict>") -> None:
     if not data["categories"]:
         raise DataError(f"{source}: 'categories' is empty; detection needs at least one class")
     cat_ids = [c.get("id") for c in data["categories"]]
-    if len(set(cat_ids)) != len(cat_ids):
-        raise DataError(f"{source}: repeated category ids in 'categories': {cat_ids}")
-    image_ids = set()
+    check_unique_ids(data["categories"], "categories", "name", source)
     for img in data["images"]:
         if "id" not in img or "file_name" not in img:
             raise DataError(f"{source}: image record without 'id' / 'file_name': {str(img)[:200]}")
-        image_ids.add(img["id"])
+    check_unique_ids(data["images"], "images", "file_name", source)
+    image_ids = {img["id"] for img in data["images"]}
+    warn_repeated_files(data["images"], source)
     known_cats = set(cat_ids)
     for ann in data["annotations"]:
         for k in ("id", "image_id", "category_id", "bbox"):
             if k not in ann:
                 raise DataError(f"{source}: annotation without '{k}': {str(ann)[:200]}")
+    check_unique_ids(data["annotations"], "annotations", "image_id", source)
+    for ann in data["annotations"]:
         if ann["category_id"] not in known_cats:
             raise DataError(
                 f"{source}: annotation {ann['id']} has category_id {ann['category_id']}, which is not in "
@@ -90,6 +92,52 @@ def validate_coco_dict(data: Any, source: str = "<dict>") -> None:
             raise DataError(
                 f"{source}: annotation {ann['id']} refers to image_id {ann['image_id']}, which is not in 'images'"
             )
+
+
+def _repeated(keys: Sequence[Any]) -> dict[Any, int]:
+    """``{key: count}`` of the keys that occur more than once, in order of first occurrence."""
+    counts: dict[Any, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return {k: n for k, n in counts.items() if n > 1}
+
+
+def check_unique_ids(records: list[dict[str, Any]], section: str, field: str, source: str) -> None:
+    """Every record of ``section`` has its own ``id``: COCO tools index by id, so a repeated id would
+    silently keep only the last record (one image never read, another trained with both boxes).
+
+    Raises:
+        DataError: naming ``source``, the section, each repeated id (up to 10) and, per id, the
+            ``field`` of its records (an image's ``file_name``, an annotation's ``image_id``).
+    """
+    repeated = _repeated([r.get("id") for r in records])
+    if not repeated:
+        return
+    shown = []
+    for rid in list(repeated)[:10]:
+        values = [r.get(field) for r in records if r.get("id") == rid]
+        shown.append(f"id {rid!r} ({len(values)} records, {field} {', '.join(repr(v) for v in values)})")
+    more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
+    raise DataError(
+        f"{source}: repeated ids in '{section}': {'; '.join(shown)}{more}. Each record needs its own id"
+    )
+
+
+def warn_repeated_files(images: list[dict[str, Any]], source: str) -> None:
+    """An image file listed under several ids is read (and trained on) once per id: warn, naming them."""
+    repeated = _repeated([img["file_name"] for img in images])
+    if not repeated:
+        return
+    shown = [
+        f"{name!r} (ids {', '.join(repr(i['id']) for i in images if i['file_name'] == name)})"
+        for name in list(repeated)[:10]
+    ]
+    more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
+    warnings.warn(
+        f"{source}: image files listed more than once in 'images': {'; '.join(shown)}{more}; "
+        "each record is a sample of its own",
+        stacklevel=3,
+    )
 
 
 def _segmentation_rle(seg: Any, height: int | None, width: int | None) -> Any:
@@ -457,4 +505,6 @@ __all__ = [
     "repair_coco_dict",
     "repair_coco_json",
     "validate_coco_dict",
+    "check_unique_ids",
+    "warn_repeated_files",
 ]

@@ -25,34 +25,51 @@ collate_depth_eval = functools.partial(list_batch, target="depth")
 DATASETS: dict[str, type[DepthDataset]] = {"nyu": NYUDepthDataset, "folder": DepthFolderDataset}
 
 
-def smallest_image(dataset: DepthDataset, limit: int = 64) -> tuple[int, int] | None:
-    """Smallest height and width (from headers) among the first ``limit`` images; None if none reads."""
+def smallest_image(
+    dataset: DepthDataset, limit: int = 64, short_side: int | None = None
+) -> tuple[int, int] | None:
+    """Smallest height and width (from headers) among the first ``limit`` images, after the training
+    resize to ``short_side`` when one is set (keep ratio, rounded as :class:`RandomResizeDepth`);
+    None if none reads."""
     sizes = []
     for sample in dataset.samples[:limit]:
         try:
-            sizes.append(header_size(sample.image))
+            h, w = header_size(sample.image)
         except DataError:
             continue  # the scan reports unreadable files
+        if short_side:
+            scale = short_side / min(h, w)
+            h, w = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        sizes.append((h, w))
     if not sizes:
         return None
     return min(h for h, _ in sizes), min(w for _, w in sizes)
 
 
-def warn_if_crop_exceeds(dataset: DepthDataset, crop_size: tuple[int, int], limit: int = 64) -> bool:
-    """Warn when the training crop is larger than the images (``short_side`` unset: no resize).
+def warn_if_crop_exceeds(
+    dataset: DepthDataset, crop_size: tuple[int, int], limit: int = 64, short_side: int | None = None
+) -> bool:
+    """Warn when the training crop is larger than the images as they reach the crop (after the
+    ``short_side`` resize when one is set; ``scale_range`` jitter aside).
 
     Such crops are padded (padding is invalid depth, masked out of the loss), so most of each
     batch would be padding. Returns whether it warned.
     """
-    smallest = smallest_image(dataset, limit)
+    smallest = smallest_image(dataset, limit, short_side)
     if smallest is None or (crop_size[0] <= smallest[0] and crop_size[1] <= smallest[1]):
         return False
+    fit = f"data.crop_size=[{min(crop_size[0], smallest[0])},{min(crop_size[1], smallest[1])}]"
+    if short_side:
+        what = f"training images resized to data.short_side={short_side} (smallest "
+        fix = f"set {fit} or a larger data.short_side (at least {max(crop_size)})"
+    else:
+        what = "training images (smallest "
+        fix = f"set {fit} or resize with data.short_side"
     warnings.warn(
-        f"data.crop_size {list(crop_size)} (H, W) is larger than the training images (smallest "
+        f"data.crop_size {list(crop_size)} (H, W) is larger than the {what}"
         f"{smallest[0]}x{smallest[1]} H×W among the first {min(limit, len(dataset.samples))} of "
         f"{_describe_split(dataset)}): crops are padded with invalid depth, so much of each batch is "
-        f"padding; set data.crop_size=[{min(crop_size[0], smallest[0])},{min(crop_size[1], smallest[1])}] "
-        "or resize with data.short_side",
+        f"padding; {fix}",
         stacklevel=2,
     )
     return True
@@ -148,8 +165,7 @@ class DepthDataModule(DenseDataModule):
                 seed=worker_seed(self.run_seed, 0, self._global_rank()),
             )
             self.train_dataset = self._dataset(self.train_split, transform)
-            if not self.short_side:
-                warn_if_crop_exceeds(self.train_dataset, self.crop_size)
+            warn_if_crop_exceeds(self.train_dataset, self.crop_size, short_side=self.short_side)
         self.val_dataset = self._dataset(self.val_split, build_depth_eval_transform(self.mean, self.std))
         scan_datamodule(self, stage)
 

@@ -14,7 +14,9 @@ a fixed input (eval mode) and the training loss of a fixed batch (train mode, se
 are not stored, :func:`fixed_batches` regenerates them from a seeded generator. Only ``seg.ckpt``
 keeps its optimizer state (the resume test reads it; the others drop it for size). Also
 the metrics of old ``tools/eval.py`` on freshly generated toy data (``<name>_eval.json``;
-``TOY`` below gives the sizes the test regenerates).
+``TOY`` below gives the sizes the test regenerates). ``environment.json`` records what bit-identity
+with these files depends on (:func:`environment`: torch version and build, the CPU kernels torch
+dispatches to, the thread count, numpy): the test compares bit for bit only where all of it matches.
 """
 
 from __future__ import annotations
@@ -72,6 +74,23 @@ RUNS: dict[str, list[str]] = {
         "task.tasks.depth.head.head_channels=8",
     ],
 }
+
+
+ENVIRONMENT_FILE = "environment.json"
+
+
+def environment(torch: Any) -> dict[str, Any]:
+    """What float results depend on beyond the code: the torch version and build, the SIMD kernels it
+    dispatches to on this CPU (``AVX512``, ``AVX2``, ...; ``ATEN_CPU_CAPABILITY`` forces one), the
+    intra-op thread count (reductions are split per thread) and numpy (the metrics)."""
+    import numpy
+
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+        "numpy": numpy.__version__,
+    }
 
 
 def fixed_batches(torch: Any) -> dict[str, Any]:
@@ -140,6 +159,7 @@ def main() -> None:
     from tests.conftest import compose_cfg, compose_train_cfg
 
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / ENVIRONMENT_FILE).write_text(json.dumps(environment(torch), indent=1, sort_keys=True) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         for toy, (layout, num_train, num_val) in TOY.items():
